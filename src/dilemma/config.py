@@ -1,0 +1,240 @@
+"""Run configuration: typed dataclasses, YAML files and ``--set key=value`` overrides.
+
+Every key is checked: an unknown key is an error with the closest known key as a suggestion,
+and values are converted to the field's type or rejected with a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dilemma.errors import DilemmaError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16_224"  # any timm VisionTransformer
+    img_size: int = 28  # images are resized to this; must be divisible by patch_size
+    patch_size: int = 4
+    in_chans: int = 1
+    depth: typing.Optional[int] = 6  # override the model's depth (null: keep timm's)
+    pos_embed: str = "sincos"  # sincos (fixed 2D, MoCo v3) or learned (timm's)
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "animal-mnist"  # embedded dataset name, MNIST-IDX folder, or image folder
+    val_fraction: float = 0.2  # for sources without their own val split
+    split_seed: int = 0
+    batch_size: int = 128
+    num_workers: int = 0
+    crop_min_scale: float = 0.35  # RandomResizedCrop scale lower bound
+    hflip: bool = True
+    color_jitter: float = 0.4  # brightness/contrast strength, applied with p = 0.8
+    blur_prob: float = 0.2
+
+
+@dataclass
+class MethodConfig:
+    name: str = "mocov3"
+    temperature: float = 0.2
+    proj_hidden_dim: int = 1024
+    proj_dim: int = 256
+    momentum: float = 0.99  # EMA momentum at the start; cosine to 1 (MoCo v3)
+
+
+@dataclass
+class DilemmaConfig:
+    misplace_prob: float = 0.2  # p: chance that a kept token gets a wrong position
+    drop_rate: float = 0.75  # r: fraction of patch tokens dropped from the student's views
+    weight: float = 1.0  # lambda: weight of the detection loss
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    grad_clip: typing.Optional[float] = 3.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 220
+    time_budget: typing.Optional[float] = 4.0  # minutes of training (null: none); schedules end when it runs out
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_at_end: bool = True
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    dilemma: DilemmaConfig = field(default_factory=DilemmaConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _suggest(key: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value, kind, key: str):
+    """Convert a YAML value to the field type ``kind`` or raise a DilemmaError."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(kind)
+        if value is None and type(None) in args:
+            return None
+        kind = next(a for a in args if a is not type(None))
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DilemmaError(f"config key {key!r} needs a value of type {kind.__name__}, got {value!r}")
+
+
+def _merge(target, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(target))
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            known = [f"{prefix}{k}" for k in hints]
+            raise DilemmaError(f"unknown config key {path!r}{_suggest(path, known)}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise DilemmaError(f"config section {path!r} must be a mapping, got {value!r}")
+            _merge(getattr(target, key), value, prefix=f"{path}.")
+        else:
+            setattr(target, key, _coerce(value, kind, path))
+
+
+def _all_keys(obj=None, prefix: str = "") -> list[str]:
+    obj = Config() if obj is None else obj
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def parse_override(text: str) -> dict:
+    """``'optim.lr=3e-4'`` -> ``{'optim': {'lr': 0.0003}}`` (the value is read as YAML)."""
+    if "=" not in text:
+        raise DilemmaError(f"--set needs key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key not in _all_keys():
+        raise DilemmaError(f"unknown config key {key!r}{_suggest(key, _all_keys())}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = {}
+    node = nested
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DilemmaError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise DilemmaError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DilemmaError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that need no model or data; raises DilemmaError."""
+    checks = [
+        (0.0 <= cfg.dilemma.drop_rate < 1.0, f"dilemma.drop_rate must be in [0, 1), got {cfg.dilemma.drop_rate}"),
+        (0.0 <= cfg.dilemma.misplace_prob <= 1.0, f"dilemma.misplace_prob must be in [0, 1], got {cfg.dilemma.misplace_prob}"),
+        (cfg.dilemma.weight >= 0, f"dilemma.weight must be >= 0, got {cfg.dilemma.weight}"),
+        (cfg.model.img_size > 0 and cfg.model.patch_size > 0, "model.img_size and model.patch_size must be positive"),
+        (cfg.model.img_size % max(cfg.model.patch_size, 1) == 0,
+         f"model.img_size {cfg.model.img_size} is not divisible by model.patch_size {cfg.model.patch_size}"),
+        (cfg.model.in_chans in (1, 3), f"model.in_chans must be 1 or 3, got {cfg.model.in_chans}"),
+        (cfg.data.batch_size >= 2, f"data.batch_size must be >= 2 (contrastive losses need negatives), got {cfg.data.batch_size}"),
+        (cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}"),
+        (0.0 < cfg.data.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}"),
+        (0.0 < cfg.data.crop_min_scale <= 1.0, f"data.crop_min_scale must be in (0, 1], got {cfg.data.crop_min_scale}"),
+        (cfg.method.temperature > 0, f"method.temperature must be > 0, got {cfg.method.temperature}"),
+        (0.0 <= cfg.method.momentum <= 1.0, f"method.momentum must be in [0, 1], got {cfg.method.momentum}"),
+        (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
+        (cfg.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}"),
+        (cfg.train.max_steps >= 1, f"train.max_steps must be >= 1, got {cfg.train.max_steps}"),
+        (cfg.train.time_budget is None or cfg.train.time_budget > 0, f"train.time_budget must be > 0 minutes, got {cfg.train.time_budget}"),
+        (cfg.train.log_every >= 1 and cfg.train.ckpt_every >= 1, "train.log_every and train.ckpt_every must be >= 1"),
+        (cfg.train.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {cfg.train.keep_checkpoints}"),
+        (cfg.eval.knn_k >= 1, f"eval.knn_k must be >= 1, got {cfg.eval.knn_k}"),
+        (cfg.eval.knn_temperature > 0, f"eval.knn_temperature must be > 0, got {cfg.eval.knn_temperature}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DilemmaError(message)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), base: dict | None = None) -> Config:
+    """Defaults, then ``base`` (e.g. a checkpoint's config), then the YAML file, then ``--set`` overrides."""
+    cfg = Config()
+    if base:
+        _merge(cfg, base)
+    if path is not None:
+        _merge(cfg, read_yaml(path))
+    for text in overrides:
+        _merge(cfg, parse_override(text))
+    return validate(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, data)
+    return cfg

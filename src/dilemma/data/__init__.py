@@ -1,0 +1,20 @@
+"""Data: sources (embedded, MNIST-IDX, image folders), augmentations, batches."""
+
+from dilemma.data.augment import TwoViews, normalize, view_transform
+from dilemma.data.loader import PretrainBatches, eval_batches, pretrain_loader
+from dilemma.data.sources import EMBEDDED, ImageSet, Splits, load_source, read_idx, split_train_val
+
+__all__ = [
+    "EMBEDDED",
+    "ImageSet",
+    "PretrainBatches",
+    "Splits",
+    "TwoViews",
+    "eval_batches",
+    "load_source",
+    "normalize",
+    "pretrain_loader",
+    "read_idx",
+    "split_train_val",
+    "view_transform",
+]

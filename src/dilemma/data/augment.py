@@ -1,0 +1,43 @@
+"""Two-view augmentations (torchvision transforms v2) and input normalisation.
+
+Images are uint8 ``(C, S, S)``; views come out as float, normalised to mean 0.5 / std 0.5 per
+channel (a fixed choice, so a checkpoint evaluates the same on any dataset).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+MEAN, STD = 0.5, 0.5
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(..., C, H, W)`` -> float in about [-1, 1]."""
+    return (images.float() / 255.0 - MEAN) / STD
+
+
+def view_transform(img_size: int, *, crop_min_scale: float = 0.35, hflip: bool = True, color_jitter: float = 0.4,
+                   blur_prob: float = 0.2) -> v2.Compose:
+    """One random view: resized crop, flip, brightness/contrast jitter, blur (SimCLR / MoCo v3 style,
+    without the colour-only parts that mean nothing on grayscale silhouettes)."""
+    steps = [v2.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0), antialias=True)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if color_jitter > 0:
+        steps.append(v2.RandomApply([v2.ColorJitter(brightness=color_jitter, contrast=color_jitter)], p=0.8))
+    if blur_prob > 0:
+        kernel = max(3, (img_size // 10) | 1)
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob))
+    return v2.Compose(steps)
+
+
+class TwoViews:
+    """Maps a uint8 batch ``(n, C, S, S)`` to two independently augmented float batches."""
+
+    def __init__(self, transform: v2.Compose):
+        self.transform = transform
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        views = [torch.stack([self.transform(img) for img in images]) for _ in range(2)]
+        return normalize(views[0]), normalize(views[1])

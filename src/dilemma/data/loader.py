@@ -1,0 +1,68 @@
+"""Batches for pretraining and evaluation.
+
+Pretraining batches are a pure function of ``(seed, step)``: the epoch's permutation comes from
+``(seed, epoch)`` and the augmentation RNG from ``(seed, step)``. Resuming at step ``s`` therefore
+replays exactly the batches an uninterrupted run would have seen, with any number of workers.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dilemma.data.augment import TwoViews, normalize
+from dilemma.data.sources import ImageSet
+from dilemma.errors import DilemmaError
+
+
+class PretrainBatches(Dataset):
+    """``dataset[step]`` -> ``(view1, view2)`` for global step ``step`` (drop-last epochs).
+
+    With ``world_size > 1`` each rank takes its share ``rank::world_size`` of the global batch.
+    """
+
+    def __init__(self, images: ImageSet, batch_size: int, views: TwoViews, seed: int, rank: int = 0, world_size: int = 1):
+        self.images, self.batch_size, self.views, self.seed = images, batch_size, views, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = len(images) // batch_size
+        if self.steps_per_epoch < 1:
+            raise DilemmaError(f"the training split has {len(images)} images, fewer than one batch of {batch_size}: lower data.batch_size")
+
+    @lru_cache(maxsize=2)
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        batch = self._epoch_order(epoch)[within * self.batch_size : (within + 1) * self.batch_size]
+        return batch[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        return 2**62  # an endless stream of steps; the sampler decides which ones
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.images.load(self.indices(step))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.rank)
+            return self.views(images)
+
+
+def pretrain_loader(batches: PretrainBatches, start_step: int, end_step: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        batches,
+        sampler=range(start_step, end_step),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
+
+
+def eval_batches(images: ImageSet, batch_size: int):
+    """Yield ``(normalised images, labels)`` in order, without augmentation."""
+    for start in range(0, len(images), batch_size):
+        indices = list(range(start, min(start + batch_size, len(images))))
+        yield normalize(images.load(indices)), images.labels[start : start + len(indices)]

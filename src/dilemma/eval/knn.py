@@ -1,0 +1,61 @@
+"""Weighted k-nearest-neighbour classification on frozen features (the DINO protocol).
+
+Cosine similarity of L2-normalised class-token features; the k most similar training images
+vote for their label with weight ``exp(similarity / T)``; the train split is the memory bank
+and the val split the queries. Defaults k = 20, T = 0.07 (METHOD.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dilemma.data import Splits
+from dilemma.errors import DilemmaError
+from dilemma.eval.features import extract_features
+from dilemma.models import ViTEncoder
+
+
+@torch.no_grad()
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor, *, k: int = 20,
+                temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Class scores ``(Q, C)`` for each query from its k nearest training features (weighted vote)."""
+    num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
+    k = min(k, train_feats.shape[0])
+    scores = []
+    for start in range(0, query_feats.shape[0], chunk):
+        sims = query_feats[start : start + chunk] @ train_feats.T
+        top_sims, top_idx = sims.topk(k, dim=1)
+        weights = (top_sims / temperature).exp()
+        votes = torch.zeros(top_sims.shape[0], num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+@dataclass
+class KNNResult:
+    top1: float  # percent
+    top5: float | None  # percent; None with fewer than 6 classes
+    protocol: str
+
+    def line(self) -> str:
+        top5 = f", top-5 {self.top5:.2f}%" if self.top5 is not None else ""
+        return f"kNN top-1 {self.top1:.2f}%{top5}  [{self.protocol}]"
+
+
+def knn_eval(encoder: ViTEncoder, splits: Splits, *, k: int = 20, temperature: float = 0.07, batch_size: int = 256,
+             device="cpu") -> KNNResult:
+    if not splits.labelled:
+        raise DilemmaError(f"kNN needs labels, but {splits.name!r} is unlabelled: use a folder of class sub-folders")
+    train_f, train_y = extract_features(encoder, splits.train, batch_size=batch_size, device=device)
+    val_f, val_y = extract_features(encoder, splits.val, batch_size=batch_size, device=device)
+    scores = knn_predict(train_f, train_y, val_f, k=k, temperature=temperature, num_classes=len(splits.classes))
+    top1 = (scores.argmax(1) == val_y).float().mean().item() * 100
+    top5 = None
+    if len(splits.classes) > 5:
+        top5 = (scores.topk(5, dim=1).indices == val_y[:, None]).any(1).float().mean().item() * 100
+    protocol = (f"weighted kNN, k={k}, T={temperature}, cosine on L2-normalised final-norm class tokens of the "
+                f"frozen dense backbone; bank = {splits.name} train ({len(splits.train)}), queries = val ({len(splits.val)})")
+    return KNNResult(top1, top5, protocol)

@@ -1,0 +1,170 @@
+"""The DILEMMA pretext: sparse token sampling, misplacement, and the detection loss.
+
+Paper: arXiv 2204.04788 (Sec. 3); the rules below are METHOD.md's "One student forward".
+Per image, independently: keep ``K = floor(L * (1 - r))`` random patches; flag each kept token
+misplaced with probability ``p``; give a flagged token a wrong position, never its own: drawn
+without replacement from the image's *dropped* positions when there are at least as many
+dropped positions as flagged tokens, otherwise uniformly from the other ``L - 1`` positions (so
+then its PE may equal another kept token's). A linear head on each patch token predicts the
+flag; binary cross-entropy, whose constant-predictor value is ``H(p)``, is the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dilemma.errors import DilemmaError
+
+
+@dataclass(frozen=True)
+class TokenSample:
+    """Which patches enter the encoder and with which positional embedding; all ``(B, K)``.
+
+    ``keep``: patch indices (sorted per image); ``positions``: the PE index each token gets;
+    ``misplaced``: the labels, True exactly where ``positions != keep``.
+    """
+
+    keep: torch.Tensor
+    positions: torch.Tensor
+    misplaced: torch.Tensor
+
+
+def num_kept(num_patches: int, drop_rate: float) -> int:
+    """``K = floor(L * (1 - r))`` (with a tolerance for float round-off), checked to be >= 1."""
+    if not 0.0 <= drop_rate < 1.0:
+        raise DilemmaError(f"drop rate must be in [0, 1), got {drop_rate}")
+    kept = math.floor(num_patches * (1.0 - drop_rate) + 1e-9)
+    if kept < 1:
+        raise DilemmaError(
+            f"drop rate {drop_rate} keeps K = 0 of {num_patches} patches: lower the drop rate "
+            f"(at most {1 - 1 / num_patches:.4f}) or use more patches per image"
+        )
+    return kept
+
+
+def sample_tokens(
+    batch_size: int,
+    num_patches: int,
+    drop_rate: float,
+    misplace_prob: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> TokenSample:
+    """Draw keep sets, misplacement flags and wrong positions for a batch (rules in the module doc)."""
+    if not 0.0 <= misplace_prob <= 1.0:
+        raise DilemmaError(f"misplace probability must be in [0, 1], got {misplace_prob}")
+    if batch_size < 1 or num_patches < 1:
+        raise DilemmaError(f"need batch_size >= 1 and num_patches >= 1, got {batch_size} and {num_patches}")
+    if misplace_prob > 0 and num_patches < 2:
+        raise DilemmaError("cannot misplace tokens with a single patch per image: use a smaller patch size")
+    kept = num_kept(num_patches, drop_rate)
+    num_dropped = num_patches - kept
+    shape = (batch_size, kept)
+
+    order = torch.rand(batch_size, num_patches, generator=generator, device=device).argsort(dim=1)
+    keep = order[:, :kept].sort(dim=1).values
+    dropped = order[:, kept:]  # random order: taking them in turn is sampling without replacement
+    misplaced = torch.rand(shape, generator=generator, device=device) < misplace_prob
+
+    # Fallback: uniform over the L - 1 positions other than the token's own.
+    other = torch.randint(0, max(num_patches - 1, 1), shape, generator=generator, device=device)
+    wrong = other + (other >= keep).long()
+    if num_dropped > 0:
+        turn = (misplaced.long().cumsum(dim=1) - 1).clamp(0, num_dropped - 1)
+        enough = misplaced.sum(dim=1, keepdim=True) <= num_dropped
+        wrong = torch.where(enough, dropped.gather(1, turn), wrong)
+    positions = torch.where(misplaced, wrong, keep)
+    return TokenSample(keep=keep, positions=positions, misplaced=misplaced)
+
+
+def binary_entropy(p: float) -> float:
+    """``H(p)`` in nats: the BCE of the best constant predictor (0.500 at p = 0.2)."""
+    if p <= 0.0 or p >= 1.0:
+        return 0.0
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+class DetectionHead(nn.Module):
+    """One ``Linear(D, 1)`` shared by all patch tokens: a logit for "this token is misplaced"."""
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(embed_dim, 1)
+
+    def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(patch_tokens).squeeze(-1)
+
+
+def detection_loss(logits: torch.Tensor, misplaced: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with logits, mean over kept tokens and batch."""
+    if logits.shape != misplaced.shape:
+        raise DilemmaError(f"detection logits {tuple(logits.shape)} and labels {tuple(misplaced.shape)} differ")
+    return F.binary_cross_entropy_with_logits(logits.float(), misplaced.float())
+
+
+@torch.no_grad()
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties count half); NaN without both classes."""
+    scores, labels = scores.flatten().float(), labels.flatten().bool()
+    num_pos = int(labels.sum())
+    num_neg = labels.numel() - num_pos
+    if num_pos == 0 or num_neg == 0:
+        return float("nan")
+    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    first_rank = counts.cumsum(0) - counts + 1  # 1-based rank of each distinct value's first copy
+    mean_rank = first_rank.double() + (counts.double() - 1) / 2
+    pos_rank_sum = mean_rank[inverse][labels].sum().item()
+    return (pos_rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)
+
+
+@torch.no_grad()
+def detection_metrics(logits: torch.Tensor, misplaced: torch.Tensor) -> dict[str, float]:
+    """Accuracy at logit 0 and AUROC of the detector."""
+    accuracy = ((logits > 0) == misplaced).float().mean().item()
+    return {"det_acc": accuracy, "det_auroc": auroc(logits, misplaced)}
+
+
+class Dilemma(nn.Module):
+    """The pretext as one module for any SSL method: ``sample`` the student's tokens, then
+    ``loss`` on its patch embeddings. ``misplace_prob = 0`` gives sparsity alone (no head),
+    ``drop_rate = 0`` dense inputs; both 0 is the plain base method.
+    """
+
+    def __init__(self, embed_dim: int, num_patches: int, misplace_prob: float = 0.2, drop_rate: float = 0.75, weight: float = 1.0):
+        super().__init__()
+        if not 0.0 <= misplace_prob <= 1.0:
+            raise DilemmaError(f"dilemma.misplace_prob must be in [0, 1], got {misplace_prob}")
+        if weight < 0:
+            raise DilemmaError(f"dilemma.weight must be >= 0, got {weight}")
+        self.num_patches = num_patches
+        self.num_kept = num_kept(num_patches, drop_rate)
+        self.misplace_prob = misplace_prob
+        self.drop_rate = drop_rate
+        self.weight = weight
+        self.entropy = binary_entropy(misplace_prob)
+        self.head = DetectionHead(embed_dim) if misplace_prob > 0 and weight > 0 else None
+
+    @property
+    def identity(self) -> bool:
+        """True when the student sees dense, clean inputs (the plain base method)."""
+        return self.misplace_prob == 0 and self.drop_rate == 0
+
+    def sample(self, batch_size: int, *, generator: torch.Generator | None = None, device=None) -> TokenSample | None:
+        if self.identity:
+            return None
+        return sample_tokens(batch_size, self.num_patches, self.drop_rate, self.misplace_prob, generator=generator, device=device)
+
+    def loss(self, patch_tokens: torch.Tensor, sample: TokenSample | None, with_metrics: bool = False):
+        """``(BCE, metrics)`` for one student view, or ``(None, {})`` when there is nothing to detect.
+        Metrics (accuracy, AUROC) cost a device sync, so they are computed only when asked for."""
+        if self.head is None or sample is None:
+            return None, {}
+        logits = self.head(patch_tokens)
+        bce = detection_loss(logits, sample.misplaced)
+        return bce, detection_metrics(logits, sample.misplaced) if with_metrics else {}

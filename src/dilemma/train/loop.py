@@ -1,0 +1,213 @@
+"""``pretrain``: one training loop that reads top to bottom.
+
+Data -> model -> method -> AdamW with warm-up + cosine -> steps until ``max_steps`` or the
+wall-clock budget -> checkpoints (atomic) -> kNN read-out. ``metrics.jsonl`` gets one JSON
+object per logged step; the last one holds the kNN result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from dilemma.config import Config, config_from_dict
+from dilemma.data import PretrainBatches, TwoViews, load_source, pretrain_loader, view_transform
+from dilemma.errors import DilemmaError
+from dilemma.eval.knn import knn_eval
+from dilemma.methods import build_method
+from dilemma.models import build_encoder
+from dilemma.train.checkpoint import FORMAT, CheckpointDir, load_checkpoint, rng_state, set_rng_state
+from dilemma.train.distributed import is_main, rank, world_size
+from dilemma.train.schedule import learning_rate, progress
+
+# Parts of the config that fix the shapes of the saved state: a resume must not change them.
+FROZEN_ON_RESUME = ("model", "method", "dilemma")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DilemmaError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DilemmaError(f"train.device={name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, positional embeddings and prefix tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def check_resume_config(saved: dict, cfg: Config) -> None:
+    current = cfg.to_dict()
+    changed = [f"{section}.{key}: {saved[section][key]!r} -> {current[section][key]!r}"
+               for section in FROZEN_ON_RESUME for key in saved[section] if saved[section][key] != current[section][key]]
+    if changed:
+        raise DilemmaError("cannot resume: the checkpoint was made with another model/method config (" + "; ".join(changed) + ")")
+
+
+def prepare_run_dir(out_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (out_dir / "checkpoints" / "last.pt").exists():
+            raise DilemmaError(f"--resume: no checkpoint in {str(out_dir)!r} (expected checkpoints/last.pt); "
+                               "start without --resume or point --out at an earlier run")
+        return
+    if (out_dir / "checkpoints").exists():
+        raise DilemmaError(f"{str(out_dir)!r} already holds a run: add --resume to continue it, or choose another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise DilemmaError(f"cannot write to output folder {str(out_dir)!r}: {err}") from None
+
+
+def _as_json(logs: dict) -> dict:
+    out = {}
+    for key, value in logs.items():
+        value = value.item() if isinstance(value, torch.Tensor) else value
+        out[key] = None if isinstance(value, float) and not math.isfinite(value) else value
+    return out
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) -> dict:
+    """Train ``cfg`` into ``out_dir``; returns the final metrics record (with ``knn_top1``)."""
+    out_dir = Path(out_dir)
+    ckpt = None
+    if resume:
+        prepare_run_dir(out_dir, resume)
+        ckpt = load_checkpoint(out_dir / "checkpoints" / "last.pt")
+        check_resume_config(ckpt["config"], cfg)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed + rank())
+
+    splits = load_source(cfg.data.source, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
+                         val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    encoder = build_encoder(cfg.model)
+    method = build_method(cfg, encoder).to(device)
+    d, t = cfg.data, cfg.train
+    views = TwoViews(view_transform(cfg.model.img_size, crop_min_scale=d.crop_min_scale, hflip=d.hflip,
+                                    color_jitter=d.color_jitter, blur_prob=d.blur_prob))
+    batches = PretrainBatches(splits.train, d.batch_size, views, t.seed, rank(), world_size())
+    batches[0]  # decode one batch now: unreadable images fail here, before a run folder exists
+    if not resume and is_main():
+        prepare_run_dir(out_dir, resume)
+    _stderr(f"run folder: {out_dir}  ({splits.name}: {len(splits.train)} train / {len(splits.val)} val, "
+        f"{sum(p.numel() for p in method.encoder.parameters()) / 1e6:.2f}M-parameter encoder, device {device})")
+    optimizer = torch.optim.AdamW(param_groups(method, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    tokens = torch.Generator(device=device).manual_seed(cfg.train.seed * 7_919 + rank() + 1)
+    step, elapsed = 0, 0.0
+    if ckpt is not None:
+        method.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], tokens)
+        step, elapsed = ckpt["step"], ckpt["elapsed"]
+    if is_main():
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    per_rank_batch = d.batch_size // world_size()
+    loader = pretrain_loader(batches, step, t.max_steps, d.num_workers, pin_memory=device.type == "cuda")
+    checkpoints = CheckpointDir(out_dir, t.keep_checkpoints)
+    budget = t.time_budget * 60 if t.time_budget else None
+    metrics_file = out_dir / "metrics.jsonl"
+
+    def state() -> dict:
+        return {"format": FORMAT, "config": cfg.to_dict(), "step": step, "elapsed": elapsed, "model": method.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": rng_state(tokens)}
+
+    def save() -> None:
+        if is_main():
+            checkpoints.save(state(), step)
+
+    def write_metrics(record: dict) -> None:
+        if is_main():
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(_as_json(record)) + "\n")
+
+    bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and is_main()), unit="step", dynamic_ncols=True)
+    method.train()
+    start, window_start, window_images = time.perf_counter() - elapsed, time.perf_counter(), 0
+    stopped_by = "max_steps"
+    try:
+        for x1, x2 in loader:
+            prog = progress(step, t.max_steps, elapsed, budget)
+            if budget and elapsed >= budget:
+                stopped_by = "time_budget"
+                break
+            lr = learning_rate(step, prog, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with_metrics = (step + 1) % t.log_every == 0
+            views_on_device = (x1.to(device, non_blocking=True), x2.to(device, non_blocking=True))
+            loss, logs = method(views_on_device, prog, tokens, with_metrics)
+            if not torch.isfinite(loss):
+                last = checkpoints.last if checkpoints.last.exists() else None
+                kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
+                raise DilemmaError(f"loss became {loss.item()} at step {step}; stopping ({kept}). "
+                                   "Try a lower optim.lr or a smaller optim.grad_clip.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            step += 1
+            elapsed = time.perf_counter() - start
+            window_images += per_rank_batch * world_size()
+            bar.update(1)
+            if with_metrics:
+                now = time.perf_counter()
+                record = {"step": step, "epoch": step / batches.steps_per_epoch, "elapsed_s": elapsed, "lr": lr,
+                          "img_per_s": window_images / (now - window_start), **logs}
+                window_start, window_images = now, 0
+                write_metrics(record)
+                bar.set_postfix({k: f"{_as_json({k: record[k]})[k]:.3f}" for k in ("loss", "det_bce") if k in record})
+            if step % t.ckpt_every == 0:
+                save()
+    except KeyboardInterrupt:
+        save()
+        bar.close()
+        raise DilemmaError(f"interrupted at step {step}; checkpoint saved. Continue with: "
+                           f"dilemma pretrain --out {out_dir} --resume") from None
+    bar.close()
+    save()
+
+    final = {"step": step, "epoch": step / batches.steps_per_epoch, "elapsed_s": elapsed, "stopped_by": stopped_by}
+    if cfg.eval.knn_at_end and is_main() and splits.labelled:
+        knn = knn_eval(method.encoder, splits, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+                       batch_size=cfg.eval.batch_size, device=device)
+        final.update(knn_top1=knn.top1, knn_top5=knn.top5, knn_protocol=knn.protocol)
+        log(knn.line())
+    write_metrics(final)
+    return final
+
+
+def config_of_run(out_dir: str | Path) -> Config:
+    return config_from_dict(load_checkpoint(Path(out_dir) / "checkpoints" / "last.pt")["config"])

@@ -1,0 +1,23 @@
+"""Training progress and the learning-rate schedule.
+
+Progress in [0, 1] is ``step / max_steps``, or the fraction of the wall-clock budget used when
+that is further along: with ``--time-budget`` the schedules (lr cosine, EMA momentum) finish
+exactly when time runs out, so runs of equal time are each complete (the paper's comparison).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def progress(step: int, max_steps: int, elapsed: float = 0.0, budget_seconds: float | None = None) -> float:
+    by_steps = step / max_steps
+    by_time = elapsed / budget_seconds if budget_seconds else 0.0
+    return min(1.0, max(by_steps, by_time))
+
+
+def learning_rate(step: int, progress_: float, *, lr: float, min_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, times a cosine from ``lr`` to ``min_lr`` over progress."""
+    cosine = min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress_))
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    return cosine * warmup

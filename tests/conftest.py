@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# A small, fast model for tests: ViT-Tiny widths, 2 blocks, 28 px images in 4 px patches (L = 49, odd).
+TINY = ["model.depth=2", "model.img_size=28", "model.patch_size=4", "data.batch_size=32", "train.log_every=1",
+        "train.progress=false", "method.proj_hidden_dim=128", "method.proj_dim=64", "eval.batch_size=500"]
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED_DATASETS}")
+    return SHARED_DATASETS
+
+
+@pytest.fixture
+def tiny_encoder():
+    from dilemma.models import create_encoder
+
+    def make(**kwargs):
+        torch.manual_seed(0)
+        args = {"img_size": 28, "patch_size": 4, "in_chans": 1, "depth": 2, "embed_dim": 32, "num_heads": 2}
+        args.update(kwargs)
+        return create_encoder("vit_tiny_patch16_224", **args)
+
+    return make

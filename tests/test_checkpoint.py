@@ -1,0 +1,68 @@
+"""Checkpoints are atomic and loaded safely (METHOD.md, defect 6)."""
+
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dilemma.errors import DilemmaError
+from dilemma.train.checkpoint import FORMAT, CheckpointDir, atomic_save, load_checkpoint
+
+
+class Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/dilemma-pwned"),))
+
+
+def test_no_bare_torch_load_in_package():
+    src = Path(__file__).parents[1] / "src"
+    for path in src.rglob("*.py"):
+        for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
+            assert "weights_only=True" in call, f"{path}: {call}"
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "payload": Evil()}, path)
+    Path("/tmp/dilemma-pwned").unlink(missing_ok=True)
+    with pytest.raises(DilemmaError, match="refusing to load"):
+        load_checkpoint(path)
+    assert not Path("/tmp/dilemma-pwned").exists()
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"hello")
+    with pytest.raises(DilemmaError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "y.pt")
+    with pytest.raises(DilemmaError, match="not a dilemma checkpoint"):
+        load_checkpoint(tmp_path / "y.pt")
+    with pytest.raises(DilemmaError, match="does not exist"):
+        load_checkpoint(tmp_path / "z.pt")
+
+
+def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    atomic_save({"format": FORMAT, "step": 1}, path)
+
+    def broken(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(DilemmaError, match="No space left"):
+        atomic_save({"format": FORMAT, "step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
+
+
+def test_checkpoint_dir_keeps_last_k(tmp_path):
+    ckpts = CheckpointDir(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        ckpts.save({"format": FORMAT, "step": step}, step)
+    assert sorted(p.name for p in ckpts.dir.glob("step_*.pt")) == ["step_0000002.pt", "step_0000003.pt"]
+    assert load_checkpoint(ckpts.last)["step"] == 3
+    assert load_checkpoint(tmp_path)["step"] == 3  # a run folder resolves to its last checkpoint

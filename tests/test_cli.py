@@ -1,0 +1,110 @@
+"""The command line end to end: a short run with kNN, eval, resume, and clear errors for bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dilemma.cli import main
+from dilemma.train.checkpoint import load_checkpoint
+from tests.conftest import TINY
+
+
+def _sets(*extra):
+    return [arg for kv in [*TINY, *extra] for arg in ("--set", kv)]
+
+
+def test_pretrain_smoke_then_eval_knn(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--max-steps", "3", *_sets()]) == 0
+    printed = capsys.readouterr().out
+    assert "kNN top-1" in printed and "k=20, T=0.07" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records[:3]] == [1, 2, 3]
+    assert {"loss", "det_bce", "det_entropy", "det_auroc", "lr"} <= set(records[0])
+    assert 0 <= records[-1]["knn_top1"] <= 100 and "k=20" in records[-1]["knn_protocol"]
+    assert (out / "config.yaml").exists() and (out / "checkpoints" / "last.pt").exists()
+
+    result = tmp_path / "knn.json"
+    assert main(["eval", "knn", "--checkpoint", str(out), "--json", str(result)]) == 0
+    printed = capsys.readouterr().out
+    top1 = json.loads(result.read_text())[0]["knn_top1"]
+    assert f"{top1:.2f}%" in printed and top1 == pytest.approx(records[-1]["knn_top1"], abs=1e-6)
+
+
+def test_baseline_runs(tmp_path):
+    out = tmp_path / "base"
+    args = ["pretrain", "--out", str(out), "--max-steps", "2",
+            *_sets("dilemma.misplace_prob=0", "dilemma.drop_rate=0", "eval.knn_at_end=false")]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "det_bce" not in records[0] and records[-1]["step"] == 2
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    common = ["--max-steps", "4", *_sets("train.ckpt_every=2", "eval.knn_at_end=false")]
+    assert main(["pretrain", "--out", str(straight), *common]) == 0
+    # a run that stopped after step 2: its folder holds only the step-2 checkpoint
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "checkpoints" / "step_0000002.pt", stopped / "checkpoints" / "last.pt")
+    assert main(["pretrain", "--out", str(stopped), "--resume", *common]) == 0
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")
+    b = load_checkpoint(stopped / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 4
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_resume_refuses_another_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--max-steps", "1", *_sets("eval.knn_at_end=false")]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(out), "--resume", *_sets("model.depth=3")]) == 2
+    assert "another model/method config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["pretrain", "--data", "/nonexistent/folder"], "is neither an embedded dataset (animal-mnist) nor an existing folder"),
+    (["pretrain", "--data", "{empty}"], "no images found"),
+    (["pretrain", "--data", "{corrupt}", "--set", "data.batch_size=2", "--set", "model.img_size=8",
+      "--set", "model.patch_size=2"], "cannot read image"),
+    (["pretrain", "--set", "model.img_size=30"], "not divisible by model.patch_size"),
+    (["pretrain", "--set", "dilemma.drop_rate=1.2"], r"drop_rate must be in [0, 1)"),
+    (["pretrain", "--set", "dilemma.misplace_prob=-0.5"], r"misplace_prob must be in [0, 1]"),
+    (["pretrain", "--set", "dilemma.drop_rate=0.99"], "keeps K = 0"),
+    (["pretrain", "--set", "optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),
+    (["pretrain", "--config", "{missing}"], "does not exist"),
+    (["pretrain", "--out", "{out}", "--resume"], "no checkpoint"),
+    (["eval", "knn", "--checkpoint", "/nonexistent/ckpt.pt"], "does not exist"),
+])
+def test_bad_input_gives_one_clear_message(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)  # runs without --out go to ./runs
+    (tmp_path / "empty").mkdir()
+    corrupt = tmp_path / "corrupt" / "cls"
+    corrupt.mkdir(parents=True)
+    for i in range(12):
+        (corrupt / f"{i}.png").write_bytes(b"\x89PNG broken %d" % i)
+    fill = {"{empty}": tmp_path / "empty", "{corrupt}": tmp_path / "corrupt", "{missing}": tmp_path / "no.yaml",
+            "{out}": tmp_path / "out"}
+    argv = [str(fill.get(a, a)) for a in args]
+    if argv[0] == "pretrain":  # the tiny recipe first, so that the case's own settings win
+        argv = ["pretrain", *_sets("train.max_steps=1"), *argv[1:]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists(), "a failed start must not leave an empty run folder"
+
+
+def test_real_process_exits_nonzero_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "dilemma.cli", "pretrain", "--data", str(tmp_path / "nope")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "error: data source" in proc.stderr

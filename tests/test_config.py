@@ -1,0 +1,52 @@
+import pytest
+
+from dilemma.config import Config, load_config, parse_override
+from dilemma.errors import DilemmaError
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 3.0e-4\ndilemma:\n  misplace_prob: 0.1\n")
+    cfg = load_config(path, ["dilemma.misplace_prob=0.3", "model.depth=null", "optim.warmup_steps=7", "optim.lr=1"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.dilemma.misplace_prob == 0.3 and cfg.model.depth is None and cfg.optim.warmup_steps == 7
+    assert load_config().to_dict() == Config().to_dict()
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.lrr=1", r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
+    ("dilema.drop_rate=0.5", r"did you mean 'dilemma.drop_rate'"),
+    ("optim.lr=fast", "needs a value of type float"),
+    ("train.max_steps=1.5", "needs a value of type int"),
+    ("dilemma.drop_rate=1.0", r"drop_rate must be in \[0, 1\)"),
+    ("dilemma.misplace_prob=2", r"misplace_prob must be in \[0, 1\]"),
+    ("model.img_size=30", "not divisible"),
+    ("optim.lr", "key=value"),
+])
+def test_bad_overrides(override, match):
+    with pytest.raises(DilemmaError, match=match):
+        load_config(None, [override])
+
+
+def test_bad_yaml_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(DilemmaError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("optim:\n  momentum: 0.9\n")
+    with pytest.raises(DilemmaError, match="unknown config key 'optim.momentum'"):
+        load_config(bad)
+    with pytest.raises(DilemmaError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_parse_override_nests():
+    assert parse_override("train.time_budget=2.5") == {"train": {"time_budget": 2.5}}

@@ -1,0 +1,101 @@
+"""Data sources, the embedded split, batches and data errors."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dilemma.data import PretrainBatches, TwoViews, load_source, view_transform
+from dilemma.errors import DilemmaError
+
+
+@pytest.fixture(scope="module")
+def animal():
+    return load_source("animal-mnist", img_size=28, in_chans=1)
+
+
+def test_embedded_split_is_stratified_and_duplicate_free(animal):
+    assert len(animal.train) == 8000 and len(animal.val) == 2000
+    assert torch.bincount(animal.val.labels).tolist() == [200] * 10
+    assert torch.bincount(animal.train.labels).tolist() == [800] * 10
+    assert animal.train.images.shape == (8000, 1, 28, 28) and animal.train.images.dtype == torch.uint8
+    train_hashes = {hashlib.sha1(x.numpy().tobytes()).digest() for x in animal.train.images}
+    val_hashes = [hashlib.sha1(x.numpy().tobytes()).digest() for x in animal.val.images]
+    assert not train_hashes & set(val_hashes)
+    assert len(set(val_hashes)) == len(val_hashes)
+    assert animal.classes[0] == "Bear" and animal.classes[-1] == "Zebra"
+
+
+def test_split_is_seeded(animal):
+    again = load_source("animal-mnist", img_size=28, in_chans=1)
+    other = load_source("animal-mnist", img_size=28, in_chans=1, seed=1)
+    assert torch.equal(again.val.images, animal.val.images)
+    assert not torch.equal(other.val.images, animal.val.images)
+
+
+def test_resize_and_channels():
+    s = load_source("animal-mnist", img_size=32, in_chans=3)
+    assert s.train.load([0, 1]).shape == (2, 3, 32, 32)
+
+
+def test_fashion_mnist_idx_folder(shared_datasets):
+    s = load_source(str(shared_datasets / "fashion-mnist"), img_size=28, in_chans=1)
+    assert len(s.train) == 60000 and len(s.val) == 10000 and s.classes[0] == "T-shirt/top"
+    assert torch.bincount(s.val.labels).tolist() == [1000] * 10
+
+
+def _write_pngs(folder, layout):
+    rng = np.random.default_rng(0)
+    for name in layout:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = "RGB" if name.endswith("rgb.png") else "L"
+        shape = (20, 24, 3) if mode == "RGB" else (24, 20)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(path)
+
+
+def test_labelled_image_folder(tmp_path):
+    _write_pngs(tmp_path, [f"{c}/{i}{'rgb' if i % 2 else ''}.png" for c in ("cat", "dog") for i in range(10)])
+    s = load_source(str(tmp_path), img_size=16, in_chans=1, val_fraction=0.2)
+    assert s.classes == ["cat", "dog"] and len(s.train) == 16 and len(s.val) == 4
+    assert s.train.load([0, 1, 2]).shape == (3, 1, 16, 16)
+
+
+def test_unlabelled_folder_and_train_val_layout(tmp_path):
+    _write_pngs(tmp_path / "flat", [f"{i}.png" for i in range(10)])
+    flat = load_source(str(tmp_path / "flat"), img_size=8, in_chans=3)
+    assert not flat.labelled and (flat.train.labels == -1).all() and flat.train.load([0]).shape == (1, 3, 8, 8)
+    _write_pngs(tmp_path / "tv", [f"{split}/{c}/{i}.png" for split in ("train", "val") for c in "ab" for i in range(3)])
+    tv = load_source(str(tmp_path / "tv"), img_size=8, in_chans=1)
+    assert len(tv.train) == 6 and len(tv.val) == 6 and tv.classes == ["a", "b"]
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(DilemmaError, match="neither an embedded dataset"):
+        load_source(str(tmp_path / "missing"), img_size=28, in_chans=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DilemmaError, match="no images found"):
+        load_source(str(tmp_path / "empty"), img_size=28, in_chans=1)
+    _write_pngs(tmp_path / "bad", [f"a/{i}.png" for i in range(5)])
+    (tmp_path / "bad" / "a" / "0.png").write_bytes(b"not a png")
+    s = load_source(str(tmp_path / "bad"), img_size=8, in_chans=1, val_fraction=0.4)
+    images = s.train if any(p.name == "0.png" for p in s.train.paths) else s.val
+    with pytest.raises(DilemmaError, match="cannot read image .*0.png"):
+        images.load(range(len(images)))
+
+
+def test_pretrain_batches_are_a_function_of_step(animal):
+    views = TwoViews(view_transform(28))
+    batches = PretrainBatches(animal.train, 64, views, seed=3)
+    a1, a2 = batches[5]
+    b1, b2 = batches[5]
+    assert a1.shape == (64, 1, 28, 28) and a1.dtype == torch.float32
+    assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, a2)
+    assert not torch.equal(batches[6][0], a1)
+    # an epoch is a permutation; two ranks split the global batch
+    epoch = torch.cat([batches.indices(s) for s in range(batches.steps_per_epoch)])
+    assert len(set(epoch.tolist())) == len(epoch) == batches.steps_per_epoch * 64
+    ranks = [PretrainBatches(animal.train, 64, views, seed=3, rank=r, world_size=2).indices(5) for r in (0, 1)]
+    assert sorted(torch.cat(ranks).tolist()) == sorted(batches.indices(5).tolist())
