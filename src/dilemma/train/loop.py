@@ -19,7 +19,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from dilemma.config import Config, config_from_dict
+from dilemma.config import Config
 from dilemma.data import PretrainBatches, TwoViews, load_source, pretrain_loader, view_transform
 from dilemma.errors import DilemmaError
 from dilemma.eval.knn import knn_eval
@@ -208,6 +208,3 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     write_metrics(final)
     return final
 
-
-def config_of_run(out_dir: str | Path) -> Config:
-    return config_from_dict(load_checkpoint(Path(out_dir) / "checkpoints" / "last.pt")["config"])
