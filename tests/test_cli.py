@@ -45,9 +45,10 @@ def test_baseline_runs(tmp_path):
     assert "det_bce" not in records[0] and records[-1]["step"] == 2
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("method", ["mocov3", "dino"])
+def test_resume_continues_exactly(tmp_path, method):
     straight = tmp_path / "straight"
-    common = ["--max-steps", "4", *_sets("train.ckpt_every=2", "eval.knn_at_end=false")]
+    common = ["--max-steps", "4", "--method", method, *_sets("train.ckpt_every=2", "eval.knn_at_end=false")]
     assert main(["pretrain", "--out", str(straight), *common]) == 0
     # a run that stopped after step 2: its folder holds only the step-2 checkpoint
     stopped = tmp_path / "stopped"
@@ -59,6 +60,21 @@ def test_resume_continues_exactly(tmp_path):
     assert a["step"] == b["step"] == 4
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    if method == "dino":  # the centre is state: saved, restored, and moved by the resumed steps
+        mid = load_checkpoint(straight / "checkpoints" / "step_0000002.pt")["model"]["center"]
+        assert mid.abs().sum() > 0 and not torch.equal(mid, a["model"]["center"])
+
+
+@pytest.mark.parametrize("method", ["mocov3", "dino", "simclr", "mae"])
+@pytest.mark.parametrize("dilemma", [True, False])
+def test_every_method_plain_and_with_dilemma_runs_two_steps(tmp_path, method, dilemma):
+    switches = [] if dilemma else ["dilemma.misplace_prob=0", "dilemma.drop_rate=0.75" if method == "mae" else "dilemma.drop_rate=0"]
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--method", method, "--max-steps", "2",
+                 *_sets(*switches, "eval.knn_at_end=false")]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 2] and all(r["loss"] > 0 for r in records[:2])
+    assert ("det_bce" in records[0]) == dilemma
 
 
 def test_resume_refuses_another_model(tmp_path, capsys):

@@ -19,6 +19,15 @@ def test_shipped_configs_load():
     assert configs
     for path in configs:
         load_config(path)
+    full = load_config(Path(__file__).parents[1] / "configs" / "mocov3_dilemma.yaml")
+    assert full.to_dict() == Config().to_dict()  # the reference file lists the defaults
+    names = {p.stem: load_config(p).method.name for p in configs}
+    assert {names["dino_dilemma"], names["simclr_dilemma"], names["mae_dilemma"]} == {"dino", "simclr", "mae"}
+
+
+def test_moved_method_keys_point_to_their_section():
+    with pytest.raises(DilemmaError, match=r"did you mean 'method.mocov3.temperature' or 'method.simclr.temperature'"):
+        load_config(None, ["method.temperature=0.1"])
 
 
 @pytest.mark.parametrize("override,match", [

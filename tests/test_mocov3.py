@@ -5,7 +5,7 @@ import torch
 
 from dilemma.config import load_config
 from dilemma.methods import build_method
-from dilemma.methods.mocov3 import momentum_at
+from dilemma.methods.parts import momentum_at
 from dilemma.models import build_encoder
 from tests.conftest import TINY
 

@@ -100,4 +100,4 @@ def test_unknown_model_and_wrong_image_size(tiny_encoder):
     with pytest.raises(DilemmaError, match="unknown timm model"):
         create_encoder("vit_tinny_patch16_224")
     with pytest.raises(DilemmaError, match="do not fit"):
-        tiny_encoder()(torch.randn(2, 1, 32, 32))
+        tiny_encoder()(torch.randn(2, 1, 30, 30))

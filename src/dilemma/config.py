@@ -43,12 +43,53 @@ class DataConfig:
 
 
 @dataclass
-class MethodConfig:
-    name: str = "mocov3"
+class MoCoV3Config:
     temperature: float = 0.2
     proj_hidden_dim: int = 1024
     proj_dim: int = 256
-    momentum: float = 0.99  # EMA momentum at the start; cosine to 1 (MoCo v3)
+    momentum: float = 0.99  # EMA momentum at the start; cosine to 1
+
+
+@dataclass
+class DINOConfig:
+    out_dim: int = 1024  # prototypes (65536 in the paper's ImageNet runs)
+    hidden_dim: int = 1024
+    bottleneck_dim: int = 128
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07  # reached after the warm-up
+    warmup_teacher_temp: float = 0.04
+    teacher_temp_warmup: float = 0.3  # fraction of training over which the teacher temperature rises
+    center_momentum: float = 0.9
+    momentum: float = 0.99  # teacher EMA momentum at the start; cosine to 1
+    local_crops: int = 2  # N small crops besides the 2 global ones
+    local_crop_size: int = 16  # pixels; must be divisible by the patch size
+    local_crop_scale: float = 0.35  # local crops cover 5 % .. this fraction of the image; global crops start here
+    local_dilemma: bool = False  # also make the local crops sparse + corrupted
+
+
+@dataclass
+class SimCLRConfig:
+    temperature: float = 0.2
+    proj_hidden_dim: int = 1024
+    proj_dim: int = 128
+    clean_view: bool = False  # keep the second view dense and clean (DILEMMA on the first only)
+
+
+@dataclass
+class MAEConfig:
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True  # reconstruct per-patch normalised pixels
+
+
+@dataclass
+class MethodConfig:
+    name: str = "mocov3"  # mocov3, dino, simclr or mae; only that method's section is used
+    mocov3: MoCoV3Config = field(default_factory=MoCoV3Config)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
 
 
 @dataclass
@@ -102,7 +143,12 @@ class Config:
 
 
 def _suggest(key: str, known: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    known = list(known)
+    leaf = key.rsplit(".", 1)[-1]
+    moved = [k for k in _all_keys() if k.startswith(key.split(".", 1)[0] + ".") and k.rsplit(".", 1)[-1] == leaf]
+    if moved and key not in moved:  # e.g. 'method.temperature' -> 'method.mocov3.temperature'
+        return f" (did you mean {' or '.join(repr(k) for k in moved)}?)"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -191,6 +237,22 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def _method_checks(m: MethodConfig) -> list[tuple[bool, str]]:
+    dino = m.dino
+    return [
+        (m.mocov3.temperature > 0 and m.simclr.temperature > 0, "method.*.temperature must be > 0"),
+        (0.0 <= m.mocov3.momentum <= 1.0 and 0.0 <= dino.momentum <= 1.0, "method.*.momentum must be in [0, 1]"),
+        (min(dino.student_temp, dino.teacher_temp, dino.warmup_teacher_temp) > 0, "method.dino temperatures must be > 0"),
+        (0.0 <= dino.teacher_temp_warmup <= 1.0, f"method.dino.teacher_temp_warmup must be in [0, 1], got {dino.teacher_temp_warmup}"),
+        (0.0 <= dino.center_momentum < 1.0, f"method.dino.center_momentum must be in [0, 1), got {dino.center_momentum}"),
+        (dino.local_crops >= 0, f"method.dino.local_crops must be >= 0, got {dino.local_crops}"),
+        (0.05 < dino.local_crop_scale < 1.0, f"method.dino.local_crop_scale must be in (0.05, 1), got {dino.local_crop_scale}"),
+        (min(m.mocov3.proj_dim, m.mocov3.proj_hidden_dim, m.simclr.proj_dim, m.simclr.proj_hidden_dim,
+             dino.out_dim, dino.hidden_dim, dino.bottleneck_dim, m.mae.decoder_dim, m.mae.decoder_depth, m.mae.decoder_heads) >= 1,
+         "method head sizes (dims, depths, heads) must be >= 1"),
+    ]
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that need no model or data; raises DilemmaError."""
     checks = [
@@ -205,8 +267,7 @@ def validate(cfg: Config) -> Config:
         (cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}"),
         (0.0 < cfg.data.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}"),
         (0.0 < cfg.data.crop_min_scale <= 1.0, f"data.crop_min_scale must be in (0, 1], got {cfg.data.crop_min_scale}"),
-        (cfg.method.temperature > 0, f"method.temperature must be > 0, got {cfg.method.temperature}"),
-        (0.0 <= cfg.method.momentum <= 1.0, f"method.momentum must be in [0, 1], got {cfg.method.momentum}"),
+        *_method_checks(cfg.method),
         (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
         (cfg.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}"),
         (cfg.train.max_steps >= 1, f"train.max_steps must be >= 1, got {cfg.train.max_steps}"),

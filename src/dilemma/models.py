@@ -14,6 +14,7 @@ import math
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -44,6 +45,8 @@ class ViTEncoder(nn.Module):
 
     Prefix tokens (class, registers) are never dropped or corrupted; where the ViT has a PE row
     for them they keep their own. Models without a class token return the mean patch token.
+    Images of another size (e.g. DINO's local crops) get the patch PE resampled to their grid,
+    as DINO does; indices then refer to that grid.
     """
 
     def __init__(self, vit: VisionTransformer):
@@ -56,6 +59,7 @@ class ViTEncoder(nn.Module):
             raise DilemmaError("dynamic_img_size ViTs are not supported: create the model with a fixed img_size")
         if not isinstance(vit.patch_drop, nn.Identity):
             raise DilemmaError("set patch_drop_rate=0: token dropping is done by dilemma, with known indices")
+        vit.patch_embed.strict_img_size = False  # other sizes are checked in check_images
         self.vit = vit
         self.num_prefix_tokens = vit.num_prefix_tokens
         self.grid_size = tuple(vit.patch_embed.grid_size)
@@ -64,18 +68,27 @@ class ViTEncoder(nn.Module):
         self.in_chans = vit.patch_embed.proj.in_channels
         self.embed_dim = vit.embed_dim
 
-    def _split_pos_embed(self) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(prefix PE or None, patch PE (L, D))`` from timm's ``pos_embed``."""
-        pe = self.vit.pos_embed[0]
-        if self.vit.no_embed_class:
-            return None, pe
-        return pe[: self.num_prefix_tokens], pe[self.num_prefix_tokens :]
+    def grid_of(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        patch = self.vit.patch_embed.patch_size
+        return image_size[0] // patch[0], image_size[1] // patch[1]
+
+    def _split_pos_embed(self, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(prefix PE or None, patch PE (H * W, D))`` from timm's ``pos_embed``, resampled to ``grid``."""
+        pe = self.vit.pos_embed
+        prefix_pe = None if self.vit.no_embed_class else pe[0, : self.num_prefix_tokens]
+        patch_pe = pe[:, pe.shape[1] - self.num_patches :]
+        if grid != self.grid_size:
+            patch_pe = resample_abs_pos_embed(patch_pe, list(grid), list(self.grid_size), num_prefix_tokens=0)
+        return prefix_pe, patch_pe[0]
 
     def check_images(self, images: torch.Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != self.in_chans or tuple(images.shape[-2:]) != self.img_size:
+        patch = self.vit.patch_embed.patch_size
+        if (images.ndim != 4 or images.shape[1] != self.in_chans
+                or images.shape[-2] % patch[0] or images.shape[-1] % patch[1] or images.shape[-1] == 0):
             raise DilemmaError(
-                f"images of shape {tuple(images.shape)} do not fit this ViT: expected (B, {self.in_chans}, "
-                f"{self.img_size[0]}, {self.img_size[1]}); set model.img_size / model.in_chans to match the data"
+                f"images of shape {tuple(images.shape)} do not fit this ViT: expected (B, {self.in_chans}, H, W) "
+                f"with H and W multiples of the patch size {patch[0]} (trained at {self.img_size[0]}x{self.img_size[1]}); "
+                "set model.img_size / model.in_chans to match the data"
             )
 
     def forward(
@@ -88,7 +101,7 @@ class ViTEncoder(nn.Module):
         vit = self.vit
         x = vit.patch_embed(images)  # (B, L, D)
         batch, _, dim = x.shape
-        prefix_pe, patch_pe = self._split_pos_embed()
+        prefix_pe, patch_pe = self._split_pos_embed(self.grid_of(tuple(images.shape[-2:])))
         if keep is not None:
             if keep.ndim != 2 or keep.shape[0] != batch:
                 raise DilemmaError(f"keep must be (B={batch}, K) indices, got {tuple(keep.shape)}")

@@ -155,10 +155,13 @@ class Dilemma(nn.Module):
         """True when the student sees dense, clean inputs (the plain base method)."""
         return self.misplace_prob == 0 and self.drop_rate == 0
 
-    def sample(self, batch_size: int, *, generator: torch.Generator | None = None, device=None) -> TokenSample | None:
+    def sample(self, batch_size: int, *, num_patches: int | None = None, generator: torch.Generator | None = None,
+               device=None) -> TokenSample | None:
+        """Token sample for a batch; ``num_patches`` overrides L for inputs of another size (local crops)."""
         if self.identity:
             return None
-        return sample_tokens(batch_size, self.num_patches, self.drop_rate, self.misplace_prob, generator=generator, device=device)
+        num_patches = self.num_patches if num_patches is None else num_patches
+        return sample_tokens(batch_size, num_patches, self.drop_rate, self.misplace_prob, generator=generator, device=device)
 
     def loss(self, patch_tokens: torch.Tensor, sample: TokenSample | None, with_metrics: bool = False):
         """``(BCE, metrics)`` for one student view, or ``(None, {})`` when there is nothing to detect.

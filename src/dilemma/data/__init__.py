@@ -1,17 +1,19 @@
 """Data: sources (embedded, MNIST-IDX, image folders), augmentations, batches."""
 
-from dilemma.data.augment import TwoViews, normalize, view_transform
+from dilemma.data.augment import MultiViews, TwoViews, multi_crop, normalize, view_transform
 from dilemma.data.loader import PretrainBatches, eval_batches, pretrain_loader
 from dilemma.data.sources import EMBEDDED, ImageSet, Splits, load_source, read_idx, split_train_val
 
 __all__ = [
     "EMBEDDED",
     "ImageSet",
+    "MultiViews",
     "PretrainBatches",
     "Splits",
     "TwoViews",
     "eval_batches",
     "load_source",
+    "multi_crop",
     "normalize",
     "pretrain_loader",
     "read_idx",

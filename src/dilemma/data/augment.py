@@ -18,10 +18,10 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def view_transform(img_size: int, *, crop_min_scale: float = 0.35, hflip: bool = True, color_jitter: float = 0.4,
-                   blur_prob: float = 0.2) -> v2.Compose:
+                   blur_prob: float = 0.2, crop_max_scale: float = 1.0) -> v2.Compose:
     """One random view: resized crop, flip, brightness/contrast jitter, blur (SimCLR / MoCo v3 style,
     without the colour-only parts that mean nothing on grayscale silhouettes)."""
-    steps = [v2.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0), antialias=True)]
+    steps = [v2.RandomResizedCrop(img_size, scale=(crop_min_scale, crop_max_scale), antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     if color_jitter > 0:
@@ -32,12 +32,28 @@ def view_transform(img_size: int, *, crop_min_scale: float = 0.35, hflip: bool =
     return v2.Compose(steps)
 
 
-class TwoViews:
-    """Maps a uint8 batch ``(n, C, S, S)`` to two independently augmented float batches."""
+class MultiViews:
+    """Maps a uint8 batch ``(n, C, S, S)`` to one normalised float batch per transform, each image
+    augmented independently (per-sample randomness)."""
+
+    def __init__(self, *transforms: v2.Compose):
+        self.transforms = transforms
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(normalize(torch.stack([transform(img) for img in images])) for transform in self.transforms)
+
+
+class TwoViews(MultiViews):
+    """Two views from the same transform (SimCLR, MoCo v3)."""
 
     def __init__(self, transform: v2.Compose):
-        self.transform = transform
+        super().__init__(transform, transform)
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        views = [torch.stack([self.transform(img) for img in images]) for _ in range(2)]
-        return normalize(views[0]), normalize(views[1])
+
+def multi_crop(img_size: int, local_size: int, num_local: int, *, crop_min_scale: float, local_max_scale: float,
+               local_min_scale: float = 0.05, **view_kwargs) -> MultiViews:
+    """DINO's multi-crop: 2 global crops at ``img_size`` covering ``[crop_min_scale, 1]`` of the image and
+    ``num_local`` local crops at ``local_size`` covering ``[local_min_scale, local_max_scale]``."""
+    global_crop = view_transform(img_size, crop_min_scale=crop_min_scale, **view_kwargs)
+    local_crop = view_transform(local_size, crop_min_scale=local_min_scale, crop_max_scale=local_max_scale, **view_kwargs)
+    return MultiViews(global_crop, global_crop, *[local_crop] * num_local)

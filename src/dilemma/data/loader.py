@@ -8,22 +8,24 @@ replays exactly the batches an uninterrupted run would have seen, with any numbe
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dilemma.data.augment import TwoViews, normalize
+from dilemma.data.augment import normalize
 from dilemma.data.sources import ImageSet
 from dilemma.errors import DilemmaError
 
 
 class PretrainBatches(Dataset):
-    """``dataset[step]`` -> ``(view1, view2)`` for global step ``step`` (drop-last epochs).
+    """``dataset[step]`` -> the method's views (a tuple of batches) for global step ``step`` (drop-last epochs).
 
     With ``world_size > 1`` each rank takes its share ``rank::world_size`` of the global batch.
     """
 
-    def __init__(self, images: ImageSet, batch_size: int, views: TwoViews, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, images: ImageSet, batch_size: int, views: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+                 seed: int, rank: int = 0, world_size: int = 1):
         self.images, self.batch_size, self.views, self.seed = images, batch_size, views, seed
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = len(images) // batch_size
@@ -42,7 +44,7 @@ class PretrainBatches(Dataset):
     def __len__(self) -> int:
         return 2**62  # an endless stream of steps; the sampler decides which ones
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, ...]:
         images = self.images.load(self.indices(step))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.rank)

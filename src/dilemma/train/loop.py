@@ -20,10 +20,10 @@ import yaml
 from tqdm import tqdm
 
 from dilemma.config import Config
-from dilemma.data import PretrainBatches, TwoViews, load_source, pretrain_loader, view_transform
+from dilemma.data import PretrainBatches, eval_batches, load_source, pretrain_loader
 from dilemma.errors import DilemmaError
 from dilemma.eval.knn import knn_eval
-from dilemma.methods import build_method
+from dilemma.methods import build_method, build_views
 from dilemma.models import build_encoder
 from dilemma.train.checkpoint import FORMAT, CheckpointDir, load_checkpoint, rng_state, set_rng_state
 from dilemma.train.distributed import is_main, rank, world_size
@@ -114,9 +114,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     encoder = build_encoder(cfg.model)
     method = build_method(cfg, encoder).to(device)
     d, t = cfg.data, cfg.train
-    views = TwoViews(view_transform(cfg.model.img_size, crop_min_scale=d.crop_min_scale, hflip=d.hflip,
-                                    color_jitter=d.color_jitter, blur_prob=d.blur_prob))
-    batches = PretrainBatches(splits.train, d.batch_size, views, t.seed, rank(), world_size())
+    batches = PretrainBatches(splits.train, d.batch_size, build_views(cfg), t.seed, rank(), world_size())
     batches[0]  # decode one batch now: unreadable images fail here, before a run folder exists
     if not resume and is_main():
         prepare_run_dir(out_dir, resume)
@@ -157,7 +155,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     start, window_start, window_images = time.perf_counter() - elapsed, time.perf_counter(), 0
     stopped_by = "max_steps"
     try:
-        for x1, x2 in loader:
+        for views in loader:
             prog = progress(step, t.max_steps, elapsed, budget)
             if budget and elapsed >= budget:
                 stopped_by = "time_budget"
@@ -166,8 +164,8 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with_metrics = (step + 1) % t.log_every == 0
-            views_on_device = (x1.to(device, non_blocking=True), x2.to(device, non_blocking=True))
-            loss, logs = method(views_on_device, prog, tokens, with_metrics)
+            views = tuple(v.to(device, non_blocking=True) for v in views)
+            loss, logs = method(views, prog, tokens, with_metrics)
             if not torch.isfinite(loss):
                 last = checkpoints.last if checkpoints.last.exists() else None
                 kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
@@ -200,6 +198,9 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     save()
 
     final = {"step": step, "epoch": step / batches.steps_per_epoch, "elapsed_s": elapsed, "stopped_by": stopped_by}
+    if is_main():
+        pictures = method.pictures(next(eval_batches(splits.val, 8))[0].to(device), out_dir)
+        final.update({"pictures": [str(p) for p in pictures]} if pictures else {})
     if cfg.eval.knn_at_end and is_main() and splits.labelled:
         knn = knn_eval(method.encoder, splits, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
                        batch_size=cfg.eval.batch_size, device=device)

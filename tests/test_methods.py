@@ -1,0 +1,179 @@
+"""DINO, SimCLR and MAE on the common Method interface: losses, teachers, switches, true positions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dilemma.config import load_config
+from dilemma.data import load_source
+from dilemma.methods import METHODS, build_method, build_views
+from dilemma.methods.dino import dino_loss, teacher_temperature_at
+from dilemma.methods.mae import patchify, unpatchify
+from dilemma.methods.simclr import nt_xent_loss
+from dilemma.models import build_encoder
+from dilemma.pretext import TokenSample
+from tests.conftest import TINY
+
+
+def _method(name, *overrides):
+    cfg = load_config(None, [*TINY, f"method.name={name}", *overrides])
+    torch.manual_seed(0)
+    return build_method(cfg, build_encoder(cfg.model)), cfg
+
+
+def _views(cfg, n=16):
+    images = load_source("animal-mnist", img_size=28, in_chans=1, val_fraction=0.2, seed=0).train.load(list(range(n)))
+    torch.manual_seed(0)
+    return build_views(cfg)(images)
+
+
+def _block_inputs(module):
+    """Record the token count entering the first block of ``module`` on each call."""
+    counts = []
+    module.vit.blocks[0].register_forward_pre_hook(lambda m, args: counts.append(tuple(args[0].shape[:2])))
+    return counts
+
+
+@pytest.mark.parametrize("name", ["dino", "simclr", "mae"])
+def test_loss_goes_down_on_a_fixed_batch(name):
+    method, cfg = _method(name)
+    views = _views(cfg)
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    progress = 0.5
+    if name == "dino":  # fixed target: teacher momentum 1 (progress 1) and a frozen centre; with both
+        progress, method.center_momentum = 1.0, 1.0  # moving, centring first flattens the targets and the loss rises
+    for step in range(15):
+        loss, logs = method(views, progress, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(logs["recon_loss" if name == "mae" else "ssl_loss"].item())
+    assert sum(losses[-3:]) / 3 < 0.97 * sum(losses[:3]) / 3, losses
+
+
+def test_registry_and_views_per_method():
+    assert set(METHODS) == {"mocov3", "dino", "simclr", "mae"}
+    shapes = {name: [tuple(v.shape) for v in _views(_method(name)[1], n=4)] for name in METHODS}
+    assert shapes["mocov3"] == shapes["simclr"] == [(4, 1, 28, 28)] * 2
+    assert shapes["dino"] == [(4, 1, 28, 28)] * 2 + [(4, 1, 16, 16)] * 2  # 2 global + 2 local (TINY)
+    assert shapes["mae"] == [(4, 1, 28, 28)]
+
+
+def test_dino_student_teacher_inputs_and_no_teacher_gradient():
+    method, cfg = _method("dino")
+    student, teacher = _block_inputs(method.encoder), _block_inputs(method.teacher_encoder)
+    loss, logs = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
+    loss.backward()
+    assert student == [(16, 1 + 12), (16, 1 + 16)]  # global crops sparse (K = 12); local crops dense 4 x 4
+    assert teacher == [(16, 1 + 49)]  # global crops only, dense and clean
+    frozen = [*method.teacher_encoder.parameters(), *method.teacher_head.parameters()]
+    assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
+    assert method.head.last_layer.weight.grad is not None and method.dilemma.head.proj.weight.grad is not None
+    assert {"det_bce", "det_auroc", "teacher_temp", "momentum"} <= set(logs)
+
+
+def test_dino_local_crops_can_be_corrupted_too():
+    method, cfg = _method("dino", "method.dino.local_dilemma=true")
+    student = _block_inputs(method.encoder)
+    method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0))
+    assert student == [(16, 1 + 12), (16, 1 + 4)]  # local: K = floor(16 * 0.25)
+
+
+def test_dino_teacher_clean_positions_and_centre_update():
+    method, cfg = _method("dino", "dilemma.misplace_prob=1.0", "dilemma.drop_rate=0.0")
+    views = _views(cfg, 8)
+    assert method.center.abs().sum() == 0
+    method(views, 0.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        teacher_out = method.teacher_head(method.teacher_encoder.vit.forward_features(torch.cat(views[:2]))[:, 0])
+    assert torch.allclose(method.center, 0.1 * teacher_out.mean(0, keepdim=True), atol=1e-5)  # momentum 0.9 from 0
+    assert "center" in method.state_dict()
+
+
+def test_dino_loss_and_temperature_schedule():
+    s = [torch.randn(4, 8) for _ in range(3)]
+    t = [torch.randn(4, 8) for _ in range(2)]
+    c = torch.zeros(1, 8)
+    expected = []
+    for i in range(2):
+        q = F.softmax(t[i] / 0.05, -1)
+        expected += [-(q * F.log_softmax(s[v] / 0.1, -1)).sum(-1).mean() for v in range(3) if v != i]
+    assert torch.allclose(dino_loss(s, t, c, 0.1, 0.05), torch.stack(expected).mean())
+    # identical student and teacher crops give no term: crop 0 never meets itself
+    assert teacher_temperature_at(0.0, 0.04, 0.07, 0.3) == pytest.approx(0.04)
+    assert teacher_temperature_at(0.15, 0.04, 0.07, 0.3) == pytest.approx(0.055)
+    assert teacher_temperature_at(0.5, 0.04, 0.07, 0.3) == pytest.approx(0.07)
+
+
+def test_nt_xent_matches_a_direct_computation():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(5, 3), torch.randn(5, 3)
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    losses = []
+    for i in range(10):
+        positive = (i + 5) % 10
+        others = [j for j in range(10) if j != i]
+        sims = torch.stack([z[i] @ z[j] / 0.5 for j in others])
+        losses.append(-(sims[others.index(positive)] - torch.logsumexp(sims, 0)))
+    assert torch.allclose(nt_xent_loss(z1, z2, 0.5), torch.stack(losses).mean(), atol=1e-6)
+
+
+@pytest.mark.parametrize("clean_view", [False, True])
+def test_simclr_views_and_clean_view_switch(clean_view):
+    method, cfg = _method("simclr", f"method.simclr.clean_view={clean_view}")
+    student = _block_inputs(method.encoder)
+    loss, logs = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
+    loss.backward()
+    assert student == [(8, 1 + 12), (8, 1 + 49 if clean_view else 1 + 12)]
+    assert "det_bce" in logs and method.projector[0].weight.grad is not None
+
+
+def test_mae_decoder_uses_true_positions_when_encoder_saw_wrong_ones():
+    method, cfg = _method("mae", "dilemma.misplace_prob=1.0")
+    images = _views(cfg, 4)[0]
+    seen = _block_inputs(method.encoder)
+    sample = method.dilemma.sample(4, generator=torch.Generator().manual_seed(0))
+    assert (sample.positions != sample.keep).all()  # every visible token misplaced
+    cls, patches = method.encoder(images, keep=sample.keep, positions=sample.positions)
+    tokens = method.decoder_tokens(cls, patches, sample.keep)[:, 1:]
+    embedded = method.decoder_embed(patches) + method.decoder_pos_embed[sample.keep]
+    for b in range(4):  # the token encoded from patch keep[b, i] sits at keep[b, i], with keep[b, i]'s PE
+        assert torch.allclose(tokens[b, sample.keep[b]], embedded[b], atol=1e-6)
+        masked = torch.ones(49, dtype=torch.bool)
+        masked[sample.keep[b]] = False
+        assert torch.allclose(tokens[b, masked], method.mask_token[0, 0] + method.decoder_pos_embed[masked], atol=1e-6)
+    assert seen == [(4, 1 + 12)]
+
+
+def test_mae_loss_only_on_masked_patches_and_patchify_round_trip():
+    method, cfg = _method("mae", "dilemma.misplace_prob=0")
+    images = _views(cfg, 4)[0]
+    keep = torch.arange(12).repeat(4, 1)
+    sample = TokenSample(keep, keep, torch.zeros(4, 12, dtype=torch.bool))
+    pred = torch.randn(4, 49, 16)
+    changed = pred.clone()
+    changed[:, :12] += 5.0  # visible patches: no effect on the loss
+    assert torch.equal(method.reconstruction_loss(pred, images, sample), method.reconstruction_loss(changed, images, sample))
+    changed[:, 20] += 5.0
+    assert method.reconstruction_loss(changed, images, sample) > method.reconstruction_loss(pred, images, sample)
+    assert torch.equal(unpatchify(patchify(images, 4), 4, 1, (7, 7)), images)
+    assert torch.equal(patchify(images, 4)[:, 8], images[:, 0, 4:8, 4:8].reshape(4, 16))  # row 1, col 1 of the grid
+
+
+def test_mae_needs_masking_and_draws_a_picture(tmp_path):
+    from dilemma.errors import DilemmaError
+
+    with pytest.raises(DilemmaError, match="drop_rate > 0"):
+        _method("mae", "dilemma.drop_rate=0")
+    method, cfg = _method("mae")
+    (path,) = method.pictures(_views(cfg, 8)[0], tmp_path)
+    assert path.name == "mae_reconstruction.png" and path.stat().st_size > 500
+
+
+def test_encoder_accepts_local_crop_sizes(tiny_encoder):
+    enc = tiny_encoder()
+    cls, patches = enc(torch.randn(2, 1, 16, 16))
+    assert patches.shape == (2, 16, 32)
+    _, pe = enc._split_pos_embed((7, 7))
+    assert torch.equal(pe, enc.vit.pos_embed[0, 1:])  # native grid: the PE itself, not a resample
