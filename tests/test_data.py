@@ -89,11 +89,12 @@ def test_data_errors(tmp_path):
 def test_pretrain_batches_are_a_function_of_step(animal):
     views = TwoViews(view_transform(28))
     batches = PretrainBatches(animal.train, 64, views, seed=3)
-    a1, a2 = batches[5]
-    b1, b2 = batches[5]
+    (a1, a2), labels = batches[5]
+    (b1, b2), _ = batches[5]
     assert a1.shape == (64, 1, 28, 28) and a1.dtype == torch.float32
     assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, a2)
-    assert not torch.equal(batches[6][0], a1)
+    assert not torch.equal(batches[6][0][0], a1)
+    assert torch.equal(labels, animal.train.labels[batches.indices(5)])
     # an epoch is a permutation; two ranks split the global batch
     epoch = torch.cat([batches.indices(s) for s in range(batches.steps_per_epoch)])
     assert len(set(epoch.tolist())) == len(epoch) == batches.steps_per_epoch * 64

@@ -1,6 +1,7 @@
-"""The ``dilemma`` command line: ``pretrain`` and ``eval knn``.
+"""The ``dilemma`` command line: pretrain, eval (knn, linear, occlusion, finetune), export, plot, inspect.
 
 Every mistake a user can fix ends as one ``error: ...`` line and exit status 2, never a traceback.
+Every evaluation prints its protocol next to its numbers and can write both to JSON.
 """
 
 from __future__ import annotations
@@ -37,28 +38,138 @@ def _pretrain(args) -> None:
     pretrain(cfg, out, resume=args.resume)
 
 
-def _eval_knn(args) -> None:
+def _write_json(path: str | None, results: list[dict]) -> None:
+    if path:
+        try:
+            Path(path).write_text(json.dumps(results, indent=2) + "\n")
+        except OSError as err:
+            raise DilemmaError(f"cannot write {path!r}: {err}") from None
+
+
+def _checkpoints(args, drop_path_rate: float | None = None):
+    """Yield ``(path, encoder on the device, config, splits, device)`` for each ``--checkpoint``."""
     from dilemma.data import load_source
-    from dilemma.eval.knn import knn_eval
     from dilemma.train.loop import resolve_device
     from dilemma.train.model_io import encoder_from_checkpoint
 
     device = resolve_device(args.device)
-    results = []
     for path in args.checkpoint:
-        encoder, cfg = encoder_from_checkpoint(path)
+        encoder, cfg = encoder_from_checkpoint(path, drop_path_rate=drop_path_rate)
         splits = load_source(args.data or cfg.data.source, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
                              val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
-        result = knn_eval(encoder.to(device), splits, k=args.k, temperature=args.temperature,
-                          batch_size=args.batch_size, device=device)
+        yield str(path), encoder.to(device), cfg, splits, device
+
+
+def _eval_knn(args) -> None:
+    from dilemma.eval.knn import knn_eval
+
+    results = []
+    for path, encoder, _, splits, device in _checkpoints(args):
+        result = knn_eval(encoder, splits, k=args.k, temperature=args.temperature, batch_size=args.batch_size, device=device)
         print(f"{path}: {result.line()}")
-        results.append({"checkpoint": str(path), "data": splits.name, "knn_top1": result.top1,
-                        "knn_top5": result.top5, "protocol": result.protocol})
-    if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        except OSError as err:
-            raise DilemmaError(f"cannot write {args.json!r}: {err}") from None
+        results.append({"checkpoint": path, "data": splits.name, "knn_top1": result.top1, "knn_top5": result.top5,
+                        "protocol": result.protocol})
+    _write_json(args.json, results)
+
+
+def _eval_linear(args) -> None:
+    from dilemma.eval.features import extract_features
+    from dilemma.eval.knn import require_labels
+    from dilemma.eval.linear import linear_protocol, train_linear_probe
+
+    results = []
+    for path, encoder, _, splits, device in _checkpoints(args):
+        require_labels(splits, "the linear probe")
+        train_f, train_y = extract_features(encoder, splits.train, batch_size=args.batch_size, device=device, normalize=False)
+        val_f, val_y = extract_features(encoder, splits.val, batch_size=args.batch_size, device=device, normalize=False)
+        probe = train_linear_probe(train_f, train_y, len(splits.classes), epochs=args.epochs, lr=args.lr, seed=args.seed)
+        top1 = probe.top1(val_f, val_y)
+        protocol = linear_protocol(args.epochs, args.lr, 256) + f"; {splits.name} train {len(splits.train)} / val {len(splits.val)}"
+        print(f"{path}: linear top-1 {top1:.2f}%  [{protocol}]")
+        results.append({"checkpoint": path, "data": splits.name, "linear_top1": top1, "protocol": protocol})
+    _write_json(args.json, results)
+
+
+def _eval_occlusion(args) -> None:
+    from dilemma.eval.occlusion import occlusion_curve
+
+    results = []
+    for path, encoder, _, splits, device in _checkpoints(args):
+        curve = occlusion_curve(encoder, splits, fractions=args.fractions, k=args.k, temperature=args.temperature,
+                                probe_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device)
+        print(f"{path}: occlusion  [{curve.protocol}]")
+        print("  kept  tokens   kNN top-1   linear top-1")
+        for p in curve.points:
+            print(f"  {p['keep_fraction'] * 100:4.0f}%  {p['tokens']:6d}   {p['knn_top1']:8.2f}%   {p['linear_top1']:8.2f}%")
+        results.append({"checkpoint": path, "data": splits.name, "points": curve.points, "protocol": curve.protocol})
+    _write_json(args.json, results)
+    if args.plot:
+        from dilemma.viz import plot_occlusion
+
+        print(f"wrote {plot_occlusion(results, args.plot)}")
+
+
+def _eval_finetune(args) -> None:
+    from dilemma.eval.finetune import finetune
+    from dilemma.eval.knn import require_labels
+
+    results = []
+    for path, encoder, cfg, splits, device in _checkpoints(args, drop_path_rate=args.drop_path):
+        require_labels(splits, "fine-tuning")
+        result = finetune(encoder, splits, epochs=args.epochs, lr=args.lr, layer_decay=args.layer_decay,
+                          label_smoothing=args.label_smoothing, batch_size=args.batch_size, seed=args.seed, device=device,
+                          progress=not args.no_progress)
+        print(f"{path}: fine-tune top-1 {result.top1:.2f}%  [{result.protocol}]")
+        results.append({"checkpoint": path, "data": splits.name, "finetune_top1": result.top1, "history": result.history,
+                        "protocol": result.protocol})
+    _write_json(args.json, results)
+
+
+def _export(args) -> None:
+    from dilemma.export import export_backbone
+
+    snippet = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {args.out}; load it with:\n{snippet}")
+
+
+def _plot(args) -> None:
+    from dilemma.viz import plot_runs
+
+    out = args.out or str(Path(args.run_dir[0]) / "curves.png")
+    print(f"wrote {plot_runs(args.run_dir, out)}")
+
+
+def _inspect(args) -> None:
+    import torch
+
+    from dilemma.data import eval_batches, load_source
+    from dilemma.pretext import sample_tokens
+    from dilemma.train.model_io import detection_head_from_checkpoint, encoder_from_checkpoint
+    from dilemma.viz import inspect_detection
+
+    encoder, cfg = encoder_from_checkpoint(args.checkpoint)
+    head = detection_head_from_checkpoint(args.checkpoint, encoder.embed_dim)
+    splits = load_source(args.data or cfg.data.source, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
+                         val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    images = next(eval_batches(splits.val, args.num_images))[0]
+    p = cfg.dilemma.misplace_prob if args.misplace_prob is None else args.misplace_prob
+    r = cfg.dilemma.drop_rate if args.drop_rate is None else args.drop_rate
+    sample = sample_tokens(images.shape[0], encoder.num_patches, r, p, generator=torch.Generator().manual_seed(args.seed))
+    ckpt = Path(args.checkpoint)
+    out = args.out or str((ckpt if ckpt.is_dir() else ckpt.parent) / "detection.png")
+    print(f"wrote {inspect_detection(encoder, head, images, sample, out, cfg.model.patch_size)}  (p={p}, r={r})")
+
+
+def _eval_parser(ev, name: str, help: str, run) -> argparse.ArgumentParser:
+    p = ev.add_parser(name, help=help)
+    p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint file(s) or run folder(s); several are compared")
+    p.add_argument("--data", help="data source (default: the one the checkpoint was trained on)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the results and protocol to this JSON file")
+    p.set_defaults(run=run)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,21 +184,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this much training wall-clock")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, help="train.seed")
-    p.add_argument("--method", help="method.name")
+    p.add_argument("--method", help="method.name: mocov3, dino, simclr or mae")
     p.add_argument("--data", help="data.source: embedded name, MNIST-IDX folder or image folder")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
     p.set_defaults(run=_pretrain)
 
-    ev = commands.add_parser("eval", help="evaluate frozen backbones").add_subparsers(dest="protocol", required=True)
-    k = ev.add_parser("knn", help="weighted kNN on frozen class-token features (k=20, T=0.07)")
-    k.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint file(s) or run folder(s)")
-    k.add_argument("--data", help="data source (default: the one the checkpoint was trained on)")
+    ev = commands.add_parser("eval", help="evaluate backbones").add_subparsers(dest="protocol", required=True)
+    k = _eval_parser(ev, "knn", "weighted kNN on frozen class-token features (k=20, T=0.07)", _eval_knn)
     k.add_argument("--k", type=int, default=20)
     k.add_argument("--temperature", type=float, default=0.07)
-    k.add_argument("--batch-size", type=int, default=256)
-    k.add_argument("--device", default="auto")
-    k.add_argument("--json", help="also write the results to this JSON file")
-    k.set_defaults(run=_eval_knn)
+    lin = _eval_parser(ev, "linear", "linear probe on frozen, cached class-token features", _eval_linear)
+    lin.add_argument("--epochs", type=int, default=100)
+    lin.add_argument("--lr", type=float, default=0.1, help="base lr for batch 256")
+    occ = _eval_parser(ev, "occlusion", "kNN and linear accuracy with only a fraction of each test image's tokens", _eval_occlusion)
+    occ.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25, 0.1])
+    occ.add_argument("--k", type=int, default=20)
+    occ.add_argument("--temperature", type=float, default=0.07)
+    occ.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
+    occ.add_argument("--plot", help="also draw the curves to this PNG (needs matplotlib)")
+    ft = _eval_parser(ev, "finetune", "fine-tune all weights (layer decay, drop-path, label smoothing)", _eval_finetune)
+    ft.set_defaults(batch_size=128)
+    ft.add_argument("--epochs", type=int, default=5)
+    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--layer-decay", type=float, default=0.75)
+    ft.add_argument("--drop-path", type=float, default=0.1)
+    ft.add_argument("--label-smoothing", type=float, default=0.1)
+    ft.add_argument("--no-progress", action="store_true")
+
+    ex = commands.add_parser("export", help="write the backbone alone as a timm checkpoint (safetensors)")
+    ex.add_argument("checkpoint", help="checkpoint file or run folder")
+    ex.add_argument("--out", required=True, help="output .safetensors file")
+    ex.set_defaults(run=_export)
+
+    pl = commands.add_parser("plot", help="training curves of one or more runs (PNG; needs matplotlib)")
+    pl.add_argument("run_dir", nargs="+")
+    pl.add_argument("--out", help="PNG file (default: RUN_DIR/curves.png)")
+    pl.set_defaults(run=_plot)
+
+    ins = commands.add_parser("inspect", help="which tokens the model flags as misplaced (PNG; needs matplotlib)")
+    ins.add_argument("checkpoint", help="checkpoint file or run folder")
+    ins.add_argument("--out", help="PNG file (default: beside the checkpoint, detection.png)")
+    ins.add_argument("--data")
+    ins.add_argument("--num-images", type=int, default=8)
+    ins.add_argument("--misplace-prob", type=float, help="default: the checkpoint's p")
+    ins.add_argument("--drop-rate", type=float, help="default: the checkpoint's r")
+    ins.add_argument("--seed", type=int, default=0)
+    ins.set_defaults(run=_inspect)
     return parser
 
 

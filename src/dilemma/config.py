@@ -118,6 +118,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     progress: bool = True
+    online_probe: bool = True  # a linear layer on detached features, its own optimiser; accuracy in metrics.jsonl
 
 
 @dataclass

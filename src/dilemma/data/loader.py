@@ -19,7 +19,7 @@ from dilemma.errors import DilemmaError
 
 
 class PretrainBatches(Dataset):
-    """``dataset[step]`` -> the method's views (a tuple of batches) for global step ``step`` (drop-last epochs).
+    """``dataset[step]`` -> ``(views, labels)``: the method's views (a tuple of batches) for global step ``step`` (drop-last epochs).
 
     With ``world_size > 1`` each rank takes its share ``rank::world_size`` of the global batch.
     """
@@ -44,11 +44,12 @@ class PretrainBatches(Dataset):
     def __len__(self) -> int:
         return 2**62  # an endless stream of steps; the sampler decides which ones
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, ...]:
-        images = self.images.load(self.indices(step))
+    def __getitem__(self, step: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        indices = self.indices(step)
+        images = self.images.load(indices)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.rank)
-            return self.views(images)
+            return self.views(images), self.images.labels[indices]
 
 
 def pretrain_loader(batches: PretrainBatches, start_step: int, end_step: int, num_workers: int, pin_memory: bool) -> DataLoader:

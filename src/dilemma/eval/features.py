@@ -1,23 +1,42 @@
-"""Frozen-backbone features: the final-norm class token of a dense, clean forward."""
+"""Frozen-backbone features: the final-norm class token of a clean forward, dense or occluded."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from dilemma.data import ImageSet, eval_batches
+from dilemma.errors import DilemmaError
 from dilemma.models import ViTEncoder
+
+
+def occlusion_keep(batch_size: int, num_patches: int, keep_fraction: float, generator: torch.Generator) -> torch.Tensor | None:
+    """Random visible tokens per image, ``(B, max(1, round(f * L)))`` sorted (true positions); None at f = 1."""
+    if not 0.0 < keep_fraction <= 1.0:
+        raise DilemmaError(f"keep fraction must be in (0, 1], got {keep_fraction}")
+    kept = max(1, math.floor(num_patches * keep_fraction + 0.5))
+    if kept >= num_patches:
+        return None
+    return torch.rand(batch_size, num_patches, generator=generator).argsort(dim=1)[:, :kept].sort(dim=1).values
 
 
 @torch.no_grad()
 def extract_features(encoder: ViTEncoder, images: ImageSet, *, batch_size: int = 256, device="cpu",
-                     normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features (N, D), labels (N,))`` on the CPU; L2-normalised when ``normalize``."""
+                     normalize: bool = True, keep_fraction: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features (N, D), labels (N,))`` on the CPU; L2-normalised when ``normalize``.
+
+    ``keep_fraction < 1`` occludes each image: only a random ``round(f * L)`` of its tokens enter
+    the encoder, each with its own (true) position; the draw is fixed by ``seed``.
+    """
     was_training = encoder.training
     encoder.eval()
+    generator = torch.Generator().manual_seed(seed)
     feats, labels = [], []
     for x, y in eval_batches(images, batch_size):
-        cls, _ = encoder(x.to(device, non_blocking=True))
+        keep = occlusion_keep(x.shape[0], encoder.num_patches, keep_fraction, generator)
+        cls, _ = encoder(x.to(device, non_blocking=True), keep=None if keep is None else keep.to(device))
         feats.append(cls.float().cpu())
         labels.append(y)
     encoder.train(was_training)

@@ -45,17 +45,30 @@ class KNNResult:
         return f"kNN top-1 {self.top1:.2f}%{top5}  [{self.protocol}]"
 
 
-def knn_eval(encoder: ViTEncoder, splits: Splits, *, k: int = 20, temperature: float = 0.07, batch_size: int = 256,
-             device="cpu") -> KNNResult:
-    if not splits.labelled:
-        raise DilemmaError(f"kNN needs labels, but {splits.name!r} is unlabelled: use a folder of class sub-folders")
-    train_f, train_y = extract_features(encoder, splits.train, batch_size=batch_size, device=device)
-    val_f, val_y = extract_features(encoder, splits.val, batch_size=batch_size, device=device)
-    scores = knn_predict(train_f, train_y, val_f, k=k, temperature=temperature, num_classes=len(splits.classes))
+def knn_accuracy(train_f, train_y, val_f, val_y, *, k: int, temperature: float, num_classes: int) -> tuple[float, float | None]:
+    """``(top-1 %, top-5 % or None with fewer than 6 classes)`` of L2-normalised query features."""
+    scores = knn_predict(train_f, train_y, val_f, k=k, temperature=temperature, num_classes=num_classes)
     top1 = (scores.argmax(1) == val_y).float().mean().item() * 100
     top5 = None
-    if len(splits.classes) > 5:
+    if num_classes > 5:
         top5 = (scores.topk(5, dim=1).indices == val_y[:, None]).any(1).float().mean().item() * 100
-    protocol = (f"weighted kNN, k={k}, T={temperature}, cosine on L2-normalised final-norm class tokens of the "
-                f"frozen dense backbone; bank = {splits.name} train ({len(splits.train)}), queries = val ({len(splits.val)})")
-    return KNNResult(top1, top5, protocol)
+    return top1, top5
+
+
+def require_labels(splits: Splits, protocol: str) -> None:
+    if not splits.labelled:
+        raise DilemmaError(f"{protocol} needs labels, but {splits.name!r} is unlabelled: use a folder of class sub-folders")
+
+
+def knn_protocol(k: int, temperature: float, splits: Splits) -> str:
+    return (f"weighted kNN, k={k}, T={temperature}, cosine on L2-normalised final-norm class tokens of the "
+            f"frozen dense backbone; bank = {splits.name} train ({len(splits.train)}), queries = val ({len(splits.val)})")
+
+
+def knn_eval(encoder: ViTEncoder, splits: Splits, *, k: int = 20, temperature: float = 0.07, batch_size: int = 256,
+             device="cpu") -> KNNResult:
+    require_labels(splits, "kNN")
+    train_f, train_y = extract_features(encoder, splits.train, batch_size=batch_size, device=device)
+    val_f, val_y = extract_features(encoder, splits.val, batch_size=batch_size, device=device)
+    top1, top5 = knn_accuracy(train_f, train_y, val_f, val_y, k=k, temperature=temperature, num_classes=len(splits.classes))
+    return KNNResult(top1, top5, knn_protocol(k, temperature, splits))

@@ -32,6 +32,7 @@ Views = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 class Method(nn.Module):
     encoder: ViTEncoder
     dilemma: Dilemma
+    probe_features: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, cfg, encoder: ViTEncoder, dilemma: Dilemma) -> "Method":
@@ -58,8 +59,13 @@ class Method(nn.Module):
         bce, logs = self.dilemma.loss(patches, sample, with_metrics=with_metrics)
         return cls, patches, bce, logs
 
-    def combine(self, ssl_loss: torch.Tensor, detections: list, ssl_name: str = "ssl_loss") -> tuple[torch.Tensor, dict]:
-        """Total = SSL loss + lambda * mean detection BCE over the corrupted views (METHOD.md, step 7)."""
+    def combine(self, ssl_loss: torch.Tensor, detections: list, features: torch.Tensor,
+                ssl_name: str = "ssl_loss") -> tuple[torch.Tensor, dict]:
+        """Total = SSL loss + lambda * mean detection BCE over the corrupted views (METHOD.md, step 7).
+
+        ``features`` (the class embeddings of the first student view) are kept, detached, as
+        ``probe_features`` for the online linear probe."""
+        self.probe_features = features.detach()
         logs: dict = {ssl_name: ssl_loss.detach()}
         detections = [(bce, view_logs) for bce, view_logs in detections if bce is not None]
         loss = ssl_loss

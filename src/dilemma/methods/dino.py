@@ -131,6 +131,6 @@ class DINO(Method):
             teacher_out = self.teacher_head(self.teacher_encoder(torch.cat(global_crops))[0])
         ssl = dino_loss(student_out, list(teacher_out.chunk(2)), self.center, self.student_temp, temp)
         self.update_center(teacher_out)
-        loss, logs = self.combine(ssl, detections)
+        loss, logs = self.combine(ssl, detections, features=cls[:n])
         logs.update(momentum=momentum, teacher_temp=temp)
         return loss, logs

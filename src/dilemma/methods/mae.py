@@ -102,7 +102,8 @@ class MAE(Method):
         cls, patches = self.encoder(images, keep=sample.keep, positions=sample.positions)
         bce, det_logs = self.dilemma.loss(patches, sample, with_metrics=with_metrics)
         pred = self.decode(cls, patches, sample.keep)
-        return self.combine(self.reconstruction_loss(pred, images, sample), [(bce, det_logs)], ssl_name="recon_loss")
+        return self.combine(self.reconstruction_loss(pred, images, sample), [(bce, det_logs)], features=cls,
+                            ssl_name="recon_loss")
 
     @torch.no_grad()
     def pictures(self, images: torch.Tensor, out_dir: Path) -> list[Path]:

@@ -59,6 +59,6 @@ class MoCoV3(Method):
             k2 = self.momentum_projector(self.momentum_encoder(x2)[0])
 
         ssl = contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
-        loss, logs = self.combine(ssl, [(bce1, logs1), (bce2, logs2)])
+        loss, logs = self.combine(ssl, [(bce1, logs1), (bce2, logs2)], features=cls1)
         logs["momentum"] = momentum
         return loss, logs

@@ -52,4 +52,4 @@ class SimCLR(Method):
         cls1, _, bce1, logs1 = self.student(x1, generator, with_metrics)
         cls2, _, bce2, logs2 = self.student(x2, generator, with_metrics, corrupt=not self.clean_view)
         ssl = nt_xent_loss(self.projector(cls1), self.projector(cls2), self.temperature)
-        return self.combine(ssl, [(bce1, logs1), (bce2, logs2)])
+        return self.combine(ssl, [(bce1, logs1), (bce2, logs2)], features=cls1)

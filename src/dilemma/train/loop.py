@@ -7,8 +7,6 @@ object per logged step; the last one holds the kNN result.
 
 from __future__ import annotations
 
-import json
-import math
 import random
 import sys
 import time
@@ -27,6 +25,8 @@ from dilemma.methods import build_method, build_views
 from dilemma.models import build_encoder
 from dilemma.train.checkpoint import FORMAT, CheckpointDir, load_checkpoint, rng_state, set_rng_state
 from dilemma.train.distributed import is_main, rank, world_size
+from dilemma.train.metrics import MetricsLog, as_json
+from dilemma.train.probe import OnlineProbe
 from dilemma.train.schedule import learning_rate, progress
 
 # Parts of the config that fix the shapes of the saved state: a resume must not change them.
@@ -86,14 +86,6 @@ def prepare_run_dir(out_dir: Path, resume: bool) -> None:
         raise DilemmaError(f"cannot write to output folder {str(out_dir)!r}: {err}") from None
 
 
-def _as_json(logs: dict) -> dict:
-    out = {}
-    for key, value in logs.items():
-        value = value.item() if isinstance(value, torch.Tensor) else value
-        out[key] = None if isinstance(value, float) and not math.isfinite(value) else value
-    return out
-
-
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -121,11 +113,14 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     _stderr(f"run folder: {out_dir}  ({splits.name}: {len(splits.train)} train / {len(splits.val)} val, "
         f"{sum(p.numel() for p in method.encoder.parameters()) / 1e6:.2f}M-parameter encoder, device {device})")
     optimizer = torch.optim.AdamW(param_groups(method, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    probe = OnlineProbe(encoder.embed_dim, len(splits.classes)).to(device) if t.online_probe and splits.labelled else None
     tokens = torch.Generator(device=device).manual_seed(cfg.train.seed * 7_919 + rank() + 1)
     step, elapsed = 0, 0.0
     if ckpt is not None:
         method.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if probe is not None and ckpt.get("probe"):
+            probe.load_full_state(ckpt["probe"])
         set_rng_state(ckpt["rng"], tokens)
         step, elapsed = ckpt["step"], ckpt["elapsed"]
     if is_main():
@@ -135,27 +130,23 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     loader = pretrain_loader(batches, step, t.max_steps, d.num_workers, pin_memory=device.type == "cuda")
     checkpoints = CheckpointDir(out_dir, t.keep_checkpoints)
     budget = t.time_budget * 60 if t.time_budget else None
-    metrics_file = out_dir / "metrics.jsonl"
+    metrics = MetricsLog(out_dir, enabled=is_main())
 
     def state() -> dict:
         return {"format": FORMAT, "config": cfg.to_dict(), "step": step, "elapsed": elapsed, "model": method.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(tokens)}
+                "optimizer": optimizer.state_dict(), "probe": probe.full_state() if probe is not None else None,
+                "rng": rng_state(tokens)}
 
     def save() -> None:
         if is_main():
             checkpoints.save(state(), step)
-
-    def write_metrics(record: dict) -> None:
-        if is_main():
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(_as_json(record)) + "\n")
 
     bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and is_main()), unit="step", dynamic_ncols=True)
     method.train()
     start, window_start, window_images = time.perf_counter() - elapsed, time.perf_counter(), 0
     stopped_by = "max_steps"
     try:
-        for views in loader:
+        for views, labels in loader:
             prog = progress(step, t.max_steps, elapsed, budget)
             if budget and elapsed >= budget:
                 stopped_by = "time_budget"
@@ -176,6 +167,8 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.grad_clip)
             optimizer.step()
+            if probe is not None:
+                probe.step(method.probe_features, labels.to(device, non_blocking=True))
             step += 1
             elapsed = time.perf_counter() - start
             window_images += per_rank_batch * world_size()
@@ -184,9 +177,11 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
                 now = time.perf_counter()
                 record = {"step": step, "epoch": step / batches.steps_per_epoch, "elapsed_s": elapsed, "lr": lr,
                           "img_per_s": window_images / (now - window_start), **logs}
+                if probe is not None:
+                    record["probe_acc"] = probe.window_accuracy()
                 window_start, window_images = now, 0
-                write_metrics(record)
-                bar.set_postfix({k: f"{_as_json({k: record[k]})[k]:.3f}" for k in ("loss", "det_bce") if k in record})
+                metrics.write(record)
+                bar.set_postfix({k: f"{as_json({k: record[k]})[k]:.3f}" for k in ("loss", "det_bce") if k in record})
             if step % t.ckpt_every == 0:
                 save()
     except KeyboardInterrupt:
@@ -206,6 +201,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
                        batch_size=cfg.eval.batch_size, device=device)
         final.update(knn_top1=knn.top1, knn_top5=knn.top5, knn_protocol=knn.protocol)
         log(knn.line())
-    write_metrics(final)
+    metrics.write(final)
+    metrics.close()
     return final
 

@@ -1,0 +1,49 @@
+"""Where a run's numbers go: ``metrics.jsonl`` (one JSON object per logged step) and, when the
+``tensorboard`` package is installed, TensorBoard scalars in ``RUN_DIR/tensorboard``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def as_json(record: dict) -> dict:
+    """Tensors to numbers, non-finite floats to null."""
+    out = {}
+    for key, value in record.items():
+        value = value.item() if isinstance(value, torch.Tensor) else value
+        out[key] = None if isinstance(value, float) and not math.isfinite(value) else value
+    return out
+
+
+class MetricsLog:
+    def __init__(self, out_dir: Path, enabled: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tensorboard = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional: pip install 'dilemma[tensorboard]'
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tensorboard = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = as_json(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
