@@ -117,14 +117,14 @@ def inspect_detection(encoder, head, images: torch.Tensor, sample, out: str | Pa
     n = images.shape[0]
     fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 4), squeeze=False)
     for i in range(n):
-        image = (images[i].float() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu()
+        image = (images[i].float() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
         visible = torch.zeros(grid_h * grid_w)
         visible[sample.keep[i].cpu()] = 1.0
         dim = visible.reshape(grid_h, grid_w).repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
         heat = torch.full((grid_h * grid_w,), float("nan"))
         heat[sample.keep[i].cpu()] = probs[i].float().cpu()
-        axes[0, i].imshow(image * (0.35 + 0.65 * dim[..., None]), cmap="gray", vmin=0, vmax=1)
-        shown = axes[1, i].imshow(heat.reshape(grid_h, grid_w), cmap="magma", vmin=0, vmax=1)
+        axes[0, i].imshow(image * (0.35 + 0.65 * dim[..., None].numpy()), cmap="gray", vmin=0, vmax=1)
+        shown = axes[1, i].imshow(heat.reshape(grid_h, grid_w).numpy(), cmap="magma", vmin=0, vmax=1)
         for j in torch.nonzero(sample.misplaced[i]).flatten().tolist():
             r, c = divmod(int(sample.keep[i, j]), grid_w)
             axes[0, i].add_patch(Rectangle((c * patch_size - 0.5, r * patch_size - 0.5), patch_size, patch_size,

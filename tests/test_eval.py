@@ -1,0 +1,140 @@
+"""The evaluation suite on a tiny checkpoint: numbers in range, protocols stated, 100 % occlusion
+equal to the plain evals, export round trip through timm, pictures written."""
+
+import json
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from dilemma.cli import main
+from dilemma.data import Splits, load_source
+from dilemma.data.sources import TensorImageSet
+from dilemma.eval.features import extract_features
+from dilemma.eval.finetune import finetune
+from dilemma.eval.knn import knn_eval
+from dilemma.eval.linear import train_linear_probe
+from dilemma.eval.occlusion import occlusion_curve
+from dilemma.train.model_io import encoder_from_checkpoint
+from tests.conftest import TINY
+
+
+def _sets(*extra):
+    return [arg for kv in [*TINY, *extra] for arg in ("--set", kv)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    assert main(["pretrain", "--out", str(out), "--max-steps", "4", *_sets("eval.knn_at_end=false")]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_splits():
+    """500 train / 200 val images of the embedded data: enough for the evals to mean something, fast."""
+    full = load_source("animal-mnist", img_size=28, in_chans=1, val_fraction=0.2, seed=0)
+
+    def subset(images, n):
+        idx = list(range(n))
+        return TensorImageSet(images.load(idx), images.labels[:n])
+
+    return Splits("animal-mnist-small", subset(full.train, 500), subset(full.val, 200), full.classes)
+
+
+def test_online_probe_is_logged_and_checkpointed(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["probe_acc"] <= 100 for r in records[:-1])
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert set(ckpt["probe"]) == {"model", "optimizer"}
+
+
+def test_eval_commands_state_protocols_and_compare_checkpoints(run_dir, tmp_path, capsys):
+    for command, key, words in [("knn", "knn_top1", "k=20"), ("linear", "linear_top1", "SGD momentum 0.9")]:
+        out = tmp_path / f"{command}.json"
+        extra = ["--epochs", "5"] if command == "linear" else []
+        assert main(["eval", command, "--checkpoint", str(run_dir), str(run_dir), "--json", str(out), *extra]) == 0
+        printed = capsys.readouterr().out
+        results = json.loads(out.read_text())
+        assert len(results) == 2 and results[0][key] == results[1][key]  # two checkpoints, same numbers
+        assert 10 < results[0][key] <= 100 and words in results[0]["protocol"] and words in printed
+
+
+def test_occlusion_at_full_visibility_equals_the_plain_evals(run_dir, small_splits, tmp_path, capsys):
+    encoder, _ = encoder_from_checkpoint(run_dir)
+    curve = occlusion_curve(encoder, small_splits, probe_epochs=10, seed=0)
+    assert [p["keep_fraction"] for p in curve.points] == [1.0, 0.75, 0.5, 0.25, 0.1]
+    assert [p["tokens"] for p in curve.points] == [49, 37, 25, 12, 5]
+    plain_knn = knn_eval(encoder, small_splits)
+    train_f, train_y = extract_features(encoder, small_splits.train, normalize=False)
+    val_f, val_y = extract_features(encoder, small_splits.val, normalize=False)
+    plain_linear = train_linear_probe(train_f, train_y, 10, epochs=10, seed=0).top1(val_f, val_y)
+    assert curve.points[0]["knn_top1"] == pytest.approx(plain_knn.top1)
+    assert curve.points[0]["linear_top1"] == pytest.approx(plain_linear)
+    assert all(0 <= p["knn_top1"] <= 100 and 0 <= p["linear_top1"] <= 100 for p in curve.points)
+    assert "true positions" in curve.protocol
+    # occluded features really differ (the encoder received fewer tokens)
+    occluded, _ = extract_features(encoder, small_splits.val, normalize=False, keep_fraction=0.25)
+    assert not torch.allclose(occluded, val_f)
+
+    png, js = tmp_path / "occ.png", tmp_path / "occ.json"
+    assert main(["eval", "occlusion", "--checkpoint", str(run_dir), "--epochs", "2", "--fractions", "1", "0.5",
+                 "--json", str(js), "--plot", str(png)]) == 0
+    assert "kNN top-1" in capsys.readouterr().out and png.stat().st_size > 1000
+    assert [p["keep_fraction"] for p in json.loads(js.read_text())[0]["points"]] == [1.0, 0.5]
+
+
+def test_linear_probe_learns_separable_features():
+    torch.manual_seed(0)
+    labels = torch.arange(300) % 3
+    feats = torch.randn(300, 8) + 4 * torch.nn.functional.one_hot(labels, 8).float()
+    probe = train_linear_probe(feats[:200], labels[:200], 3, epochs=20)
+    assert probe.top1(feats[200:], labels[200:]) > 95
+
+
+def test_finetune_trains_all_weights_with_layer_decay(run_dir, small_splits):
+    encoder, _ = encoder_from_checkpoint(run_dir, drop_path_rate=0.1)
+    before = encoder.vit.blocks[0].attn.qkv.weight.clone()
+    result = finetune(encoder, small_splits, epochs=2, batch_size=50, progress=False)
+    assert not torch.equal(before, encoder.vit.blocks[0].attn.qkv.weight)  # the backbone moved
+    assert len(result.history) == 2 and 10 < result.top1 <= 100  # chance is 10 %
+    assert "layer decay 0.75" in result.protocol and "drop-path 0.1" in result.protocol
+    assert "label smoothing 0.1" in result.protocol
+
+
+def test_export_round_trip_through_timm(run_dir, tmp_path, capsys):
+    out = tmp_path / "backbone.safetensors"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert "timm.create_model" in capsys.readouterr().out
+    tensors = safetensors.torch.load_file(out)
+    assert not any(k.startswith(("head", "dilemma", "projector")) for k in tensors)
+    meta = safetensors.safe_open(str(out), "pt").metadata()
+    vit = timm.create_model(meta["timm_model"], **json.loads(meta["timm_kwargs"]))
+    vit.load_state_dict(tensors, strict=True)
+    vit.eval()
+    encoder, _ = encoder_from_checkpoint(run_dir)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        cls, patches = encoder(x)
+        tokens = vit.forward_features(x)
+    assert torch.allclose(tokens[:, 0], cls, atol=1e-5) and torch.allclose(tokens[:, 1:], patches, atol=1e-5)
+
+
+def test_plot_and_inspect_write_pictures(run_dir, tmp_path, capsys):
+    curves, heat = tmp_path / "curves.png", tmp_path / "detection.png"
+    assert main(["plot", str(run_dir), "--out", str(curves)]) == 0
+    assert main(["inspect", str(run_dir), "--out", str(heat), "--num-images", "4"]) == 0
+    assert curves.stat().st_size > 5000 and heat.stat().st_size > 5000
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inspect_needs_a_detection_head_and_plot_needs_a_run(tmp_path, capsys):
+    base = tmp_path / "base"
+    assert main(["pretrain", "--out", str(base), "--max-steps", "1",
+                 *_sets("dilemma.misplace_prob=0", "dilemma.drop_rate=0", "eval.knn_at_end=false")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(base)]) == 2
+    assert "has no detection head" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
