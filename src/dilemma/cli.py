@@ -56,7 +56,8 @@ def _checkpoints(args, drop_path_rate: float | None = None):
     for path in args.checkpoint:
         encoder, cfg = encoder_from_checkpoint(path, drop_path_rate=drop_path_rate)
         splits = load_source(args.data or cfg.data.source, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
-                             val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+                             val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed,
+                         skip_bad=cfg.data.skip_bad_images)
         yield str(path), encoder.to(device), cfg, splits, device
 
 
@@ -150,7 +151,8 @@ def _inspect(args) -> None:
     encoder, cfg = encoder_from_checkpoint(args.checkpoint)
     head = detection_head_from_checkpoint(args.checkpoint, encoder.embed_dim)
     splits = load_source(args.data or cfg.data.source, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
-                         val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+                         val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed,
+                         skip_bad=cfg.data.skip_bad_images)
     images = next(eval_batches(splits.val, args.num_images))[0]
     p = cfg.dilemma.misplace_prob if args.misplace_prob is None else args.misplace_prob
     r = cfg.dilemma.drop_rate if args.drop_rate is None else args.drop_rate
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except DilemmaError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -40,6 +40,7 @@ class DataConfig:
     hflip: bool = True
     color_jitter: float = 0.4  # brightness/contrast strength, applied with p = 0.8
     blur_prob: float = 0.2
+    skip_bad_images: bool = False  # image folders: skip (and count) unreadable images instead of failing
 
 
 @dataclass
@@ -118,6 +119,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     progress: bool = True
+    on_nonfinite: str = "stop"  # non-finite loss: stop (keep the last good checkpoint) or skip the step
+    max_nonfinite_skips: int = 10  # with on_nonfinite=skip: stop after this many skipped steps
     online_probe: bool = True  # a linear layer on detached features, its own optimiser; accuracy in metrics.jsonl
 
 
@@ -230,7 +233,10 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise DilemmaError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise DilemmaError(f"config file {str(path)!r} is not valid YAML ({where}{problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -275,6 +281,8 @@ def validate(cfg: Config) -> Config:
         (cfg.train.time_budget is None or cfg.train.time_budget > 0, f"train.time_budget must be > 0 minutes, got {cfg.train.time_budget}"),
         (cfg.train.log_every >= 1 and cfg.train.ckpt_every >= 1, "train.log_every and train.ckpt_every must be >= 1"),
         (cfg.train.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {cfg.train.keep_checkpoints}"),
+        (cfg.train.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite must be stop or skip, got {cfg.train.on_nonfinite!r}"),
+        (cfg.train.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips must be >= 0, got {cfg.train.max_nonfinite_skips}"),
         (cfg.eval.knn_k >= 1, f"eval.knn_k must be >= 1, got {cfg.eval.knn_k}"),
         (cfg.eval.knn_temperature > 0, f"eval.knn_temperature must be > 0, got {cfg.eval.knn_temperature}"),
     ]

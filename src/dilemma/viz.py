@@ -133,7 +133,7 @@ def inspect_detection(encoder, head, images: torch.Tensor, sample, out: str | Pa
         for ax in axes[:, i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0, 0].set_ylabel("input (red: misplaced)", fontsize=8)
+    axes[0, 0].set_ylabel("input (bright: kept,\nred: misplaced)", fontsize=8)
     axes[1, 0].set_ylabel("P(misplaced)\n(cyan: truth)", fontsize=8)
     fig.colorbar(shown, ax=axes[1, :].tolist(), fraction=0.02)
     out = Path(out)

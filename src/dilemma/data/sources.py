@@ -29,6 +29,7 @@ EMBEDDED = {
     },
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+MIN_IMAGE_SIDE = 4  # pixels; anything smaller is not an image worth resizing
 
 
 class ImageSet(abc.ABC):
@@ -191,11 +192,46 @@ def load_idx_folder(folder: Path, img_size: int, in_chans: int, val_fraction: fl
     return _tensor_splits(folder.name, x, y, classes, img_size, in_chans, val_fraction, seed)
 
 
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as a training image (None if it decodes fine)."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty (0-byte) file"
+        with Image.open(path) as img:
+            if min(img.size) < MIN_IMAGE_SIDE:
+                return f"{img.size[0]}x{img.size[1]} px, smaller than {MIN_IMAGE_SIDE} px"
+            img.load()
+    except Image.DecompressionBombError:
+        return f"too large (over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels)"
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        return f"unreadable ({err})"
+    return None
+
+
+def check_images(files: list[Path], skip_bad: bool) -> list[Path]:
+    """Decode every file once; fail listing the bad ones, or drop them with ``skip_bad`` (and say how many)."""
+    bad = [(f, problem) for f in files if (problem := image_problem(f)) is not None]
+    if bad and not skip_bad:
+        shown = "; ".join(f"{f}: {problem}" for f, problem in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise DilemmaError(f"{len(bad)} of {len(files)} images cannot be used: {shown}{more}. "
+                           "Remove them, or set data.skip_bad_images=true to skip them")
+    if bad:
+        import sys
+
+        print(f"skipping {len(bad)} of {len(files)} images that cannot be used (data.skip_bad_images=true)", file=sys.stderr)
+        bad_set = {f for f, _ in bad}
+        files = [f for f in files if f not in bad_set]
+        if not files:
+            raise DilemmaError("every image was skipped as unusable: nothing left to train on")
+    return files
+
+
 def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _labelled_files(folder: Path) -> tuple[list[Path], list[int], list[str]]:
+def _labelled_files(folder: Path, skip_bad: bool) -> tuple[list[Path], list[int], list[str]]:
     """``class/xxx.png`` layout (every image one folder down) or a flat, unlabelled folder."""
     files = _list_images(folder)
     if not files:
@@ -203,20 +239,23 @@ def _labelled_files(folder: Path) -> tuple[list[Path], list[int], list[str]]:
             f"no images found in {str(folder)!r} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
             "point data.source at a folder of images or of class sub-folders"
         )
+    files = check_images(files, skip_bad)
     if all(len(f.relative_to(folder).parts) == 2 for f in files):
         classes = sorted({f.parent.name for f in files})
         return files, [classes.index(f.parent.name) for f in files], classes
     return files, [-1] * len(files), []
 
 
-def load_image_folder(folder: Path, img_size: int, in_chans: int, val_fraction: float, seed: int) -> Splits:
+def load_image_folder(folder: Path, img_size: int, in_chans: int, val_fraction: float, seed: int,
+                      skip_bad: bool = False) -> Splits:
+    """Every file is decoded once up front, so a bad image stops the run before it starts."""
     if (folder / "train").is_dir() and (folder / "val").is_dir():
-        train_files, train_y, classes = _labelled_files(folder / "train")
-        val_files, val_y, val_classes = _labelled_files(folder / "val")
+        train_files, train_y, classes = _labelled_files(folder / "train", skip_bad)
+        val_files, val_y, val_classes = _labelled_files(folder / "val", skip_bad)
         if val_classes != classes:
             raise DilemmaError(f"{str(folder)!r}: train/ and val/ have different class folders")
     else:
-        files, labels, classes = _labelled_files(folder)
+        files, labels, classes = _labelled_files(folder, skip_bad)
         y = np.array(labels)
         train_idx, val_idx = split_train_val([f.read_bytes() for f in files], y, val_fraction, seed)
         train_files, train_y = [files[i] for i in train_idx], y[train_idx].tolist()
@@ -230,7 +269,8 @@ def load_image_folder(folder: Path, img_size: int, in_chans: int, val_fraction: 
     return Splits(folder.name, make(train_files, train_y), make(val_files, val_y), classes)
 
 
-def load_source(source: str, *, img_size: int, in_chans: int, val_fraction: float = 0.2, seed: int = 0) -> Splits:
+def load_source(source: str, *, img_size: int, in_chans: int, val_fraction: float = 0.2, seed: int = 0,
+                skip_bad: bool = False) -> Splits:
     """Resolve ``data.source``: an embedded name, an MNIST-IDX folder, or an image folder."""
     if source in EMBEDDED:
         return load_embedded(source, img_size, in_chans, val_fraction, seed)
@@ -243,4 +283,4 @@ def load_source(source: str, *, img_size: int, in_chans: int, val_fraction: floa
         raise DilemmaError(f"data source {source!r} is a file; point it at a folder")
     if _find_idx(folder):
         return load_idx_folder(folder, img_size, in_chans, val_fraction, seed)
-    return load_image_folder(folder, img_size, in_chans, val_fraction, seed)
+    return load_image_folder(folder, img_size, in_chans, val_fraction, seed, skip_bad)

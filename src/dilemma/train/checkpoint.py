@@ -1,8 +1,11 @@
 """Checkpoints: written atomically, loaded safely (``weights_only=True``: a checkpoint is untrusted).
 
 A checkpoint is a dict of tensors and plain Python values: ``format``, ``config`` (the resolved
-config as a dict), ``step``, ``elapsed`` (training seconds), ``model`` (the method's state dict),
-``optimizer`` and ``rng`` (python, numpy, torch and token-sampler generator states).
+config as a dict), ``step``, ``epoch``, ``elapsed`` (training seconds: with the step, the
+position of every schedule), ``nonfinite_skips``, ``model`` (the method's state dict: student,
+teacher / momentum encoder, heads, buffers such as DINO's centre), ``optimizer``, ``probe`` (the
+online probe and its optimiser) and ``rng`` (python, numpy, torch, CUDA and token-sampler states;
+the data order is a function of seed and step).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +52,15 @@ def load_checkpoint(path: str | Path) -> dict:
         path = path / "checkpoints" / LAST if (path / "checkpoints" / LAST).exists() else path / LAST
     if not path.is_file():
         raise DilemmaError(f"checkpoint {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise DilemmaError(f"{str(path)!r} is not a readable checkpoint: not a PyTorch file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise DilemmaError(f"refusing to load {str(path)!r}: it holds objects other than tensors and plain values ({err})") from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if "Unsupported global" in line or "WeightsUnpickler error" in line), lines[0])
+        raise DilemmaError(f"refusing to load {str(path)!r}: it holds objects other than tensors and plain values, "
+                           f"which could run code ({detail})") from None
     except Exception as err:  # noqa: BLE001 - any failure to parse means "not a checkpoint"
         raise DilemmaError(f"{str(path)!r} is not a readable checkpoint: {err}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -86,6 +95,9 @@ class CheckpointDir:
     def __init__(self, run_dir: Path, keep: int):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
+        if self.dir.is_dir():  # temp files of a write that was killed: never a checkpoint, remove them
+            for stale in [*self.dir.glob(".*.tmp-*"), *self.dir.glob(f".{LAST}.link-*")]:
+                stale.unlink(missing_ok=True)
 
     @property
     def last(self) -> Path:

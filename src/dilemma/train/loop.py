@@ -27,6 +27,7 @@ from dilemma.train.checkpoint import FORMAT, CheckpointDir, load_checkpoint, rng
 from dilemma.train.distributed import is_main, rank, world_size
 from dilemma.train.metrics import MetricsLog, as_json
 from dilemma.train.probe import OnlineProbe
+from dilemma.train.signals import Interrupted, stop_on_signals
 from dilemma.train.schedule import learning_rate, progress
 
 # Parts of the config that fix the shapes of the saved state: a resume must not change them.
@@ -102,7 +103,8 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     seed_everything(cfg.train.seed + rank())
 
     splits = load_source(cfg.data.source, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
-                         val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+                         val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed,
+                         skip_bad=cfg.data.skip_bad_images)
     encoder = build_encoder(cfg.model)
     method = build_method(cfg, encoder).to(device)
     d, t = cfg.data, cfg.train
@@ -115,14 +117,14 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     optimizer = torch.optim.AdamW(param_groups(method, cfg.optim.weight_decay), lr=cfg.optim.lr)
     probe = OnlineProbe(encoder.embed_dim, len(splits.classes)).to(device) if t.online_probe and splits.labelled else None
     tokens = torch.Generator(device=device).manual_seed(cfg.train.seed * 7_919 + rank() + 1)
-    step, elapsed = 0, 0.0
+    step, elapsed, skipped = 0, 0.0, 0
     if ckpt is not None:
         method.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if probe is not None and ckpt.get("probe"):
             probe.load_full_state(ckpt["probe"])
         set_rng_state(ckpt["rng"], tokens)
-        step, elapsed = ckpt["step"], ckpt["elapsed"]
+        step, elapsed, skipped = ckpt["step"], ckpt["elapsed"], ckpt.get("nonfinite_skips", 0)
     if is_main():
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -131,9 +133,12 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     checkpoints = CheckpointDir(out_dir, t.keep_checkpoints)
     budget = t.time_budget * 60 if t.time_budget else None
     metrics = MetricsLog(out_dir, enabled=is_main())
+    if ckpt is not None:
+        metrics.truncate_after(step)  # steps logged after the checkpoint will be run (and logged) again
 
     def state() -> dict:
-        return {"format": FORMAT, "config": cfg.to_dict(), "step": step, "elapsed": elapsed, "model": method.state_dict(),
+        return {"format": FORMAT, "config": cfg.to_dict(), "step": step, "epoch": step / batches.steps_per_epoch,
+                "elapsed": elapsed, "nonfinite_skips": skipped, "model": method.state_dict(),
                 "optimizer": optimizer.state_dict(), "probe": probe.full_state() if probe is not None else None,
                 "rng": rng_state(tokens)}
 
@@ -145,50 +150,63 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     method.train()
     start, window_start, window_images = time.perf_counter() - elapsed, time.perf_counter(), 0
     stopped_by = "max_steps"
-    try:
-        for views, labels in loader:
-            prog = progress(step, t.max_steps, elapsed, budget)
-            if budget and elapsed >= budget:
-                stopped_by = "time_budget"
-                break
-            lr = learning_rate(step, prog, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with_metrics = (step + 1) % t.log_every == 0
-            views = tuple(v.to(device, non_blocking=True) for v in views)
-            loss, logs = method(views, prog, tokens, with_metrics)
-            if not torch.isfinite(loss):
-                last = checkpoints.last if checkpoints.last.exists() else None
-                kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
-                raise DilemmaError(f"loss became {loss.item()} at step {step}; stopping ({kept}). "
-                                   "Try a lower optim.lr or a smaller optim.grad_clip.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            if probe is not None:
-                probe.step(method.probe_features, labels.to(device, non_blocking=True))
-            step += 1
-            elapsed = time.perf_counter() - start
-            window_images += per_rank_batch * world_size()
-            bar.update(1)
-            if with_metrics:
-                now = time.perf_counter()
-                record = {"step": step, "epoch": step / batches.steps_per_epoch, "elapsed_s": elapsed, "lr": lr,
-                          "img_per_s": window_images / (now - window_start), **logs}
+    with stop_on_signals() as stop_request:
+        try:
+            for views, labels in loader:
+                prog = progress(step, t.max_steps, elapsed, budget)
+                if budget and elapsed >= budget:
+                    stopped_by = "time_budget"
+                    break
+                lr = learning_rate(step, prog, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with_metrics = (step + 1) % t.log_every == 0
+                views = tuple(v.to(device, non_blocking=True) for v in views)
+                loss, logs = method(views, prog, tokens, with_metrics)
+                if not torch.isfinite(loss):
+                    skipped += 1
+                    if t.on_nonfinite == "stop" or skipped > t.max_nonfinite_skips:
+                        last = checkpoints.last if checkpoints.last.exists() else None
+                        kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
+                        why = "" if t.on_nonfinite == "stop" else f" for the {skipped}th time (train.max_nonfinite_skips={t.max_nonfinite_skips})"
+                        raise DilemmaError(f"loss became {loss.item()} at step {step}{why}; stopping ({kept}). "
+                                           "Try a lower optim.lr or a smaller optim.grad_clip, or train.on_nonfinite=skip.")
+                    _stderr(f"warning: loss became {loss.item()} at step {step}; step skipped ({skipped} so far)")
+                    step += 1
+                    elapsed = time.perf_counter() - start
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
                 if probe is not None:
-                    record["probe_acc"] = probe.window_accuracy()
-                window_start, window_images = now, 0
-                metrics.write(record)
-                bar.set_postfix({k: f"{as_json({k: record[k]})[k]:.3f}" for k in ("loss", "det_bce") if k in record})
-            if step % t.ckpt_every == 0:
-                save()
-    except KeyboardInterrupt:
-        save()
-        bar.close()
-        raise DilemmaError(f"interrupted at step {step}; checkpoint saved. Continue with: "
-                           f"dilemma pretrain --out {out_dir} --resume") from None
+                    probe.step(method.probe_features, labels.to(device, non_blocking=True))
+                step += 1
+                elapsed = time.perf_counter() - start
+                window_images += per_rank_batch * world_size()
+                bar.update(1)
+                if with_metrics:
+                    now = time.perf_counter()
+                    record = {"step": step, "epoch": step / batches.steps_per_epoch, "elapsed_s": elapsed, "lr": lr,
+                              "img_per_s": window_images / (now - window_start), **logs}
+                    if probe is not None:
+                        record["probe_acc"] = probe.window_accuracy()
+                    window_start, window_images = now, 0
+                    metrics.write(record)
+                    bar.set_postfix({k: f"{as_json({k: record[k]})[k]:.3f}" for k in ("loss", "det_bce") if k in record})
+                if step % t.ckpt_every == 0:
+                    save()
+                if stop_request:
+                    save()
+                    bar.close()
+                    raise Interrupted(f"stopped by {stop_request.name} at step {step}; checkpoint saved. Continue with: "
+                                      f"dilemma pretrain --out {out_dir} --resume", stop_request.signum)
+        except KeyboardInterrupt:
+            save()
+            bar.close()
+            raise Interrupted(f"interrupted at step {step}; checkpoint saved. Continue with: "
+                              f"dilemma pretrain --out {out_dir} --resume", 2) from None
     bar.close()
     save()
 

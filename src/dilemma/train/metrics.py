@@ -32,6 +32,16 @@ class MetricsLog:
             if SummaryWriter is not None:
                 self.tensorboard = SummaryWriter(str(Path(out_dir) / "tensorboard"))
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (a resumed run logs them again)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step
+                and "stopped_by" not in json.loads(line)]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return

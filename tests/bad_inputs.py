@@ -1,0 +1,139 @@
+"""The catalogue of bad inputs: each case is a command line that must end with one clear message.
+
+Used by tests/test_reliability.py; ``python -m tests.bad_inputs`` prints every case with the
+message a user sees (the list in the reliability issue's closing note comes from it).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tests.conftest import TINY
+
+TINY_SETS = [arg for kv in [*TINY, "train.max_steps=1", "eval.knn_at_end=false"] for arg in ("--set", kv)]
+SMALL_IMAGES = ["--set", "model.img_size=8", "--set", "model.patch_size=2", "--set", "data.batch_size=2"]
+
+
+_draws = iter(range(10**9))
+
+
+def _png(size=(12, 12), mode="L") -> bytes:
+    """A random PNG; every call draws a different image (identical images would all be kept out of val)."""
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(next(_draws)).random((size[1], size[0], 3 if mode == "RGB" else 1)) * 255)
+                    .astype("uint8").squeeze()).convert(mode).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _folder(root: Path, name: str, bad: dict[str, bytes] | None = None, good: int = 12) -> Path:
+    folder = root / name / "cls"
+    folder.mkdir(parents=True)
+    for i in range(good):
+        (folder / f"ok{i}.png").write_bytes(_png())
+    for file, data in (bad or {}).items():
+        (folder / file).write_bytes(data)
+    return root / name
+
+
+class Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/dilemma-pwned"),))
+
+
+def make_fixtures(root: Path) -> dict[str, str]:
+    """Create every file the cases need under ``root``; returns placeholders -> paths."""
+    root = Path(root)
+    (root / "empty").mkdir()
+    png = _png()
+    fixtures = {
+        "{empty}": root / "empty",
+        "{corrupt}": _folder(root, "corrupt", {"broken.png": b"\x89PNG not really"}),
+        "{truncated}": _folder(root, "truncated", {"cut.png": png[: len(png) // 2]}),
+        "{zero}": _folder(root, "zero", {"zero.png": b""}),
+        "{tiny}": _folder(root, "tiny", {"dot.png": _png((2, 2))}),
+        "{file}": root / "a_file.txt",
+        "{yaml_bad}": root / "bad.yaml",
+        "{yaml_list}": root / "list.yaml",
+        "{not_ckpt}": root / "random.pt",
+        "{evil}": root / "evil.pt",
+        "{blocked}": root / "a_file.txt" / "run",
+        "{unlabelled}": root / "unlabelled",
+        "{missing}": root / "no.yaml",
+        "{out}": root / "out",
+    }
+    (root / "a_file.txt").write_text("not a folder")
+    (root / "bad.yaml").write_text("optim:\n  lr: [1e-3\n")
+    (root / "list.yaml").write_text("- optim\n- lr\n")
+    (root / "random.pt").write_bytes(np.random.default_rng(0).bytes(1000))
+    torch.save({"format": "dilemma-checkpoint-v1", "payload": Evil()}, root / "evil.pt")
+    (root / "unlabelled").mkdir()
+    for i in range(12):
+        (root / "unlabelled" / f"{i}.png").write_bytes(_png())
+    return {k: str(v) for k, v in fixtures.items()}
+
+
+# (name, argv, expected fragment of the message). "pretrain" cases get the tiny recipe first.
+CASES = [
+    ("missing data folder", ["pretrain", "--data", "/nonexistent/folder"], "is neither an embedded dataset"),
+    ("data source is a file", ["pretrain", "--data", "{file}"], "is a file; point it at a folder"),
+    ("empty folder", ["pretrain", "--data", "{empty}"], "no images found"),
+    ("corrupt image", ["pretrain", "--data", "{corrupt}", *SMALL_IMAGES], "1 of 13 images cannot be used"),
+    ("truncated image", ["pretrain", "--data", "{truncated}", *SMALL_IMAGES], "cut.png: unreadable"),
+    ("zero-byte file", ["pretrain", "--data", "{zero}", *SMALL_IMAGES], "zero.png: empty (0-byte) file"),
+    ("tiny image", ["pretrain", "--data", "{tiny}", *SMALL_IMAGES], "dot.png: 2x2 px, smaller than 4 px"),
+    ("unlabelled folder for kNN", ["eval", "knn", "--checkpoint", "{ckpt}", "--data", "{unlabelled}"], "needs labels"),
+    ("image size not divisible by patch size", ["pretrain", "--set", "model.img_size=30"], "not divisible by model.patch_size"),
+    ("drop rate out of range", ["pretrain", "--set", "dilemma.drop_rate=1.2"], "drop_rate must be in [0, 1)"),
+    ("misplace probability out of range", ["pretrain", "--set", "dilemma.misplace_prob=-0.5"], "misplace_prob must be in [0, 1]"),
+    ("K = 0 tokens kept", ["pretrain", "--set", "dilemma.drop_rate=0.99"], "keeps K = 0"),
+    ("unknown config key", ["pretrain", "--set", "optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),
+    ("mistyped config key", ["pretrain", "--set", "dilema.drop_rate=0.5"], "did you mean 'dilemma.drop_rate'"),
+    ("wrong value type", ["pretrain", "--set", "optim.lr=fast"], "needs a value of type float"),
+    ("--set without =", ["pretrain", "--set", "optim.lr"], "--set needs key=value"),
+    ("bad YAML", ["pretrain", "--config", "{yaml_bad}"], "is not valid YAML"),
+    ("YAML that is not a mapping", ["pretrain", "--config", "{yaml_list}"], "must hold a mapping of sections"),
+    ("missing config file", ["pretrain", "--config", "{missing}"], "does not exist"),
+    ("unknown method", ["pretrain", "--method", "byol"], "unknown method 'byol'"),
+    ("unknown timm model", ["pretrain", "--set", "model.name=vit_tinny_patch16_224"], "unknown timm model"),
+    ("batch larger than the data", ["pretrain", "--data", "{unlabelled}", "--set", "model.img_size=8",
+                                    "--set", "model.patch_size=2", "--set", "data.batch_size=64"], "fewer than one batch of 64"),
+    ("CUDA asked for, none present", ["pretrain", "--device", "cuda"], "no CUDA device is available"),
+    ("output folder not writable", ["pretrain", "--out", "{blocked}"], "cannot write to output folder"),
+    ("--resume with no checkpoint", ["pretrain", "--out", "{out}", "--resume"], "no checkpoint"),
+    ("checkpoint that does not exist", ["eval", "knn", "--checkpoint", "/nonexistent/ckpt.pt"], "does not exist"),
+    ("file that is not a checkpoint", ["eval", "knn", "--checkpoint", "{not_ckpt}"], "is not a readable checkpoint"),
+    ("pickle that would run code", ["eval", "knn", "--checkpoint", "{evil}"], "refusing to load"),
+    ("checkpoint whose weights do not fit its config", ["eval", "knn", "--checkpoint", "{tampered}"],
+     "does not match its own model config"),
+    ("detection picture from a model without DILEMMA", ["inspect", "{baseline_ckpt}"], "has no detection head"),
+]
+
+
+def argv_for(case_argv: list[str], fixtures: dict[str, str]) -> list[str]:
+    argv = [fixtures.get(a, a) for a in case_argv]
+    if argv[0] == "pretrain":  # the tiny recipe first, so that the case's own settings win
+        argv = ["pretrain", *TINY_SETS, *argv[1:]]
+    return argv
+
+
+if __name__ == "__main__":
+    import contextlib
+    import tempfile
+
+    from dilemma.cli import main
+    from tests.test_reliability import checkpoint_fixtures
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fixtures = make_fixtures(Path(tmp))
+        fixtures.update(checkpoint_fixtures(Path(tmp)))
+        for name, case, _ in CASES:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = main(argv_for(case, fixtures))
+            message = err.getvalue().strip().splitlines()[-1].replace(tmp, "<tmp>")
+            print(f"- {name} (exit {code}): `{message}`")

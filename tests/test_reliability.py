@@ -1,0 +1,225 @@
+"""Never lose a run, one clear message for every bad input, safe loading."""
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dilemma.cli import main
+from dilemma.train import checkpoint as checkpoint_module
+from dilemma.train.checkpoint import CheckpointDir, atomic_save, load_checkpoint
+from tests.bad_inputs import CASES, TINY_SETS, _folder, _png, argv_for, make_fixtures
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def checkpoint_fixtures(root: Path) -> dict[str, str]:
+    """A tiny trained run, a baseline run (no detection head), and a checkpoint whose weights do not fit its config."""
+    runs = {}
+    for name, extra in [("ckpt", []), ("baseline_ckpt", ["--set", "dilemma.misplace_prob=0", "--set", "dilemma.drop_rate=0"])]:
+        out = root / name
+        assert main(["pretrain", *TINY_SETS, "--out", str(out), *extra]) == 0
+        runs[f"{{{name}}}"] = str(out)
+    ckpt = load_checkpoint(root / "ckpt")
+    ckpt["config"]["model"]["depth"] = 3
+    torch.save(ckpt, root / "tampered.pt")
+    runs["{tampered}"] = str(root / "tampered.pt")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    return {**make_fixtures(root), **checkpoint_fixtures(root)}
+
+
+@pytest.mark.parametrize("name,case,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_clear_message(fixtures, tmp_path, capsys, monkeypatch, name, case, message):
+    monkeypatch.chdir(tmp_path)  # runs without --out go to ./runs
+    assert main(argv_for(case, fixtures)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists(), "a failed start must not leave an empty run folder"
+
+
+def test_at_least_twenty_kinds_of_bad_input():
+    assert len(CASES) >= 20 and len({name for name, _, _ in CASES}) == len(CASES)
+
+
+def test_bad_images_can_be_skipped_and_counted(tmp_path, capsys):
+    data = _folder(tmp_path, "mixed", {"broken.png": b"junk", "zero.png": b""}, good=20)
+    out = tmp_path / "run"
+    argv = ["pretrain", *TINY_SETS, "--data", str(data), "--out", str(out), "--set", "model.img_size=8",
+            "--set", "model.patch_size=2", "--set", "data.batch_size=4", "--set", "data.skip_bad_images=true"]
+    assert main(argv) == 0
+    assert "skipping 2 of 22 images" in capsys.readouterr().err
+
+
+def test_mixed_grayscale_and_rgb_images_are_converted(tmp_path):
+    folder = tmp_path / "mixed" / "cls"
+    folder.mkdir(parents=True)
+    for i in range(8):
+        (folder / f"{i}.png").write_bytes(_png(mode="RGB" if i % 2 else "L"))
+    for chans in (1, 3):
+        argv = ["pretrain", *TINY_SETS, "--data", str(tmp_path / "mixed"), "--out", str(tmp_path / f"run{chans}"),
+                "--set", "model.img_size=8", "--set", "model.patch_size=2", "--set", "data.batch_size=4",
+                "--set", f"model.in_chans={chans}"]
+        assert main(argv) == 0
+
+
+def test_huge_image_is_refused(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # a 12 x 12 image is then over twice the limit: a "bomb"
+    data = _folder(tmp_path, "huge", good=4)
+    assert main(["pretrain", *TINY_SETS, "--data", str(data), "--out", str(tmp_path / "run")]) == 2
+    assert "too large (over PIL's decompression-bomb limit" in capsys.readouterr().err
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def save_until_full(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_until_full)
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY_SETS, "--out", str(out), "--set", "train.max_steps=3", "--set", "train.ckpt_every=1"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "the previous checkpoint is intact" in err
+    assert load_checkpoint(out)["step"] == 1
+    assert not list((out / "checkpoints").glob(".*tmp*"))
+
+
+def test_kill_during_a_checkpoint_write_never_damages_the_previous_one(tmp_path, monkeypatch):
+    ckpts = CheckpointDir(tmp_path, keep=2)
+    ckpts.save({"format": checkpoint_module.FORMAT, "step": 1, "w": torch.ones(3)}, 1)
+
+    def killed_mid_write(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # stands for the process dying here
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        ckpts.save({"format": checkpoint_module.FORMAT, "step": 2, "w": torch.zeros(3)}, 2)
+    assert load_checkpoint(tmp_path)["step"] == 1 and torch.equal(load_checkpoint(tmp_path)["w"], torch.ones(3))
+    assert list(ckpts.dir.glob(".*.tmp-*"))  # the torn temp file is there ...
+    CheckpointDir(tmp_path, keep=2)  # ... and the next run's checkpoint folder removes it
+    assert not list(ckpts.dir.glob(".*.tmp-*"))
+
+
+def _nan_after(monkeypatch, calls_ok: int):
+    from dilemma.methods.mocov3 import MoCoV3
+
+    real, calls = MoCoV3.forward, []
+
+    def forward(self, *args, **kwargs):
+        loss, logs = real(self, *args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > calls_ok else loss), logs
+
+    monkeypatch.setattr(MoCoV3, "forward", forward)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    _nan_after(monkeypatch, 2)
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY_SETS, "--out", str(out), "--set", "train.max_steps=5", "--set", "train.ckpt_every=1"]) == 2
+    err = capsys.readouterr().err
+    assert "loss became nan at step 2" in err and "last good checkpoint is kept" in err
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_nonfinite_loss_can_be_skipped_up_to_a_limit(tmp_path, capsys, monkeypatch):
+    _nan_after(monkeypatch, 2)
+    common = [*TINY_SETS, "--set", "train.max_steps=5", "--set", "train.on_nonfinite=skip"]
+    assert main(["pretrain", *common, "--out", str(tmp_path / "a"), "--set", "train.max_nonfinite_skips=3"]) == 0
+    assert "step skipped (3 so far)" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "a")["nonfinite_skips"] == 3
+    assert main(["pretrain", *common, "--out", str(tmp_path / "b"), "--set", "train.max_nonfinite_skips=1"]) == 2
+    assert "for the 2th time" in capsys.readouterr().err
+
+
+def _train_process(out: Path, steps: int):
+    cmd = [sys.executable, "-m", "dilemma.cli", "pretrain", *TINY_SETS, "--out", str(out), "--set", f"train.max_steps={steps}",
+           "--set", "train.ckpt_every=1"]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def _wait_for_step(out: Path, proc, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines() if l.strip()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"training did not reach step {step}: {proc.poll()}")
+
+
+def _assert_same(x, y, where="state"):
+    if isinstance(x, torch.Tensor):
+        assert torch.equal(x, y), where
+    elif isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for key in x:
+            _assert_same(x[key], y[key], f"{where}.{key}")
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            _assert_same(u, v, f"{where}[{i}]")
+    else:
+        assert x == y, where
+
+
+def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path):
+    steps = 10
+    straight = tmp_path / "straight"
+    assert main(["pretrain", *TINY_SETS, "--out", str(straight), "--set", f"train.max_steps={steps}"]) == 0
+
+    killed = tmp_path / "killed"
+    kill_at = random.Random(os.getpid()).randint(2, steps - 2)
+    proc = _train_process(killed, steps)
+    _wait_for_step(killed, proc, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    stopped_at = load_checkpoint(killed)["step"]
+    assert kill_at - 1 <= stopped_at < steps
+
+    assert main(["pretrain", *TINY_SETS, "--out", str(killed), "--resume", "--set", f"train.max_steps={steps}"]) == 0
+    a, b = load_checkpoint(straight), load_checkpoint(killed)
+    assert a["step"] == b["step"] == steps
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), f"{key} differs after kill at step {stopped_at} + resume"
+    _assert_same(a["optimizer"]["state"], b["optimizer"]["state"])  # AdamW moments too
+    _assert_same(a["probe"], b["probe"])
+    logged = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert logged[:-1] == list(range(1, steps + 1))  # no step logged twice after the resume
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(tmp_path, sig):
+    out = tmp_path / "run"
+    proc = _train_process(out, 10_000)
+    _wait_for_step(out, proc, 2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and f"stopped by {signal.Signals(sig).name} at step" in err and "--resume" in err
+    last_logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert load_checkpoint(out)["step"] == last_logged
