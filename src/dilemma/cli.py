@@ -162,6 +162,12 @@ def _inspect(args) -> None:
     print(f"wrote {inspect_detection(encoder, head, images, sample, out, cfg.model.patch_size)}  (p={p}, r={r})")
 
 
+def _compare(args) -> None:
+    from dilemma.compare import compare
+
+    compare(args)
+
+
 def _eval_parser(ev, name: str, help: str, run) -> argparse.ArgumentParser:
     p = ev.add_parser(name, help=help)
     p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint file(s) or run folder(s); several are compared")
@@ -212,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--drop-path", type=float, default=0.1)
     ft.add_argument("--label-smoothing", type=float, default=0.1)
     ft.add_argument("--no-progress", action="store_true")
+
+    cmp = commands.add_parser("compare", help="train several variants at the same wall-clock budget over seeds, "
+                                                "evaluate each (kNN, linear, occlusion), write a mean +- std table")
+    cmp.add_argument("--variant", action="append", required=True, metavar="NAME=KEY=VALUE,...",
+                     help="a configuration: a name and its overrides, e.g. 'plain=dilemma.misplace_prob=0,dilemma.drop_rate=0'")
+    cmp.add_argument("--config", help="base YAML config for every variant")
+    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
+    cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    cmp.add_argument("--time-budget", type=float, default=10.0, metavar="MINUTES", help="training wall-clock per run")
+    cmp.add_argument("--max-steps", type=int, default=1_000_000, help="also stop here (default: only the budget)")
+    cmp.add_argument("--probe-epochs", type=int, default=100)
+    cmp.add_argument("--out", required=True, help="folder for the runs, results.json, summary.md, occlusion.png")
+    cmp.set_defaults(run=_compare)
 
     ex = commands.add_parser("export", help="write the backbone alone as a timm checkpoint (safetensors)")
     ex.add_argument("checkpoint", help="checkpoint file or run folder")
