@@ -80,10 +80,11 @@ def test_data_errors(tmp_path):
         load_source(str(tmp_path / "empty"), img_size=28, in_chans=1)
     _write_pngs(tmp_path / "bad", [f"a/{i}.png" for i in range(5)])
     (tmp_path / "bad" / "a" / "0.png").write_bytes(b"not a png")
-    s = load_source(str(tmp_path / "bad"), img_size=8, in_chans=1, val_fraction=0.4)
-    images = s.train if any(p.name == "0.png" for p in s.train.paths) else s.val
-    with pytest.raises(DilemmaError, match="cannot read image .*0.png"):
-        images.load(range(len(images)))
+    with pytest.raises(DilemmaError, match=r"1 of 5 images cannot be used: .*0.png: unreadable"):
+        load_source(str(tmp_path / "bad"), img_size=8, in_chans=1, val_fraction=0.4)
+    s = load_source(str(tmp_path / "bad"), img_size=8, in_chans=1, val_fraction=0.4, skip_bad=True)
+    assert len(s.train) + len(s.val) == 4
+    assert not any(p.name == "0.png" for p in [*s.train.paths, *s.val.paths])
 
 
 def test_pretrain_batches_are_a_function_of_step(animal):

@@ -22,7 +22,8 @@ def _pretrain(args) -> None:
 
     overrides = list(args.set)
     for flag, key in [("max_steps", "train.max_steps"), ("time_budget", "train.time_budget"), ("seed", "train.seed"),
-                      ("method", "method.name"), ("data", "data.source"), ("device", "train.device")]:
+                      ("method", "method.name"), ("data", "data.source"), ("device", "train.device"),
+                      ("precision", "train.precision")]:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -35,7 +36,15 @@ def _pretrain(args) -> None:
             raise DilemmaError(f"--resume: no checkpoint in {str(out)!r} (expected {last}); start without --resume")
         base = load_checkpoint(last)["config"]
     cfg = load_config(args.config, overrides, base=base)
-    pretrain(cfg, out, resume=args.resume)
+    try:
+        pretrain(cfg, out, resume=args.resume)
+    finally:
+        from dilemma.train.distributed import is_distributed
+
+        if is_distributed():  # launched by torchrun: leave the process group cleanly
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
 
 
 def _write_json(path: str | None, results: list[dict]) -> None:
@@ -195,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="method.name: mocov3, dino, simclr or mae")
     p.add_argument("--data", help="data.source: embedded name, MNIST-IDX folder or image folder")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="train.precision (autocast; fp16 with a gradient scaler)")
     p.set_defaults(run=_pretrain)
 
     ev = commands.add_parser("eval", help="evaluate backbones").add_subparsers(dest="protocol", required=True)

@@ -121,6 +121,10 @@ class TrainConfig:
     progress: bool = True
     on_nonfinite: str = "stop"  # non-finite loss: stop (keep the last good checkpoint) or skip the step
     max_nonfinite_skips: int = 10  # with on_nonfinite=skip: stop after this many skipped steps
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler)
+    accum_steps: int = 1  # gradient accumulation: micro-batches per optimiser step
+    grad_checkpointing: bool = False  # recompute block activations in the backward (less memory)
+    compile: bool = False  # torch.compile the training model
     online_probe: bool = True  # a linear layer on detached features, its own optimiser; accuracy in metrics.jsonl
 
 
@@ -283,6 +287,9 @@ def validate(cfg: Config) -> Config:
         (cfg.train.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {cfg.train.keep_checkpoints}"),
         (cfg.train.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite must be stop or skip, got {cfg.train.on_nonfinite!r}"),
         (cfg.train.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips must be >= 0, got {cfg.train.max_nonfinite_skips}"),
+        (cfg.train.precision in ("fp32", "bf16", "fp16"), f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}"),
+        (cfg.train.accum_steps >= 1 and cfg.data.batch_size % cfg.train.accum_steps == 0,
+         f"train.accum_steps must be >= 1 and divide data.batch_size {cfg.data.batch_size}, got {cfg.train.accum_steps}"),
         (cfg.eval.knn_k >= 1, f"eval.knn_k must be >= 1, got {cfg.eval.knn_k}"),
         (cfg.eval.knn_temperature > 0, f"eval.knn_temperature must be > 0, got {cfg.eval.knn_temperature}"),
     ]

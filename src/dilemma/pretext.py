@@ -130,6 +130,18 @@ def detection_metrics(logits: torch.Tensor, misplaced: torch.Tensor) -> dict[str
     return {"det_acc": accuracy, "det_auroc": auroc(logits, misplaced)}
 
 
+@dataclass(frozen=True)
+class RowSlice:
+    """Token draws for a slice of a larger batch: each draw is made for ``total`` rows with
+    ``generator`` and only ``rows`` are kept. When every process (DDP) and every accumulation
+    micro-batch resets ``generator`` to the step's state and takes its own rows, an image gets the
+    same keep set and wrong positions however the global batch is split (tested)."""
+
+    generator: torch.Generator
+    total: int
+    rows: torch.Tensor  # (n,) long: positions of this slice's images in the global batch
+
+
 class Dilemma(nn.Module):
     """The pretext as one module for any SSL method: ``sample`` the student's tokens, then
     ``loss`` on its patch embeddings. ``misplace_prob = 0`` gives sparsity alone (no head),
@@ -161,7 +173,14 @@ class Dilemma(nn.Module):
         if self.identity:
             return None
         num_patches = self.num_patches if num_patches is None else num_patches
-        return sample_tokens(batch_size, num_patches, self.drop_rate, self.misplace_prob, generator=generator, device=device)
+        if not isinstance(generator, RowSlice):
+            return sample_tokens(batch_size, num_patches, self.drop_rate, self.misplace_prob, generator=generator, device=device)
+        # a batch of several crops of the same images (e.g. DINO's concatenated crops): one block each
+        blocks, rows = batch_size // len(generator.rows), generator.rows.to(device)
+        full = sample_tokens(blocks * generator.total, num_patches, self.drop_rate, self.misplace_prob,
+                             generator=generator.generator, device=device)
+        index = torch.cat([rows + b * generator.total for b in range(blocks)])
+        return TokenSample(full.keep[index], full.positions[index], full.misplaced[index])
 
     def loss(self, patch_tokens: torch.Tensor, sample: TokenSample | None, with_metrics: bool = False):
         """``(BCE, metrics)`` for one student view, or ``(None, {})`` when there is nothing to detect.

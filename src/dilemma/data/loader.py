@@ -59,7 +59,7 @@ def pretrain_loader(batches: PretrainBatches, start_step: int, end_step: int, nu
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers else None,
     )
 

@@ -79,6 +79,10 @@ class Method(nn.Module):
         logs["loss"] = loss.detach()
         return loss, logs
 
+    def before_step(self, progress: float) -> None:
+        """Once per optimiser step, before its forwards: EMA teachers move here (not in ``forward``,
+        which gradient accumulation calls several times per step)."""
+
     def pictures(self, images: torch.Tensor, out_dir: Path) -> list[Path]:
         """Sanity pictures written at the end of a run (none by default)."""
         return []

@@ -82,7 +82,7 @@ class DINO(Method):
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.student_temp, self.teacher_temp, self.warmup_teacher_temp = student_temp, teacher_temp, warmup_teacher_temp
         self.teacher_temp_warmup, self.center_momentum = teacher_temp_warmup, center_momentum
-        self.base_momentum, self.local_dilemma = momentum, local_dilemma
+        self.base_momentum, self.momentum, self.local_dilemma = momentum, momentum, local_dilemma
 
     @classmethod
     def from_config(cls, cfg, encoder, dilemma):
@@ -105,6 +105,10 @@ class DINO(Method):
     def update_teacher(self, momentum: float) -> None:
         ema_update([(self.encoder, self.teacher_encoder), (self.head, self.teacher_head)], momentum)
 
+    def before_step(self, progress: float) -> None:
+        self.momentum = momentum_at(progress, self.base_momentum)
+        self.update_teacher(self.momentum)
+
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
         batch_center = all_reduce_mean(teacher_out.float().mean(dim=0, keepdim=True))
@@ -124,13 +128,11 @@ class DINO(Method):
             student_out += list(self.head(cls_local).split(n))
             detections.append((bce_local, logs_local))
 
-        momentum = momentum_at(progress, self.base_momentum)
         temp = teacher_temperature_at(progress, self.warmup_teacher_temp, self.teacher_temp, self.teacher_temp_warmup)
         with torch.no_grad():
-            self.update_teacher(momentum)
             teacher_out = self.teacher_head(self.teacher_encoder(torch.cat(global_crops))[0])
         ssl = dino_loss(student_out, list(teacher_out.chunk(2)), self.center, self.student_temp, temp)
         self.update_center(teacher_out)
         loss, logs = self.combine(ssl, detections, features=cls[:n])
-        logs.update(momentum=momentum, teacher_temp=temp)
+        logs.update(momentum=self.momentum, teacher_temp=temp)
         return loss, logs

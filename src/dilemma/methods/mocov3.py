@@ -31,7 +31,7 @@ class MoCoV3(Method):
                  temperature: float = 0.2, momentum: float = 0.99):
         super().__init__()
         self.encoder, self.dilemma = encoder, dilemma
-        self.temperature, self.base_momentum = temperature, momentum
+        self.temperature, self.base_momentum, self.momentum = temperature, momentum, momentum
         self.projector = mlp(encoder.embed_dim, proj_hidden_dim, proj_dim, 3)
         self.predictor = mlp(proj_dim, proj_hidden_dim, proj_dim, 2)
         self.momentum_encoder = frozen_copy(encoder)
@@ -46,19 +46,21 @@ class MoCoV3(Method):
     def update_momentum(self, momentum: float) -> None:
         ema_update([(self.encoder, self.momentum_encoder), (self.projector, self.momentum_projector)], momentum)
 
+    def before_step(self, progress: float) -> None:
+        self.momentum = momentum_at(progress, self.base_momentum)
+        self.update_momentum(self.momentum)
+
     def forward(self, views, progress: float = 0.0, generator: torch.Generator | None = None, with_metrics: bool = False):
         x1, x2 = views
         cls1, _, bce1, logs1 = self.student(x1, generator, with_metrics)
         cls2, _, bce2, logs2 = self.student(x2, generator, with_metrics)
         q1, q2 = self.predictor(self.projector(cls1)), self.predictor(self.projector(cls2))
 
-        momentum = momentum_at(progress, self.base_momentum)
         with torch.no_grad():
-            self.update_momentum(momentum)
             k1 = self.momentum_projector(self.momentum_encoder(x1)[0])
             k2 = self.momentum_projector(self.momentum_encoder(x2)[0])
 
         ssl = contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
         loss, logs = self.combine(ssl, [(bce1, logs1), (bce2, logs2)], features=cls1)
-        logs["momentum"] = momentum
+        logs["momentum"] = self.momentum
         return loss, logs

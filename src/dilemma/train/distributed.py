@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def is_distributed() -> bool:
@@ -32,14 +33,27 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks along dim 0, with a correct backward (each rank receives the
-    summed gradient for its own slice; DDP's gradient averaging then gives the global mean)."""
-    if not is_distributed():
-        return x
-    import torch.distributed.nn.functional as dist_fn
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums, over processes, the gradients of this process's
+    slice (every process's loss may depend on every slice)."""
 
-    return torch.cat(dist_fn.all_gather(x.contiguous()))
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(world_size())[rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, with a correct
+    backward; DDP's gradient averaging then gives the gradient of the mean of the ranks' losses."""
+    return _GatherWithGrad.apply(x) if is_distributed() else x
 
 
 @torch.no_grad()
@@ -49,3 +63,80 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= world_size()
     return x
+
+
+def init_from_env(device_name: str) -> torch.device | None:
+    """Join the process group that ``torchrun`` describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*):
+    NCCL with one GPU per process when CUDA is used, gloo on CPU. Returns this process's device, or
+    None when not launched by torchrun (a single process)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of a sum is the sum of the gradients (all-reduced too)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(x) if is_distributed() else x
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch across processes, with
+    a correct backward (an all-reduce whose backward all-reduces); ``nn.SyncBatchNorm`` does this on
+    GPUs only. In one process, or in eval mode, it is a plain BatchNorm1d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        total = all_reduce_mean(x.new_tensor(float(x.shape[0]))) * world_size()
+        mean = all_reduce_with_grad(x.float().sum(0)) / total
+        var = all_reduce_with_grad(((x.float() - mean) ** 2).sum(0)) / total
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * total / max(total - 1, 1), alpha=m)
+        y = (x.float() - mean) / torch.sqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Make every BatchNorm1d use global-batch statistics: ``nn.SyncBatchNorm`` on CUDA, else ours."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            replacement = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            # the same Parameter and buffer objects (as convert_sync_batchnorm does): an optimiser built
+            # before the conversion keeps updating them, a frozen teacher's stay frozen
+            replacement._parameters = child._parameters
+            replacement._buffers = child._buffers
+            replacement.train(child.training)
+            setattr(module, name, replacement)
+        else:
+            sync_batchnorm(child, device)
+    return module

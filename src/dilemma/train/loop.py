@@ -24,10 +24,11 @@ from dilemma.eval.knn import knn_eval
 from dilemma.methods import build_method, build_views
 from dilemma.models import build_encoder
 from dilemma.train.checkpoint import FORMAT, CheckpointDir, load_checkpoint, rng_state, set_rng_state
-from dilemma.train.distributed import is_main, rank, world_size
+from dilemma.train.distributed import init_from_env, is_distributed, is_main, rank, sync_batchnorm, world_size
 from dilemma.train.metrics import MetricsLog, as_json
 from dilemma.train.probe import OnlineProbe
 from dilemma.train.signals import Interrupted, stop_on_signals
+from dilemma.train.step import Stepper
 from dilemma.train.schedule import learning_rate, progress
 
 # Parts of the config that fix the shapes of the saved state: a resume must not change them.
@@ -99,24 +100,37 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
         prepare_run_dir(out_dir, resume)
         ckpt = load_checkpoint(out_dir / "checkpoints" / "last.pt")
         check_resume_config(ckpt["config"], cfg)
-    device = resolve_device(cfg.train.device)
+    device = init_from_env(cfg.train.device) or resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed + rank())
 
     splits = load_source(cfg.data.source, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
                          val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed,
                          skip_bad=cfg.data.skip_bad_images)
     encoder = build_encoder(cfg.model)
-    method = build_method(cfg, encoder).to(device)
     d, t = cfg.data, cfg.train
+    encoder.vit.set_grad_checkpointing(t.grad_checkpointing)
+    method = build_method(cfg, encoder).to(device)
+    if d.batch_size % world_size():
+        raise DilemmaError(f"data.batch_size {d.batch_size} is not divisible by the {world_size()} processes")
     batches = PretrainBatches(splits.train, d.batch_size, build_views(cfg), t.seed, rank(), world_size())
     batches[0]  # decode one batch now: unreadable images fail here, before a run folder exists
     if not resume and is_main():
         prepare_run_dir(out_dir, resume)
-    _stderr(f"run folder: {out_dir}  ({splits.name}: {len(splits.train)} train / {len(splits.val)} val, "
-        f"{sum(p.numel() for p in method.encoder.parameters()) / 1e6:.2f}M-parameter encoder, device {device})")
+    if is_main():
+        _stderr(f"run folder: {out_dir}  ({splits.name}: {len(splits.train)} train / {len(splits.val)} val, "
+            f"{sum(p.numel() for p in method.encoder.parameters()) / 1e6:.2f}M-parameter encoder, device {device}, "
+            f"{world_size()} process(es), {t.precision})")
     optimizer = torch.optim.AdamW(param_groups(method, cfg.optim.weight_decay), lr=cfg.optim.lr)
     probe = OnlineProbe(encoder.embed_dim, len(splits.classes)).to(device) if t.online_probe and splits.labelled else None
-    tokens = torch.Generator(device=device).manual_seed(cfg.train.seed * 7_919 + rank() + 1)
+    model = method
+    if is_distributed():
+        model = torch.nn.parallel.DistributedDataParallel(sync_batchnorm(method, device),
+                                                          device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        model.compile()
+    stepper = Stepper(model, method, optimizer, device=device, precision=t.precision, accum_steps=t.accum_steps,
+                      grad_clip=cfg.optim.grad_clip, seed=t.seed)
+    tokens = stepper.tokens
     step, elapsed, skipped = 0, 0.0, 0
     if ckpt is not None:
         method.load_state_dict(ckpt["model"])
@@ -124,12 +138,22 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
         if probe is not None and ckpt.get("probe"):
             probe.load_full_state(ckpt["probe"])
         set_rng_state(ckpt["rng"], tokens)
+        if ckpt.get("scaler"):
+            stepper.scaler.load_state_dict(ckpt["scaler"])
         step, elapsed, skipped = ckpt["step"], ckpt["elapsed"], ckpt.get("nonfinite_skips", 0)
     if is_main():
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     per_rank_batch = d.batch_size // world_size()
     loader = pretrain_loader(batches, step, t.max_steps, d.num_workers, pin_memory=device.type == "cuda")
+
+    def everyone_stops(local: bool) -> bool:
+        """Processes must agree on stopping (budget, signal), or the others wait in a collective forever."""
+        if not is_distributed():
+            return local
+        flag = torch.tensor([float(local)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
     checkpoints = CheckpointDir(out_dir, t.keep_checkpoints)
     budget = t.time_budget * 60 if t.time_budget else None
     metrics = MetricsLog(out_dir, enabled=is_main())
@@ -139,7 +163,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     def state() -> dict:
         return {"format": FORMAT, "config": cfg.to_dict(), "step": step, "epoch": step / batches.steps_per_epoch,
                 "elapsed": elapsed, "nonfinite_skips": skipped, "model": method.state_dict(),
-                "optimizer": optimizer.state_dict(), "probe": probe.full_state() if probe is not None else None,
+                "optimizer": optimizer.state_dict(), "scaler": stepper.scaler.state_dict(), "probe": probe.full_state() if probe is not None else None,
                 "rng": rng_state(tokens)}
 
     def save() -> None:
@@ -154,7 +178,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
         try:
             for views, labels in loader:
                 prog = progress(step, t.max_steps, elapsed, budget)
-                if budget and elapsed >= budget:
+                if everyone_stops(bool(budget and elapsed >= budget)):
                     stopped_by = "time_budget"
                     break
                 lr = learning_rate(step, prog, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps)
@@ -162,26 +186,23 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
                     group["lr"] = lr
                 with_metrics = (step + 1) % t.log_every == 0
                 views = tuple(v.to(device, non_blocking=True) for v in views)
-                loss, logs = method(views, prog, tokens, with_metrics)
-                if not torch.isfinite(loss):
+                result = stepper.step(views, labels, prog, step, with_metrics)
+                logs = result.logs
+                if result.skipped:
                     skipped += 1
+                    loss = result.loss.item()
                     if t.on_nonfinite == "stop" or skipped > t.max_nonfinite_skips:
                         last = checkpoints.last if checkpoints.last.exists() else None
                         kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
                         why = "" if t.on_nonfinite == "stop" else f" for the {skipped}th time (train.max_nonfinite_skips={t.max_nonfinite_skips})"
-                        raise DilemmaError(f"loss became {loss.item()} at step {step}{why}; stopping ({kept}). "
+                        raise DilemmaError(f"loss became {loss} at step {step}{why}; stopping ({kept}). "
                                            "Try a lower optim.lr or a smaller optim.grad_clip, or train.on_nonfinite=skip.")
-                    _stderr(f"warning: loss became {loss.item()} at step {step}; step skipped ({skipped} so far)")
+                    _stderr(f"warning: loss became {loss} at step {step}; step skipped ({skipped} so far)")
                     step += 1
                     elapsed = time.perf_counter() - start
                     continue
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
                 if probe is not None:
-                    probe.step(method.probe_features, labels.to(device, non_blocking=True))
+                    probe.step(result.probe_features, labels.to(device, non_blocking=True))
                 step += 1
                 elapsed = time.perf_counter() - start
                 window_images += per_rank_batch * world_size()
@@ -197,11 +218,12 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
                     bar.set_postfix({k: f"{as_json({k: record[k]})[k]:.3f}" for k in ("loss", "det_bce") if k in record})
                 if step % t.ckpt_every == 0:
                     save()
-                if stop_request:
+                if everyone_stops(bool(stop_request)):
                     save()
                     bar.close()
-                    raise Interrupted(f"stopped by {stop_request.name} at step {step}; checkpoint saved. Continue with: "
-                                      f"dilemma pretrain --out {out_dir} --resume", stop_request.signum)
+                    signum = stop_request.signum or 15  # another process was signalled: stop as for SIGTERM
+                    raise Interrupted(f"stopped by {stop_request.name or 'SIGTERM'} at step {step}; checkpoint saved. "
+                                      f"Continue with: dilemma pretrain --out {out_dir} --resume", signum)
         except KeyboardInterrupt:
             save()
             bar.close()
@@ -221,5 +243,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
         log(knn.line())
     metrics.write(final)
     metrics.close()
+    if is_distributed():
+        torch.distributed.barrier()
     return final
 

@@ -1,0 +1,141 @@
+"""Scale: 2 CPU processes (gloo DDP) equal 1 process on the same global batch; accumulation
+2 x B/2 equals one step of B; every precision mode runs."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dilemma.cli import main
+from dilemma.config import load_config
+from dilemma.methods import build_method
+from dilemma.models import build_encoder
+from dilemma.train.distributed import sync_batchnorm
+from dilemma.train.step import Stepper
+from tests.conftest import TINY
+
+BATCH = 8
+
+
+def _build(method: str, *extra):
+    cfg = load_config(None, [*TINY, f"method.name={method}", f"data.batch_size={BATCH}", *extra])
+    torch.manual_seed(0)
+    model = build_method(cfg, build_encoder(cfg.model))
+    # SGD: the update is the gradient itself, so equal weights mean equal gradients (Adam's first step,
+    # ~ lr * sign(grad), would amplify float round-off on near-zero gradients into +-lr differences)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    return cfg, model, optimizer
+
+
+def _views(method: str):
+    g = torch.Generator().manual_seed(1)
+    count = 1 if method == "mae" else 2
+    return tuple(torch.randn(BATCH, 1, 28, 28, generator=g) for _ in range(count))
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ddp_worker(rank: int, port: int, method: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        _, model, optimizer = _build(method)
+        ddp = torch.nn.parallel.DistributedDataParallel(sync_batchnorm(model, torch.device("cpu")))
+        stepper = Stepper(ddp, model, optimizer, device=torch.device("cpu"), grad_clip=None, seed=0)
+        views = tuple(v[rank::2] for v in _views(method))  # PretrainBatches gives rank r the images r::world
+        result = stepper.step(views, torch.zeros(BATCH // 2, dtype=torch.long), 0.3, 5, False)
+        losses = [torch.zeros(()) for _ in range(2)]
+        dist.all_gather(losses, result.loss.reshape(()))
+        if rank == 0:
+            state = {k.replace("module.", ""): v for k, v in _state(model).items()}
+            torch.save({"loss": torch.stack(losses).mean(), "state": state}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("method", ["mocov3", "simclr"])
+def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, method):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(_free_port(), method, str(out)), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+
+    _, model, optimizer = _build(method)
+    before = _state(model)
+    single = Stepper(model, model, optimizer, device=torch.device("cpu"), grad_clip=None, seed=0)
+    result = single.step(_views(method), torch.zeros(BATCH, dtype=torch.long), 0.3, 5, False)
+    assert torch.allclose(ddp["loss"], result.loss, rtol=1e-5, atol=1e-6), (ddp["loss"], result.loss)
+    after = _state(model)
+    moved = 0
+    for key, value in after.items():
+        update, ddp_update = value.float() - before[key].float(), ddp["state"][key].float() - before[key].float()
+        # float round-off only: the updates agree to 1e-4 of their own size (a wrong gradient is off by O(1))
+        assert (update - ddp_update).abs().max() <= 1e-4 * update.abs().max() + 1e-6, key
+        moved += not torch.equal(before[key], value)
+    assert moved > 10  # the step really changed the weights
+
+
+def test_accumulating_two_half_batches_equals_one_full_batch():
+    """MAE + DILEMMA: per-sample losses and no BatchNorm, so 2 x B/2 must equal B exactly (contrastive
+    losses see fewer negatives per micro-batch, so for them accumulation is not the same objective)."""
+    states = []
+    for accum in (1, 2):
+        _, model, optimizer = _build("mae")
+        stepper = Stepper(model, model, optimizer, device=torch.device("cpu"), accum_steps=accum, seed=0)
+        result = stepper.step(_views("mae"), torch.zeros(BATCH, dtype=torch.long), 0.3, 5, True)
+        states.append((result.loss, _state(model), result.logs))
+    (loss1, state1, logs1), (loss2, state2, logs2) = states
+    assert torch.allclose(loss1, loss2, atol=1e-6) and float(logs1["det_bce"]) == pytest.approx(float(logs2["det_bce"]), abs=1e-6)
+    for key in state1:
+        assert torch.allclose(state1[key], state2[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_precision_modes_run(tmp_path, precision):
+    out = tmp_path / precision
+    args = [arg for kv in [*TINY, "eval.knn_at_end=false", f"train.precision={precision}", "train.accum_steps=2"]
+            for arg in ("--set", kv)]
+    assert main(["pretrain", "--out", str(out), "--max-steps", "2", *args]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] is not None and r["loss"] > 0 for r in records[:2])
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ("scale" in ckpt["scaler"]) == (precision == "fp16")  # the fp16 gradient scaler is saved
+
+
+def test_stepper_rejects_unknown_precision():
+    from dilemma.errors import DilemmaError
+
+    _, model, optimizer = _build("mocov3")
+    with pytest.raises(DilemmaError, match="train.precision"):
+        Stepper(model, model, optimizer, device=torch.device("cpu"), precision="fp8")
+
+
+def test_torchrun_two_cpu_processes_train_and_save_once(tmp_path):
+    """The real launcher end to end: torchrun sets the environment, the CLI joins a gloo group,
+    rank 0 alone writes the run folder, both processes stop together and exit 0."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    sets = [arg for kv in [*TINY, "eval.knn_at_end=false", "data.num_workers=0"] for arg in ("--set", kv)]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "dilemma.cli", "pretrain", "--device", "cpu", "--max-steps", "2", "--out", str(out), *sets],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("run folder:") == 1 and "2 process(es)" in proc.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 2] and records[-1]["stopped_by"] == "max_steps"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step_0000002.pt"]
