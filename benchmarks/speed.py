@@ -3,7 +3,7 @@
     python benchmarks/speed.py                      # CPU, fp32 (+ bf16 FLOP/s)
     python benchmarks/speed.py --device cuda --precision bf16
 
-Writes ``benchmarks/results/speed-<device>.md`` (and .json) with the machine, library versions and
+Writes ``benchmarks/results/speed-<device>-<precision>.md`` (and .json) with the machine, library versions and
 this command. Run it on an otherwise idle machine; each number is the median of timed repeats
 after warm-up.
 """
@@ -133,7 +133,7 @@ def main() -> None:
                           "loader_img_per_s": args.batch / loader_seconds})
     rows["training_steps"] = steps
 
-    out = ROOT / "benchmarks" / "results" / f"speed-{device.type}.md"
+    out = ROOT / "benchmarks" / "results" / f"speed-{device.type}-{args.precision}.md"
     lines = [f"# Speed on {rows['cuda'] or rows['machine']} ({rows['threads']} threads)", "",
              f"Command: `{rows['command']}`; python {rows['versions']['python']}, torch {rows['versions']['torch']}, "
              f"timm {rows['versions']['timm']}. Model: {rows['model']}; batch {args.batch}; {args.precision}. "
