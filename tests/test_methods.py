@@ -84,7 +84,10 @@ def test_dino_teacher_clean_positions_and_centre_update():
     method, cfg = _method("dino", "dilemma.misplace_prob=1.0", "dilemma.drop_rate=0.0")
     views = _views(cfg, 8)
     assert method.center.abs().sum() == 0
-    method(views, 0.0, torch.Generator().manual_seed(0))
+    method.before_step(0.0)
+    method(views[:2] + views[2:], 0.0, torch.Generator().manual_seed(0))
+    assert method.center.abs().sum() == 0  # the forwards only observe; the centre moves once per step
+    method.after_step()
     with torch.no_grad():
         teacher_out = method.teacher_head(method.teacher_encoder.vit.forward_features(torch.cat(views[:2]))[:, 0])
     assert torch.allclose(method.center, 0.1 * teacher_out.mean(0, keepdim=True), atol=1e-5)  # momentum 0.9 from 0

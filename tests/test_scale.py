@@ -31,32 +31,40 @@ def _build(method: str, *extra):
 
 
 def _views(method: str):
+    """MAE: one view; MoCo v3 / SimCLR: two; DINO: two global crops and two 16 px local crops."""
     g = torch.Generator().manual_seed(1)
-    count = 1 if method == "mae" else 2
-    return tuple(torch.randn(BATCH, 1, 28, 28, generator=g) for _ in range(count))
+    sizes = {"mae": [28], "dino": [28, 28, 16, 16]}.get(method, [28, 28])
+    return tuple(torch.randn(BATCH, 1, s, s, generator=g) for s in sizes)
 
 
 def _state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _ddp_worker(rank: int, port: int, method: str, out: str) -> None:
+def _ddp_worker(rank: int, port: int, method: str, out: str, nan_on_rank_1: bool = False) -> None:
+    import datetime
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a mismatched collective fails within a minute instead of hanging the test suite
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
         _, model, optimizer = _build(method)
+        before = _state(model)
         ddp = torch.nn.parallel.DistributedDataParallel(sync_batchnorm(model, torch.device("cpu")))
         stepper = Stepper(ddp, model, optimizer, device=torch.device("cpu"), grad_clip=None, seed=0)
         views = tuple(v[rank::2] for v in _views(method))  # PretrainBatches gives rank r the images r::world
+        if nan_on_rank_1 and rank == 1:
+            views[0][0, 0, 0, 0] = float("nan")
         result = stepper.step(views, torch.zeros(BATCH // 2, dtype=torch.long), 0.3, 5, False)
-        losses = [torch.zeros(()) for _ in range(2)]
-        dist.all_gather(losses, result.loss.reshape(()))
+        skipped = [None, None]
+        dist.all_gather_object(skipped, result.skipped)
+        unchanged = all(torch.equal(before[k], v) for k, v in _state(model).items())
         if rank == 0:
             state = {k.replace("module.", ""): v for k, v in _state(model).items()}
-            torch.save({"loss": torch.stack(losses).mean(), "state": state}, out)
+            torch.save({"loss": result.loss.reshape(()), "state": state, "skipped": skipped, "unchanged": unchanged}, out)
     finally:
         dist.destroy_process_group()
 
@@ -67,7 +75,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["mocov3", "simclr"])
+@pytest.mark.parametrize("method", ["mocov3", "simclr", "dino"])
 def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, method):
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_worker, args=(_free_port(), method, str(out)), nprocs=2, join=True)
@@ -88,14 +96,25 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, meth
     assert moved > 10  # the step really changed the weights
 
 
-def test_accumulating_two_half_batches_equals_one_full_batch():
-    """MAE + DILEMMA: per-sample losses and no BatchNorm, so 2 x B/2 must equal B exactly (contrastive
-    losses see fewer negatives per micro-batch, so for them accumulation is not the same objective)."""
+def test_one_process_with_a_nonfinite_loss_makes_every_process_skip(tmp_path):
+    """MAE's loss is per process: a NaN image on rank 1 alone must not leave rank 0 stepping (and
+    waiting in DDP's gradient all-reduce for a rank that skipped)."""
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(_free_port(), "mae", str(out), True), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    assert ddp["skipped"] == [True, True] and ddp["unchanged"]
+
+
+@pytest.mark.parametrize("method", ["mae", "dino"])
+def test_accumulating_two_half_batches_equals_one_full_batch(method):
+    """MAE + DILEMMA and DINO + DILEMMA: per-sample losses and no BatchNorm, so 2 x B/2 must equal B
+    (DINO's centre moves once per step, by the whole batch's mean). Contrastive losses see fewer
+    negatives per micro-batch, so for them accumulation is not the same objective."""
     states = []
     for accum in (1, 2):
-        _, model, optimizer = _build("mae")
+        _, model, optimizer = _build(method)
         stepper = Stepper(model, model, optimizer, device=torch.device("cpu"), accum_steps=accum, seed=0)
-        result = stepper.step(_views("mae"), torch.zeros(BATCH, dtype=torch.long), 0.3, 5, True)
+        result = stepper.step(_views(method), torch.zeros(BATCH, dtype=torch.long), 0.3, 5, True)
         states.append((result.loss, _state(model), result.logs))
     (loss1, state1, logs1), (loss2, state2, logs2) = states
     assert torch.allclose(loss1, loss2, atol=1e-6) and float(logs1["det_bce"]) == pytest.approx(float(logs2["det_bce"]), abs=1e-6)
@@ -139,3 +158,27 @@ def test_torchrun_two_cpu_processes_train_and_save_once(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 2] and records[-1]["stopped_by"] == "max_steps"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step_0000002.pt"]
+
+
+def _fail_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from dilemma.errors import DilemmaError
+    from dilemma.train.distributed import fail_together
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        fail_together(DilemmaError("no images found in 'x'") if rank == 1 else None)
+    except DilemmaError as err:
+        if rank == 0:
+            with open(out, "w") as f:
+                f.write(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_error_in_one_process_stops_them_all(tmp_path):
+    out = tmp_path / "message.txt"
+    mp.spawn(_fail_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    assert out.read_text() == "process 1 failed: no images found in 'x'"

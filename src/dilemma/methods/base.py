@@ -83,6 +83,10 @@ class Method(nn.Module):
         """Once per optimiser step, before its forwards: EMA teachers move here (not in ``forward``,
         which gradient accumulation calls several times per step)."""
 
+    def after_step(self) -> None:
+        """Once per optimiser step, after the update (not after a skipped step): state that the
+        forwards only observe, such as DINO's centre, moves here."""
+
     def pictures(self, images: torch.Tensor, out_dir: Path) -> list[Path]:
         """Sanity pictures written at the end of a run (none by default)."""
         return []

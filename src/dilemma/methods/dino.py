@@ -80,6 +80,7 @@ class DINO(Method):
         self.head = DINOHead(encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim)
         self.teacher_encoder, self.teacher_head = frozen_copy(encoder), frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self._teacher_sum, self._teacher_count = None, 0  # this step's teacher outputs, for the centre
         self.student_temp, self.teacher_temp, self.warmup_teacher_temp = student_temp, teacher_temp, warmup_teacher_temp
         self.teacher_temp_warmup, self.center_momentum = teacher_temp_warmup, center_momentum
         self.base_momentum, self.momentum, self.local_dilemma = momentum, momentum, local_dilemma
@@ -108,10 +109,18 @@ class DINO(Method):
     def before_step(self, progress: float) -> None:
         self.momentum = momentum_at(progress, self.base_momentum)
         self.update_teacher(self.momentum)
+        self._teacher_sum, self._teacher_count = None, 0  # what a skipped step observed is dropped
+
+    def after_step(self) -> None:
+        """The centre moves once per optimiser step, by the mean teacher output over the step's
+        global batch (all micro-batches and processes)."""
+        if self._teacher_count:
+            self.update_center(self._teacher_sum / self._teacher_count)
+        self._teacher_sum, self._teacher_count = None, 0
 
     @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor) -> None:
-        batch_center = all_reduce_mean(teacher_out.float().mean(dim=0, keepdim=True))
+    def update_center(self, batch_mean: torch.Tensor) -> None:
+        batch_center = all_reduce_mean(batch_mean.clone())
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
     def forward(self, views, progress: float = 0.0, generator: torch.Generator | None = None, with_metrics: bool = False):
@@ -132,7 +141,9 @@ class DINO(Method):
         with torch.no_grad():
             teacher_out = self.teacher_head(self.teacher_encoder(torch.cat(global_crops))[0])
         ssl = dino_loss(student_out, list(teacher_out.chunk(2)), self.center, self.student_temp, temp)
-        self.update_center(teacher_out)
+        total = teacher_out.detach().float().sum(dim=0, keepdim=True)
+        self._teacher_sum = total if self._teacher_sum is None else self._teacher_sum + total
+        self._teacher_count += teacher_out.shape[0]
         loss, logs = self.combine(ssl, detections, features=cls[:n])
         logs.update(momentum=self.momentum, teacher_temp=temp)
         return loss, logs

@@ -74,7 +74,7 @@ def rng_state(generator: torch.Generator) -> dict:
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],  # this process's GPU
         "tokens": generator.get_state(),
     }
 
@@ -85,7 +85,7 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     np.random.set_state((kind, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
     generator.set_state(state["tokens"])
 
 

@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dilemma.errors import DilemmaError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -65,6 +67,19 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def fail_together(error: Exception | None) -> None:
+    """Raise ``error``, or, when it happened in another process, say so: processes must fail
+    together, or the others wait in the next collective forever."""
+    if is_distributed():
+        messages: list[str | None] = [None] * world_size()
+        dist.all_gather_object(messages, None if error is None else str(error))
+        if error is None and any(m is not None for m in messages):
+            failed = next(r for r, m in enumerate(messages) if m is not None)
+            raise DilemmaError(f"process {failed} failed: {messages[failed]}")
+    if error is not None:
+        raise error
+
+
 def init_from_env(device_name: str) -> torch.device | None:
     """Join the process group that ``torchrun`` describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*):
     NCCL with one GPU per process when CUDA is used, gloo on CPU. Returns this process's device, or
@@ -74,6 +89,8 @@ def init_from_env(device_name: str) -> torch.device | None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
         return None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise DilemmaError(f"train.device={device_name!r} but no CUDA device is available; use train.device=cpu")
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -109,7 +126,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(x)
-        total = all_reduce_mean(x.new_tensor(float(x.shape[0]))) * world_size()
+        total = float(x.shape[0] * world_size())  # every process holds the same number of rows
         mean = all_reduce_with_grad(x.float().sum(0)) / total
         var = all_reduce_with_grad(((x.float() - mean) ** 2).sum(0)) / total
         if self.track_running_stats:

@@ -24,7 +24,8 @@ from dilemma.eval.knn import knn_eval
 from dilemma.methods import build_method, build_views
 from dilemma.models import build_encoder
 from dilemma.train.checkpoint import FORMAT, CheckpointDir, load_checkpoint, rng_state, set_rng_state
-from dilemma.train.distributed import init_from_env, is_distributed, is_main, rank, sync_batchnorm, world_size
+from dilemma.train.distributed import (fail_together, init_from_env, is_distributed, is_main, rank, sync_batchnorm,
+                                      world_size)
 from dilemma.train.metrics import MetricsLog, as_json
 from dilemma.train.probe import OnlineProbe
 from dilemma.train.signals import Interrupted, stop_on_signals
@@ -113,9 +114,14 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     if d.batch_size % world_size():
         raise DilemmaError(f"data.batch_size {d.batch_size} is not divisible by the {world_size()} processes")
     batches = PretrainBatches(splits.train, d.batch_size, build_views(cfg), t.seed, rank(), world_size())
-    batches[0]  # decode one batch now: unreadable images fail here, before a run folder exists
-    if not resume and is_main():
-        prepare_run_dir(out_dir, resume)
+    problem = None
+    try:
+        batches[0]  # decode one batch now: unreadable images fail here, before a run folder exists
+        if not resume and is_main():
+            prepare_run_dir(out_dir, resume)
+    except DilemmaError as err:
+        problem = err
+    fail_together(problem)
     if is_main():
         _stderr(f"run folder: {out_dir}  ({splits.name}: {len(splits.train)} train / {len(splits.val)} val, "
             f"{sum(p.numel() for p in method.encoder.parameters()) / 1e6:.2f}M-parameter encoder, device {device}, "
@@ -137,7 +143,9 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
         optimizer.load_state_dict(ckpt["optimizer"])
         if probe is not None and ckpt.get("probe"):
             probe.load_full_state(ckpt["probe"])
-        set_rng_state(ckpt["rng"], tokens)
+        set_rng_state(ckpt["rng"], tokens)  # rank 0's states: the other ranks draw their own again
+        if rank():
+            seed_everything(t.seed + rank() + 1_000_003 * ckpt["step"])
         if ckpt.get("scaler"):
             stepper.scaler.load_state_dict(ckpt["scaler"])
         step, elapsed, skipped = ckpt["step"], ckpt["elapsed"], ckpt.get("nonfinite_skips", 0)
@@ -147,13 +155,14 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     per_rank_batch = d.batch_size // world_size()
     loader = pretrain_loader(batches, step, t.max_steps, d.num_workers, pin_memory=device.type == "cuda")
 
-    def everyone_stops(local: bool) -> bool:
-        """Processes must agree on stopping (budget, signal), or the others wait in a collective forever."""
+    def agree(stop: bool, clock: float) -> tuple[bool, float]:
+        """Processes must agree on stopping (budget, signal), or the others wait in a collective
+        forever, and on the clock that drives the schedules, or they apply different lrs."""
         if not is_distributed():
-            return local
-        flag = torch.tensor([float(local)], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+            return stop, clock
+        both = torch.tensor([float(stop), clock], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        return bool(both[0].item()), float(both[1].item())
     checkpoints = CheckpointDir(out_dir, t.keep_checkpoints)
     budget = t.time_budget * 60 if t.time_budget else None
     metrics = MetricsLog(out_dir, enabled=is_main())
@@ -177,8 +186,9 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     with stop_on_signals() as stop_request:
         try:
             for views, labels in loader:
+                _, elapsed = agree(False, elapsed)
                 prog = progress(step, t.max_steps, elapsed, budget)
-                if everyone_stops(bool(budget and elapsed >= budget)):
+                if budget and elapsed >= budget:
                     stopped_by = "time_budget"
                     break
                 lr = learning_rate(step, prog, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps)
@@ -218,9 +228,11 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
                     bar.set_postfix({k: f"{as_json({k: record[k]})[k]:.3f}" for k in ("loss", "det_bce") if k in record})
                 if step % t.ckpt_every == 0:
                     save()
-                if everyone_stops(bool(stop_request)):
+                if agree(bool(stop_request), 0.0)[0]:
                     save()
                     bar.close()
+                    if is_distributed():  # no process exits (and gets the others killed) before the save
+                        torch.distributed.barrier()
                     signum = stop_request.signum or 15  # another process was signalled: stop as for SIGTERM
                     raise Interrupted(f"stopped by {stop_request.name or 'SIGTERM'} at step {step}; checkpoint saved. "
                                       f"Continue with: dilemma pretrain --out {out_dir} --resume", signum)
@@ -243,7 +255,5 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
         log(knn.line())
     metrics.write(final)
     metrics.close()
-    if is_distributed():
-        torch.distributed.barrier()
     return final
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from dilemma.errors import DilemmaError
 from dilemma.pretext import RowSlice
-from dilemma.train.distributed import rank, world_size
+from dilemma.train.distributed import all_reduce_mean, is_distributed, rank, world_size
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,7 +70,7 @@ class Stepper:
             with sync:
                 with self.autocast():
                     loss, logs = self.model(chunk, progress, RowSlice(self.tokens, global_batch, rows), with_metrics)
-                if not torch.isfinite(loss):
+                if not self.all_finite(loss):
                     return StepResult(loss.detach(), logs, None, skipped=True)
                 self.scaler.scale(loss / self.accum_steps).backward()
             losses.append(loss.detach().float())
@@ -81,5 +81,15 @@ class Stepper:
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.method.after_step()
         logs = {key: sum(l[key] for l in all_logs) / len(all_logs) for key in all_logs[0]}
-        return StepResult(torch.stack(losses).mean(), logs, torch.cat(features))
+        # the logged loss is the global batch's (the other logs are this process's)
+        return StepResult(all_reduce_mean(torch.stack(losses).mean()), logs, torch.cat(features))
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every process: they must all skip a step together, or the
+        others would wait in DDP's gradient all-reduce forever."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if is_distributed():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return not bool(bad.item())
