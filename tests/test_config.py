@@ -59,3 +59,11 @@ def test_bad_yaml_files(tmp_path):
 
 def test_parse_override_nests():
     assert parse_override("train.time_budget=2.5") == {"train": {"time_budget": 2.5}}
+
+
+def test_exponent_without_a_dot_is_a_float(tmp_path):
+    """YAML 1.1 reads `5e-4` as a string; a user who writes it means a number."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 5e-4\n")
+    assert load_config(path).optim.lr == 5e-4
+    assert load_config(None, ["optim.min_lr=2e-6"]).optim.min_lr == 2e-6

@@ -174,6 +174,11 @@ def _coerce(value, kind, key: str):
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and isinstance(value, str):
         return value
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
