@@ -25,8 +25,11 @@ _draws = iter(range(10**9))
 def _png(size=(12, 12), mode="L") -> bytes:
     """A random PNG; every call draws a different image (identical images would all be kept out of val)."""
     buffer = io.BytesIO()
-    Image.fromarray((np.random.default_rng(next(_draws)).random((size[1], size[0], 3 if mode == "RGB" else 1)) * 255)
-                    .astype("uint8").squeeze()).convert(mode).save(buffer, "PNG")
+    Image.fromarray(
+        (np.random.default_rng(next(_draws)).random((size[1], size[0], 3 if mode == "RGB" else 1)) * 255)
+        .astype("uint8")
+        .squeeze()
+    ).convert(mode).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -87,9 +90,17 @@ CASES = [
     ("zero-byte file", ["pretrain", "--data", "{zero}", *SMALL_IMAGES], "zero.png: empty (0-byte) file"),
     ("tiny image", ["pretrain", "--data", "{tiny}", *SMALL_IMAGES], "dot.png: 2x2 px, smaller than 4 px"),
     ("unlabelled folder for kNN", ["eval", "knn", "--checkpoint", "{ckpt}", "--data", "{unlabelled}"], "needs labels"),
-    ("image size not divisible by patch size", ["pretrain", "--set", "model.img_size=30"], "not divisible by model.patch_size"),
+    (
+        "image size not divisible by patch size",
+        ["pretrain", "--set", "model.img_size=30"],
+        "not divisible by model.patch_size",
+    ),
     ("drop rate out of range", ["pretrain", "--set", "dilemma.drop_rate=1.2"], "drop_rate must be in [0, 1)"),
-    ("misplace probability out of range", ["pretrain", "--set", "dilemma.misplace_prob=-0.5"], "misplace_prob must be in [0, 1]"),
+    (
+        "misplace probability out of range",
+        ["pretrain", "--set", "dilemma.misplace_prob=-0.5"],
+        "misplace_prob must be in [0, 1]",
+    ),
     ("K = 0 tokens kept", ["pretrain", "--set", "dilemma.drop_rate=0.99"], "keeps K = 0"),
     ("unknown config key", ["pretrain", "--set", "optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),
     ("mistyped config key", ["pretrain", "--set", "dilema.drop_rate=0.5"], "did you mean 'dilemma.drop_rate'"),
@@ -100,16 +111,32 @@ CASES = [
     ("missing config file", ["pretrain", "--config", "{missing}"], "does not exist"),
     ("unknown method", ["pretrain", "--method", "byol"], "unknown method 'byol'"),
     ("unknown timm model", ["pretrain", "--set", "model.name=vit_tinny_patch16_224"], "unknown timm model"),
-    ("batch larger than the data", ["pretrain", "--data", "{unlabelled}", "--set", "model.img_size=8",
-                                    "--set", "model.patch_size=2", "--set", "data.batch_size=64"], "fewer than one batch of 64"),
+    (
+        "batch larger than the data",
+        [
+            "pretrain",
+            "--data",
+            "{unlabelled}",
+            "--set",
+            "model.img_size=8",
+            "--set",
+            "model.patch_size=2",
+            "--set",
+            "data.batch_size=64",
+        ],
+        "fewer than one batch of 64",
+    ),
     ("CUDA asked for, none present", ["pretrain", "--device", "cuda"], "no CUDA device is available"),
     ("output folder not writable", ["pretrain", "--out", "{blocked}"], "cannot write to output folder"),
     ("--resume with no checkpoint", ["pretrain", "--out", "{out}", "--resume"], "no checkpoint"),
     ("checkpoint that does not exist", ["eval", "knn", "--checkpoint", "/nonexistent/ckpt.pt"], "does not exist"),
     ("file that is not a checkpoint", ["eval", "knn", "--checkpoint", "{not_ckpt}"], "is not a readable checkpoint"),
     ("pickle that would run code", ["eval", "knn", "--checkpoint", "{evil}"], "refusing to load"),
-    ("checkpoint whose weights do not fit its config", ["eval", "knn", "--checkpoint", "{tampered}"],
-     "does not match its own model config"),
+    (
+        "checkpoint whose weights do not fit its config",
+        ["eval", "knn", "--checkpoint", "{tampered}"],
+        "does not match its own model config",
+    ),
     ("detection picture from a model without DILEMMA", ["inspect", "{baseline_ckpt}"], "has no detection head"),
 ]
 

@@ -8,9 +8,22 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 # A small, fast model for tests: ViT-Tiny widths, 2 blocks, 28 px images in 4 px patches (L = 49, odd).
-TINY = ["model.depth=2", "model.img_size=28", "model.patch_size=4", "data.batch_size=32", "train.log_every=1",
-        "train.progress=false", "train.time_budget=null", "method.mocov3.proj_hidden_dim=128", "method.mocov3.proj_dim=64",
-        "method.simclr.proj_hidden_dim=128", "method.dino.out_dim=256", "method.dino.hidden_dim=128", "method.dino.local_crops=2", "eval.batch_size=500"]
+TINY = [
+    "model.depth=2",
+    "model.img_size=28",
+    "model.patch_size=4",
+    "data.batch_size=32",
+    "train.log_every=1",
+    "train.progress=false",
+    "train.time_budget=null",
+    "method.mocov3.proj_hidden_dim=128",
+    "method.mocov3.proj_dim=64",
+    "method.simclr.proj_hidden_dim=128",
+    "method.dino.out_dim=256",
+    "method.dino.hidden_dim=128",
+    "method.dino.local_crops=2",
+    "eval.batch_size=500",
+]
 
 
 @pytest.fixture(scope="session")

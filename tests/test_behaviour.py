@@ -10,7 +10,9 @@ from dilemma.pretext import Dilemma
 def _train_detector(misplace_prob: float, drop_rate: float, steps: int = 250):
     torch.manual_seed(0)
     splits = load_source("animal-mnist", img_size=28, in_chans=1)
-    enc = create_encoder("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=4)
+    enc = create_encoder(
+        "vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=4
+    )
     pretext = Dilemma(enc.embed_dim, enc.num_patches, misplace_prob=misplace_prob, drop_rate=drop_rate)
     params = [p for p in [*enc.parameters(), *pretext.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)

@@ -1,6 +1,5 @@
 """Checkpoints are atomic and loaded safely (METHOD.md, defect 6)."""
 
-import pickle
 import re
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 from dilemma.errors import DilemmaError
-from dilemma.train.checkpoint import FORMAT, CheckpointDir, atomic_save, load_checkpoint
+from dilemma.rundir import FORMAT, CheckpointDir, atomic_save, load_checkpoint
 
 
 class Evil:
@@ -66,3 +65,20 @@ def test_checkpoint_dir_keeps_last_k(tmp_path):
     assert sorted(p.name for p in ckpts.dir.glob("step_*.pt")) == ["step_0000002.pt", "step_0000003.pt"]
     assert load_checkpoint(ckpts.last)["step"] == 3
     assert load_checkpoint(tmp_path)["step"] == 3  # a run folder resolves to its last checkpoint
+
+
+def test_rng_state_holds_only_dtypes_every_supported_torch_can_save():
+    """numpy's keys are uint32, which torch.save handles only from torch 2.6 on: they are stored as
+    int64 and restored exactly."""
+    import numpy as np
+
+    from dilemma.train.seeding import rng_state, set_rng_state
+
+    generator = torch.Generator().manual_seed(3)
+    np.random.seed(5)
+    state = rng_state(generator)
+    assert state["numpy"][1].dtype == torch.int64
+    expected = np.random.random_sample(4)
+    np.random.seed(6)
+    set_rng_state(state, generator)
+    assert np.array_equal(np.random.random_sample(4), expected)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dilemma.cli import main
-from dilemma.train.checkpoint import load_checkpoint
+from dilemma.methods import METHODS
+from dilemma.rundir import load_checkpoint
 from tests.conftest import TINY
 
 
@@ -38,8 +39,14 @@ def test_pretrain_smoke_then_eval_knn(tmp_path, capsys):
 
 def test_baseline_runs(tmp_path):
     out = tmp_path / "base"
-    args = ["pretrain", "--out", str(out), "--max-steps", "2",
-            *_sets("dilemma.misplace_prob=0", "dilemma.drop_rate=0", "eval.knn_at_end=false")]
+    args = [
+        "pretrain",
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        *_sets("dilemma.misplace_prob=0", "dilemma.drop_rate=0", "eval.knn_at_end=false"),
+    ]
     assert main(args) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "det_bce" not in records[0] and records[-1]["step"] == 2
@@ -65,13 +72,26 @@ def test_resume_continues_exactly(tmp_path, method):
         assert mid.abs().sum() > 0 and not torch.equal(mid, a["model"]["center"])
 
 
-@pytest.mark.parametrize("method", ["mocov3", "dino", "simclr", "mae"])
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("dilemma", [True, False])
 def test_every_method_plain_and_with_dilemma_runs_two_steps(tmp_path, method, dilemma):
-    switches = [] if dilemma else ["dilemma.misplace_prob=0", "dilemma.drop_rate=0.75" if method == "mae" else "dilemma.drop_rate=0"]
+    switches = [] if dilemma else list(METHODS[method].plain)
     out = tmp_path / "run"
-    assert main(["pretrain", "--out", str(out), "--method", method, "--max-steps", "2",
-                 *_sets(*switches, "eval.knn_at_end=false")]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(out),
+                "--method",
+                method,
+                "--max-steps",
+                "2",
+                *_sets(*switches, "eval.knn_at_end=false"),
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 2] and all(r["loss"] > 0 for r in records[:2])
     assert ("det_bce" in records[0]) == dilemma
@@ -87,7 +107,12 @@ def test_resume_refuses_another_model(tmp_path, capsys):
 
 def test_real_process_exits_nonzero_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "dilemma.cli", "pretrain", "--data", str(tmp_path / "nope")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dilemma.cli", "pretrain", "--data", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "error: data source" in proc.stderr

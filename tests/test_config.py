@@ -15,6 +15,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
 
 def test_shipped_configs_load():
     from pathlib import Path
+
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
@@ -30,16 +31,19 @@ def test_moved_method_keys_point_to_their_section():
         load_config(None, ["method.temperature=0.1"])
 
 
-@pytest.mark.parametrize("override,match", [
-    ("optim.lrr=1", r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
-    ("dilema.drop_rate=0.5", r"did you mean 'dilemma.drop_rate'"),
-    ("optim.lr=fast", "needs a value of type float"),
-    ("train.max_steps=1.5", "needs a value of type int"),
-    ("dilemma.drop_rate=1.0", r"drop_rate must be in \[0, 1\)"),
-    ("dilemma.misplace_prob=2", r"misplace_prob must be in \[0, 1\]"),
-    ("model.img_size=30", "not divisible"),
-    ("optim.lr", "key=value"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("optim.lrr=1", r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
+        ("dilema.drop_rate=0.5", r"did you mean 'dilemma.drop_rate'"),
+        ("optim.lr=fast", "needs a value of type float"),
+        ("train.max_steps=1.5", "needs a value of type int"),
+        ("dilemma.drop_rate=1.0", r"drop_rate must be in \[0, 1\)"),
+        ("dilemma.misplace_prob=2", r"misplace_prob must be in \[0, 1\]"),
+        ("model.img_size=30", "not divisible"),
+        ("optim.lr", "key=value"),
+    ],
+)
 def test_bad_overrides(override, match):
     with pytest.raises(DilemmaError, match=match):
         load_config(None, [override])

@@ -16,7 +16,7 @@ from dilemma.eval.finetune import finetune
 from dilemma.eval.knn import knn_eval
 from dilemma.eval.linear import train_linear_probe
 from dilemma.eval.occlusion import occlusion_curve
-from dilemma.train.model_io import encoder_from_checkpoint
+from dilemma.rundir import encoder_from_checkpoint
 from tests.conftest import TINY
 
 
@@ -79,8 +79,26 @@ def test_occlusion_at_full_visibility_equals_the_plain_evals(run_dir, small_spli
     assert not torch.allclose(occluded, val_f)
 
     png, js = tmp_path / "occ.png", tmp_path / "occ.json"
-    assert main(["eval", "occlusion", "--checkpoint", str(run_dir), "--epochs", "2", "--fractions", "1", "0.5",
-                 "--json", str(js), "--plot", str(png)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "occlusion",
+                "--checkpoint",
+                str(run_dir),
+                "--epochs",
+                "2",
+                "--fractions",
+                "1",
+                "0.5",
+                "--json",
+                str(js),
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert "kNN top-1" in capsys.readouterr().out and png.stat().st_size > 1000
     assert [p["keep_fraction"] for p in json.loads(js.read_text())[0]["points"]] == [1.0, 0.5]
 
@@ -131,10 +149,62 @@ def test_plot_and_inspect_write_pictures(run_dir, tmp_path, capsys):
 
 def test_inspect_needs_a_detection_head_and_plot_needs_a_run(tmp_path, capsys):
     base = tmp_path / "base"
-    assert main(["pretrain", "--out", str(base), "--max-steps", "1",
-                 *_sets("dilemma.misplace_prob=0", "dilemma.drop_rate=0", "eval.knn_at_end=false")]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(base),
+                "--max-steps",
+                "1",
+                *_sets("dilemma.misplace_prob=0", "dilemma.drop_rate=0", "eval.knn_at_end=false"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["inspect", str(base)]) == 2
     assert "has no detection head" in capsys.readouterr().err
     assert main(["plot", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_compare_trains_each_variant_and_seed_reads_them_out_and_reuses_finished_runs(tmp_path, capsys):
+    from tests.bad_inputs import _png
+
+    data = tmp_path / "images"  # 2 classes x 20 images: the read-outs take a moment, not minutes
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(20):
+            (data / c / f"{i}.png").write_bytes(_png())
+    out = tmp_path / "cmp"
+    argv = [
+        "compare",
+        "--variant",
+        "plain=dilemma.misplace_prob=0,dilemma.drop_rate=0",
+        "--variant",
+        "dilemma=",
+        "--seeds",
+        "0",
+        "1",
+        "--max-steps",
+        "2",
+        "--time-budget",
+        "10",
+        "--probe-epochs",
+        "1",
+        "--out",
+        str(out),
+        *_sets(f"data.source={data}", "data.batch_size=8"),
+    ]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in results] == [("plain", 0), ("dilemma", 0), ("plain", 1), ("dilemma", 1)]
+    assert all(r["steps"] == 2 and r["stopped_by"] == "max_steps" and 0 <= r["knn_top1"] <= 100 for r in results)
+    assert [r["det_bce"] is not None for r in results] == [False, True, False, True]
+    summary = (out / "summary.md").read_text()
+    assert "| plain | 2 |" in summary and "| dilemma | 2 |" in summary
+    first = (out / "dilemma" / "seed_1" / "result.json").stat().st_mtime_ns
+    assert main(argv) == 0  # a finished run is read back, not trained again
+    assert (out / "dilemma" / "seed_1" / "result.json").stat().st_mtime_ns == first
+    assert json.loads((out / "results.json").read_text()) == results

@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dilemma.build import build_method, build_views
 from dilemma.config import load_config
 from dilemma.data import load_source
-from dilemma.methods import METHODS, build_method, build_views
-from dilemma.methods.dino import dino_loss, teacher_temperature_at
+from dilemma.losses import dino_loss, nt_xent_loss
+from dilemma.methods import METHODS
+from dilemma.methods.dino import teacher_temperature_at
 from dilemma.methods.mae import patchify, unpatchify
-from dilemma.methods.simclr import nt_xent_loss
-from dilemma.models import build_encoder
 from dilemma.pretext import TokenSample
 from tests.conftest import TINY
 
@@ -18,7 +18,7 @@ from tests.conftest import TINY
 def _method(name, *overrides):
     cfg = load_config(None, [*TINY, f"method.name={name}", *overrides])
     torch.manual_seed(0)
-    return build_method(cfg, build_encoder(cfg.model)), cfg
+    return build_method(cfg), cfg
 
 
 def _views(cfg, n=16):
@@ -42,9 +42,13 @@ def test_loss_goes_down_on_a_fixed_batch(name):
     losses = []
     progress = 0.5
     if name == "dino":  # fixed target: teacher momentum 1 (progress 1) and a frozen centre; with both
-        progress, method.center_momentum = 1.0, 1.0  # moving, centring first flattens the targets and the loss rises
+        progress, method.cfg.center_momentum = (
+            1.0,
+            1.0,
+        )  # moving, centring first flattens the targets and the loss rises
     for step in range(15):
-        loss, logs = method(views, progress, torch.Generator().manual_seed(step))
+        out = method(views, progress, torch.Generator().manual_seed(step))
+        loss, logs = out.loss, out.logs
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -63,7 +67,8 @@ def test_registry_and_views_per_method():
 def test_dino_student_teacher_inputs_and_no_teacher_gradient():
     method, cfg = _method("dino")
     student, teacher = _block_inputs(method.encoder), _block_inputs(method.teacher_encoder)
-    loss, logs = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
+    out = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
+    loss, logs = out.loss, out.logs
     loss.backward()
     assert student == [(16, 1 + 12), (16, 1 + 16)]  # global crops sparse (K = 12); local crops dense 4 x 4
     assert teacher == [(16, 1 + 49)]  # global crops only, dense and clean
@@ -126,7 +131,8 @@ def test_nt_xent_matches_a_direct_computation():
 def test_simclr_views_and_clean_view_switch(clean_view):
     method, cfg = _method("simclr", f"method.simclr.clean_view={clean_view}")
     student = _block_inputs(method.encoder)
-    loss, logs = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
+    out = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
+    loss, logs = out.loss, out.logs
     loss.backward()
     assert student == [(8, 1 + 12), (8, 1 + 49 if clean_view else 1 + 12)]
     assert "det_bce" in logs and method.projector[0].weight.grad is not None
@@ -157,7 +163,9 @@ def test_mae_loss_only_on_masked_patches_and_patchify_round_trip():
     pred = torch.randn(4, 49, 16)
     changed = pred.clone()
     changed[:, :12] += 5.0  # visible patches: no effect on the loss
-    assert torch.equal(method.reconstruction_loss(pred, images, sample), method.reconstruction_loss(changed, images, sample))
+    assert torch.equal(
+        method.reconstruction_loss(pred, images, sample), method.reconstruction_loss(changed, images, sample)
+    )
     changed[:, 20] += 5.0
     assert method.reconstruction_loss(changed, images, sample) > method.reconstruction_loss(pred, images, sample)
     assert torch.equal(unpatchify(patchify(images, 4), 4, 1, (7, 7)), images)

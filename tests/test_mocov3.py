@@ -3,17 +3,16 @@
 import pytest
 import torch
 
+from dilemma.build import build_method
 from dilemma.config import load_config
-from dilemma.methods import build_method
-from dilemma.methods.parts import momentum_at
-from dilemma.models import build_encoder
+from dilemma.schedules import momentum_at
 from tests.conftest import TINY
 
 
 def _method(*overrides):
     cfg = load_config(None, [*TINY, *overrides])
     torch.manual_seed(0)
-    return build_method(cfg, build_encoder(cfg.model))
+    return build_method(cfg)
 
 
 def _views(n=8):
@@ -30,12 +29,16 @@ def test_student_sparse_momentum_dense_and_no_teacher_gradient():
 
     method.encoder.vit.blocks[0].register_forward_pre_hook(record("student"))
     method.momentum_encoder.vit.blocks[0].register_forward_pre_hook(record("momentum"))
-    loss, logs = method(_views(), 0.0, torch.Generator().manual_seed(0), True)
+    out = method(_views(), 0.0, torch.Generator().manual_seed(0), True)
+    loss, logs = out.loss, out.logs
     loss.backward()
     assert counts["student"] == [1 + 12, 1 + 12]  # class token + K = floor(49 * 0.25)
     assert counts["momentum"] == [1 + 49, 1 + 49]  # dense and clean
     assert all(p.grad is None for p in [*method.momentum_encoder.parameters(), *method.momentum_projector.parameters()])
-    assert method.dilemma.head.proj.weight.grad is not None and method.encoder.vit.blocks[0].attn.qkv.weight.grad is not None
+    assert (
+        method.dilemma.head.proj.weight.grad is not None
+        and method.encoder.vit.blocks[0].attn.qkv.weight.grad is not None
+    )
     assert {"loss", "ssl_loss", "det_bce", "det_entropy", "det_acc", "det_auroc", "momentum"} <= set(logs)
     assert torch.isfinite(loss)
 
@@ -45,7 +48,9 @@ def test_momentum_encoder_gets_clean_positions():
     x1, x2 = _views()
     method(_views(), 0.0, torch.Generator().manual_seed(0))
     with torch.no_grad():  # keys equal a plain dense forward of the momentum encoder
-        assert torch.allclose(method.momentum_encoder(x1)[0], method.momentum_encoder.vit.forward_features(x1)[:, 0], atol=1e-5)
+        assert torch.allclose(
+            method.momentum_encoder(x1)[0], method.momentum_encoder.vit.forward_features(x1)[:, 0], atol=1e-5
+        )
 
 
 def test_momentum_update_and_schedule():
@@ -55,8 +60,8 @@ def test_momentum_update_and_schedule():
     with torch.no_grad():
         for p in method.encoder.parameters():
             p.add_(1.0)
-    method.update_momentum(0.9)
-    for b, o, m in zip(before, online, method.momentum_encoder.parameters()):
+    method.update_teacher(0.9)
+    for b, o, m in zip(before, online, method.momentum_encoder.parameters(), strict=True):
         assert torch.allclose(m, 0.9 * b + 0.1 * (o + 1.0), atol=1e-6)
     assert momentum_at(0.0, 0.99) == pytest.approx(0.99) and momentum_at(1.0, 0.99) == pytest.approx(1.0)
 
@@ -64,7 +69,8 @@ def test_momentum_update_and_schedule():
 @pytest.mark.parametrize("p,r", [(0.0, 0.0), (0.0, 0.75), (0.2, 0.0)])
 def test_baselines_and_partial_switches_run(p, r):
     method = _method(f"dilemma.misplace_prob={p}", f"dilemma.drop_rate={r}")
-    loss, logs = method(_views(), 0.5, torch.Generator().manual_seed(0), True)
+    out = method(_views(), 0.5, torch.Generator().manual_seed(0), True)
+    loss, logs = out.loss, out.logs
     loss.backward()
     assert torch.isfinite(loss)
     assert ("det_bce" in logs) == (p > 0)
@@ -76,7 +82,7 @@ def test_loss_goes_down_on_a_fixed_batch():
     views = _views(16)
     losses = []
     for step in range(15):
-        loss, _ = method(views, 0.0, torch.Generator().manual_seed(step))
+        loss = method(views, 0.0, torch.Generator().manual_seed(step)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -17,8 +17,8 @@ def test_dense_forward_equals_timm(tiny_encoder, layout, pos_embed):
     x = torch.randn(3, 1, 28, 28)
     cls, patches = enc(x)
     reference = enc.vit.forward_features(x)
-    assert torch.allclose(patches, reference[:, enc.num_prefix_tokens:], atol=1e-6)
-    expected_cls = reference[:, 0] if enc.vit.has_class_token else reference[:, enc.num_prefix_tokens:].mean(1)
+    assert torch.allclose(patches, reference[:, enc.num_prefix_tokens :], atol=1e-6)
+    expected_cls = reference[:, 0] if enc.vit.has_class_token else reference[:, enc.num_prefix_tokens :].mean(1)
     assert torch.allclose(cls, expected_cls, atol=1e-6)
 
 
@@ -68,7 +68,7 @@ def test_sparse_forward_returns_k_tokens_and_batch_equals_single(tiny_encoder):
     cls, patches = enc(x, keep=s.keep, positions=s.positions)
     assert patches.shape == (5, 12, enc.embed_dim) and cls.shape == (5, enc.embed_dim)
     for b in range(5):  # each image with its own indices, alone, gives the same result
-        cls_b, patches_b = enc(x[b:b + 1], keep=s.keep[b:b + 1], positions=s.positions[b:b + 1])
+        cls_b, patches_b = enc(x[b : b + 1], keep=s.keep[b : b + 1], positions=s.positions[b : b + 1])
         assert torch.allclose(cls_b[0], cls[b], atol=1e-5) and torch.allclose(patches_b[0], patches[b], atol=1e-5)
 
 
@@ -87,10 +87,13 @@ def test_any_timm_vit_with_overrides():
     assert cls.shape == (2, 384) and patches.shape == (2, 16, 384)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"img_size": 30, "patch_size": 4}, "not divisible"),
-    ({"pos_embed": "rope"}, "pos_embed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"img_size": 30, "patch_size": 4}, "not divisible"),
+        ({"pos_embed": "rope"}, "pos_embed"),
+    ],
+)
 def test_bad_model_arguments(kwargs, match):
     with pytest.raises(DilemmaError, match=match):
         create_encoder("vit_tiny_patch16_224", **{"depth": 1, **kwargs})

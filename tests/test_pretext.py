@@ -97,11 +97,16 @@ def test_generator_makes_it_deterministic():
     assert torch.equal(a.keep, b.keep) and torch.equal(a.positions, b.positions)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"drop_rate": 1.0}, "drop rate"), ({"drop_rate": -0.1}, "drop rate"),
-    ({"misplace_prob": 1.5}, "misplace probability"), ({"misplace_prob": -0.01}, "misplace probability"),
-    ({"drop_rate": 0.99}, "K = 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"drop_rate": 1.0}, "drop rate"),
+        ({"drop_rate": -0.1}, "drop rate"),
+        ({"misplace_prob": 1.5}, "misplace probability"),
+        ({"misplace_prob": -0.01}, "misplace probability"),
+        ({"drop_rate": 0.99}, "K = 0"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors(kwargs, match):
     args = {"batch_size": 2, "num_patches": 49, "drop_rate": 0.5, "misplace_prob": 0.2} | kwargs
     with pytest.raises(DilemmaError, match=match):

@@ -1,10 +1,10 @@
 """Never lose a run, one clear message for every bad input, safe loading."""
 
+import dataclasses
 import errno
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dilemma import rundir as checkpoint_module
 from dilemma.cli import main
-from dilemma.train import checkpoint as checkpoint_module
-from dilemma.train.checkpoint import CheckpointDir, atomic_save, load_checkpoint
+from dilemma.rundir import CheckpointDir, load_checkpoint
 from tests.bad_inputs import CASES, TINY_SETS, _folder, _png, argv_for, make_fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def checkpoint_fixtures(root: Path) -> dict[str, str]:
     """A tiny trained run, a baseline run (no detection head), and a checkpoint whose weights do not fit its config."""
     runs = {}
-    for name, extra in [("ckpt", []), ("baseline_ckpt", ["--set", "dilemma.misplace_prob=0", "--set", "dilemma.drop_rate=0"])]:
+    for name, extra in [
+        ("ckpt", []),
+        ("baseline_ckpt", ["--set", "dilemma.misplace_prob=0", "--set", "dilemma.drop_rate=0"]),
+    ]:
         out = root / name
         assert main(["pretrain", *TINY_SETS, "--out", str(out), *extra]) == 0
         runs[f"{{{name}}}"] = str(out)
@@ -59,8 +62,22 @@ def test_at_least_twenty_kinds_of_bad_input():
 def test_bad_images_can_be_skipped_and_counted(tmp_path, capsys):
     data = _folder(tmp_path, "mixed", {"broken.png": b"junk", "zero.png": b""}, good=20)
     out = tmp_path / "run"
-    argv = ["pretrain", *TINY_SETS, "--data", str(data), "--out", str(out), "--set", "model.img_size=8",
-            "--set", "model.patch_size=2", "--set", "data.batch_size=4", "--set", "data.skip_bad_images=true"]
+    argv = [
+        "pretrain",
+        *TINY_SETS,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--set",
+        "model.img_size=8",
+        "--set",
+        "model.patch_size=2",
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "data.skip_bad_images=true",
+    ]
     assert main(argv) == 0
     assert "skipping 2 of 22 images" in capsys.readouterr().err
 
@@ -71,9 +88,22 @@ def test_mixed_grayscale_and_rgb_images_are_converted(tmp_path):
     for i in range(8):
         (folder / f"{i}.png").write_bytes(_png(mode="RGB" if i % 2 else "L"))
     for chans in (1, 3):
-        argv = ["pretrain", *TINY_SETS, "--data", str(tmp_path / "mixed"), "--out", str(tmp_path / f"run{chans}"),
-                "--set", "model.img_size=8", "--set", "model.patch_size=2", "--set", "data.batch_size=4",
-                "--set", f"model.in_chans={chans}"]
+        argv = [
+            "pretrain",
+            *TINY_SETS,
+            "--data",
+            str(tmp_path / "mixed"),
+            "--out",
+            str(tmp_path / f"run{chans}"),
+            "--set",
+            "model.img_size=8",
+            "--set",
+            "model.patch_size=2",
+            "--set",
+            "data.batch_size=4",
+            "--set",
+            f"model.in_chans={chans}",
+        ]
         assert main(argv) == 0
 
 
@@ -97,7 +127,10 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
 
     monkeypatch.setattr(checkpoint_module.torch, "save", save_until_full)
     out = tmp_path / "run"
-    assert main(["pretrain", *TINY_SETS, "--out", str(out), "--set", "train.max_steps=3", "--set", "train.ckpt_every=1"]) == 2
+    assert (
+        main(["pretrain", *TINY_SETS, "--out", str(out), "--set", "train.max_steps=3", "--set", "train.ckpt_every=1"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "No space left on device" in err and "the previous checkpoint is intact" in err
     assert load_checkpoint(out)["step"] == 1
@@ -127,9 +160,9 @@ def _nan_after(monkeypatch, calls_ok: int):
     real, calls = MoCoV3.forward, []
 
     def forward(self, *args, **kwargs):
-        loss, logs = real(self, *args, **kwargs)
+        out = real(self, *args, **kwargs)
         calls.append(1)
-        return (loss * float("nan") if len(calls) > calls_ok else loss), logs
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if len(calls) > calls_ok else out
 
     monkeypatch.setattr(MoCoV3, "forward", forward)
 
@@ -137,7 +170,10 @@ def _nan_after(monkeypatch, calls_ok: int):
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     _nan_after(monkeypatch, 2)
     out = tmp_path / "run"
-    assert main(["pretrain", *TINY_SETS, "--out", str(out), "--set", "train.max_steps=5", "--set", "train.ckpt_every=1"]) == 2
+    assert (
+        main(["pretrain", *TINY_SETS, "--out", str(out), "--set", "train.max_steps=5", "--set", "train.ckpt_every=1"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "loss became nan at step 2" in err and "last good checkpoint is kept" in err
     ckpt = load_checkpoint(out)
@@ -155,17 +191,36 @@ def test_nonfinite_loss_can_be_skipped_up_to_a_limit(tmp_path, capsys, monkeypat
 
 
 def _train_process(out: Path, steps: int):
-    cmd = [sys.executable, "-m", "dilemma.cli", "pretrain", *TINY_SETS, "--out", str(out), "--set", f"train.max_steps={steps}",
-           "--set", "train.ckpt_every=1"]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "dilemma.cli",
+        "pretrain",
+        *TINY_SETS,
+        "--out",
+        str(out),
+        "--set",
+        f"train.max_steps={steps}",
+        "--set",
+        "train.ckpt_every=1",
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 def _wait_for_step(out: Path, proc, step: int, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         metrics = out / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines() if l.strip()):
+        if metrics.exists() and any(
+            json.loads(line)["step"] >= step for line in metrics.read_text().splitlines() if line.strip()
+        ):
             return
         time.sleep(0.05)
     raise AssertionError(f"training did not reach step {step}: {proc.poll()}")
@@ -180,7 +235,7 @@ def _assert_same(x, y, where="state"):
             _assert_same(x[key], y[key], f"{where}.{key}")
     elif isinstance(x, (list, tuple)):
         assert len(x) == len(y), where
-        for i, (u, v) in enumerate(zip(x, y)):
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
             _assert_same(u, v, f"{where}[{i}]")
     else:
         assert x == y, where
@@ -208,7 +263,7 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
         assert torch.equal(value, b["model"][key]), f"{key} differs after kill at step {stopped_at} + resume"
     _assert_same(a["optimizer"]["state"], b["optimizer"]["state"])  # AdamW moments too
     _assert_same(a["probe"], b["probe"])
-    logged = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert logged[:-1] == list(range(1, steps + 1))  # no step logged twice after the resume
 
 

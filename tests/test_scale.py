@@ -9,11 +9,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dilemma.build import build_method
 from dilemma.cli import main
 from dilemma.config import load_config
-from dilemma.methods import build_method
-from dilemma.models import build_encoder
-from dilemma.train.distributed import sync_batchnorm
+from dilemma.distributed import sync_batchnorm
 from dilemma.train.step import Stepper
 from tests.conftest import TINY
 
@@ -23,7 +22,7 @@ BATCH = 8
 def _build(method: str, *extra):
     cfg = load_config(None, [*TINY, f"method.name={method}", f"data.batch_size={BATCH}", *extra])
     torch.manual_seed(0)
-    model = build_method(cfg, build_encoder(cfg.model))
+    model = build_method(cfg)
     # SGD: the update is the gradient itself, so equal weights mean equal gradients (Adam's first step,
     # ~ lr * sign(grad), would amplify float round-off on near-zero gradients into +-lr differences)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -58,13 +57,15 @@ def _ddp_worker(rank: int, port: int, method: str, out: str, nan_on_rank_1: bool
         views = tuple(v[rank::2] for v in _views(method))  # PretrainBatches gives rank r the images r::world
         if nan_on_rank_1 and rank == 1:
             views[0][0, 0, 0, 0] = float("nan")
-        result = stepper.step(views, torch.zeros(BATCH // 2, dtype=torch.long), 0.3, 5, False)
+        result = stepper.step(views, 0.3, 5, False)
         skipped = [None, None]
         dist.all_gather_object(skipped, result.skipped)
         unchanged = all(torch.equal(before[k], v) for k, v in _state(model).items())
         if rank == 0:
             state = {k.replace("module.", ""): v for k, v in _state(model).items()}
-            torch.save({"loss": result.loss.reshape(()), "state": state, "skipped": skipped, "unchanged": unchanged}, out)
+            torch.save(
+                {"loss": result.loss.reshape(()), "state": state, "skipped": skipped, "unchanged": unchanged}, out
+            )
     finally:
         dist.destroy_process_group()
 
@@ -84,7 +85,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, meth
     _, model, optimizer = _build(method)
     before = _state(model)
     single = Stepper(model, model, optimizer, device=torch.device("cpu"), grad_clip=None, seed=0)
-    result = single.step(_views(method), torch.zeros(BATCH, dtype=torch.long), 0.3, 5, False)
+    result = single.step(_views(method), 0.3, 5, False)
     assert torch.allclose(ddp["loss"], result.loss, rtol=1e-5, atol=1e-6), (ddp["loss"], result.loss)
     after = _state(model)
     moved = 0
@@ -114,10 +115,12 @@ def test_accumulating_two_half_batches_equals_one_full_batch(method):
     for accum in (1, 2):
         _, model, optimizer = _build(method)
         stepper = Stepper(model, model, optimizer, device=torch.device("cpu"), accum_steps=accum, seed=0)
-        result = stepper.step(_views(method), torch.zeros(BATCH, dtype=torch.long), 0.3, 5, True)
+        result = stepper.step(_views(method), 0.3, 5, True)
         states.append((result.loss, _state(model), result.logs))
     (loss1, state1, logs1), (loss2, state2, logs2) = states
-    assert torch.allclose(loss1, loss2, atol=1e-6) and float(logs1["det_bce"]) == pytest.approx(float(logs2["det_bce"]), abs=1e-6)
+    assert torch.allclose(loss1, loss2, atol=1e-6) and float(logs1["det_bce"]) == pytest.approx(
+        float(logs2["det_bce"]), abs=1e-6
+    )
     for key in state1:
         assert torch.allclose(state1[key], state2[key], atol=1e-6), key
 
@@ -125,8 +128,11 @@ def test_accumulating_two_half_batches_equals_one_full_batch(method):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_precision_modes_run(tmp_path, precision):
     out = tmp_path / precision
-    args = [arg for kv in [*TINY, "eval.knn_at_end=false", f"train.precision={precision}", "train.accum_steps=2"]
-            for arg in ("--set", kv)]
+    args = [
+        arg
+        for kv in [*TINY, "eval.knn_at_end=false", f"train.precision={precision}", "train.accum_steps=2"]
+        for arg in ("--set", kv)
+    ]
     assert main(["pretrain", "--out", str(out), "--max-steps", "2", *args]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] is not None and r["loss"] > 0 for r in records[:2])
@@ -150,9 +156,28 @@ def test_torchrun_two_cpu_processes_train_and_save_once(tmp_path):
 
     out = tmp_path / "run"
     sets = [arg for kv in [*TINY, "eval.knn_at_end=false", "data.num_workers=0"] for arg in ("--set", kv)]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "dilemma.cli", "pretrain", "--device", "cpu", "--max-steps", "2", "--out", str(out), *sets],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "dilemma.cli",
+            "pretrain",
+            "--device",
+            "cpu",
+            "--max-steps",
+            "2",
+            "--out",
+            str(out),
+            *sets,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("run folder:") == 1 and "2 process(es)" in proc.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -163,8 +188,8 @@ def test_torchrun_two_cpu_processes_train_and_save_once(tmp_path):
 def _fail_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
+    from dilemma.distributed import fail_together
     from dilemma.errors import DilemmaError
-    from dilemma.train.distributed import fail_together
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -17,13 +17,20 @@ from dilemma.errors import DilemmaError
 
 def _pretrain(args) -> None:
     from dilemma.config import load_config
-    from dilemma.train.checkpoint import load_checkpoint
+    from dilemma.distributed import is_distributed
+    from dilemma.rundir import RunDir, load_checkpoint
     from dilemma.train.loop import pretrain
 
     overrides = list(args.set)
-    for flag, key in [("max_steps", "train.max_steps"), ("time_budget", "train.time_budget"), ("seed", "train.seed"),
-                      ("method", "method.name"), ("data", "data.source"), ("device", "train.device"),
-                      ("precision", "train.precision")]:
+    for flag, key in [
+        ("max_steps", "train.max_steps"),
+        ("time_budget", "train.time_budget"),
+        ("seed", "train.seed"),
+        ("method", "method.name"),
+        ("data", "data.source"),
+        ("device", "train.device"),
+        ("precision", "train.precision"),
+    ]:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -31,16 +38,11 @@ def _pretrain(args) -> None:
     if args.resume:
         if not args.out:
             raise DilemmaError("--resume needs --out DIR: the run folder to continue")
-        last = out / "checkpoints" / "last.pt"
-        if not last.exists():
-            raise DilemmaError(f"--resume: no checkpoint in {str(out)!r} (expected {last}); start without --resume")
-        base = load_checkpoint(last)["config"]
+        base = load_checkpoint(RunDir(out).require_checkpoint())["config"]
     cfg = load_config(args.config, overrides, base=base)
     try:
         pretrain(cfg, out, resume=args.resume)
     finally:
-        from dilemma.train.distributed import is_distributed
-
         if is_distributed():  # launched by torchrun: leave the process group cleanly
             import torch.distributed
 
@@ -57,16 +59,14 @@ def _write_json(path: str | None, results: list[dict]) -> None:
 
 def _checkpoints(args, drop_path_rate: float | None = None):
     """Yield ``(path, encoder on the device, config, splits, device)`` for each ``--checkpoint``."""
-    from dilemma.data import load_source
-    from dilemma.train.loop import resolve_device
-    from dilemma.train.model_io import encoder_from_checkpoint
+    from dilemma.build import load_splits
+    from dilemma.distributed import resolve_device
+    from dilemma.rundir import encoder_from_checkpoint
 
     device = resolve_device(args.device)
     for path in args.checkpoint:
         encoder, cfg = encoder_from_checkpoint(path, drop_path_rate=drop_path_rate)
-        splits = load_source(args.data or cfg.data.source, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
-                             val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed,
-                         skip_bad=cfg.data.skip_bad_images)
+        splits = load_splits(cfg, source=args.data)
         yield str(path), encoder.to(device), cfg, splits, device
 
 
@@ -75,10 +75,19 @@ def _eval_knn(args) -> None:
 
     results = []
     for path, encoder, _, splits, device in _checkpoints(args):
-        result = knn_eval(encoder, splits, k=args.k, temperature=args.temperature, batch_size=args.batch_size, device=device)
+        result = knn_eval(
+            encoder, splits, k=args.k, temperature=args.temperature, batch_size=args.batch_size, device=device
+        )
         print(f"{path}: {result.line()}")
-        results.append({"checkpoint": path, "data": splits.name, "knn_top1": result.top1, "knn_top5": result.top5,
-                        "protocol": result.protocol})
+        results.append(
+            {
+                "checkpoint": path,
+                "data": splits.name,
+                "knn_top1": result.top1,
+                "knn_top5": result.top5,
+                "protocol": result.protocol,
+            }
+        )
     _write_json(args.json, results)
 
 
@@ -90,11 +99,18 @@ def _eval_linear(args) -> None:
     results = []
     for path, encoder, _, splits, device in _checkpoints(args):
         require_labels(splits, "the linear probe")
-        train_f, train_y = extract_features(encoder, splits.train, batch_size=args.batch_size, device=device, normalize=False)
+        train_f, train_y = extract_features(
+            encoder, splits.train, batch_size=args.batch_size, device=device, normalize=False
+        )
         val_f, val_y = extract_features(encoder, splits.val, batch_size=args.batch_size, device=device, normalize=False)
-        probe = train_linear_probe(train_f, train_y, len(splits.classes), epochs=args.epochs, lr=args.lr, seed=args.seed)
+        probe = train_linear_probe(
+            train_f, train_y, len(splits.classes), epochs=args.epochs, lr=args.lr, seed=args.seed
+        )
         top1 = probe.top1(val_f, val_y)
-        protocol = linear_protocol(args.epochs, args.lr, 256) + f"; {splits.name} train {len(splits.train)} / val {len(splits.val)}"
+        protocol = (
+            linear_protocol(args.epochs, args.lr, 256)
+            + f"; {splits.name} train {len(splits.train)} / val {len(splits.val)}"
+        )
         print(f"{path}: linear top-1 {top1:.2f}%  [{protocol}]")
         results.append({"checkpoint": path, "data": splits.name, "linear_top1": top1, "protocol": protocol})
     _write_json(args.json, results)
@@ -105,12 +121,24 @@ def _eval_occlusion(args) -> None:
 
     results = []
     for path, encoder, _, splits, device in _checkpoints(args):
-        curve = occlusion_curve(encoder, splits, fractions=args.fractions, k=args.k, temperature=args.temperature,
-                                probe_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device)
+        curve = occlusion_curve(
+            encoder,
+            splits,
+            fractions=args.fractions,
+            k=args.k,
+            temperature=args.temperature,
+            probe_epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=device,
+        )
         print(f"{path}: occlusion  [{curve.protocol}]")
         print("  kept  tokens   kNN top-1   linear top-1")
         for p in curve.points:
-            print(f"  {p['keep_fraction'] * 100:4.0f}%  {p['tokens']:6d}   {p['knn_top1']:8.2f}%   {p['linear_top1']:8.2f}%")
+            print(
+                f"  {p['keep_fraction'] * 100:4.0f}%  {p['tokens']:6d}   "
+                f"{p['knn_top1']:8.2f}%   {p['linear_top1']:8.2f}%"
+            )
         results.append({"checkpoint": path, "data": splits.name, "points": curve.points, "protocol": curve.protocol})
     _write_json(args.json, results)
     if args.plot:
@@ -124,14 +152,30 @@ def _eval_finetune(args) -> None:
     from dilemma.eval.knn import require_labels
 
     results = []
-    for path, encoder, cfg, splits, device in _checkpoints(args, drop_path_rate=args.drop_path):
+    for path, encoder, _cfg, splits, device in _checkpoints(args, drop_path_rate=args.drop_path):
         require_labels(splits, "fine-tuning")
-        result = finetune(encoder, splits, epochs=args.epochs, lr=args.lr, layer_decay=args.layer_decay,
-                          label_smoothing=args.label_smoothing, batch_size=args.batch_size, seed=args.seed, device=device,
-                          progress=not args.no_progress)
+        result = finetune(
+            encoder,
+            splits,
+            epochs=args.epochs,
+            lr=args.lr,
+            layer_decay=args.layer_decay,
+            label_smoothing=args.label_smoothing,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=device,
+            progress=not args.no_progress,
+        )
         print(f"{path}: fine-tune top-1 {result.top1:.2f}%  [{result.protocol}]")
-        results.append({"checkpoint": path, "data": splits.name, "finetune_top1": result.top1, "history": result.history,
-                        "protocol": result.protocol})
+        results.append(
+            {
+                "checkpoint": path,
+                "data": splits.name,
+                "finetune_top1": result.top1,
+                "history": result.history,
+                "protocol": result.protocol,
+            }
+        )
     _write_json(args.json, results)
 
 
@@ -152,20 +196,21 @@ def _plot(args) -> None:
 def _inspect(args) -> None:
     import torch
 
-    from dilemma.data import eval_batches, load_source
+    from dilemma.build import load_splits
+    from dilemma.data import eval_batches
     from dilemma.pretext import sample_tokens
-    from dilemma.train.model_io import detection_head_from_checkpoint, encoder_from_checkpoint
+    from dilemma.rundir import detection_head_from_checkpoint, encoder_from_checkpoint
     from dilemma.viz import inspect_detection
 
     encoder, cfg = encoder_from_checkpoint(args.checkpoint)
     head = detection_head_from_checkpoint(args.checkpoint, encoder.embed_dim)
-    splits = load_source(args.data or cfg.data.source, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
-                         val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed,
-                         skip_bad=cfg.data.skip_bad_images)
+    splits = load_splits(cfg, source=args.data)
     images = next(eval_batches(splits.val, args.num_images))[0]
     p = cfg.dilemma.misplace_prob if args.misplace_prob is None else args.misplace_prob
     r = cfg.dilemma.drop_rate if args.drop_rate is None else args.drop_rate
-    sample = sample_tokens(images.shape[0], encoder.num_patches, r, p, generator=torch.Generator().manual_seed(args.seed))
+    sample = sample_tokens(
+        images.shape[0], encoder.num_patches, r, p, generator=torch.Generator().manual_seed(args.seed)
+    )
     ckpt = Path(args.checkpoint)
     out = args.out or str((ckpt if ckpt.is_dir() else ckpt.parent) / "detection.png")
     print(f"wrote {inspect_detection(encoder, head, images, sample, out, cfg.model.patch_size)}  (p={p}, r={r})")
@@ -174,12 +219,23 @@ def _inspect(args) -> None:
 def _compare(args) -> None:
     from dilemma.compare import compare
 
-    compare(args)
+    compare(
+        args.variant,
+        seeds=args.seeds,
+        out=Path(args.out),
+        time_budget=args.time_budget,
+        max_steps=args.max_steps,
+        probe_epochs=args.probe_epochs,
+        config=args.config,
+        overrides=args.set,
+    )
 
 
 def _eval_parser(ev, name: str, help: str, run) -> argparse.ArgumentParser:
     p = ev.add_parser(name, help=help)
-    p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint file(s) or run folder(s); several are compared")
+    p.add_argument(
+        "--checkpoint", nargs="+", required=True, help="checkpoint file(s) or run folder(s); several are compared"
+    )
     p.add_argument("--data", help="data source (default: the one the checkpoint was trained on)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
@@ -190,21 +246,29 @@ def _eval_parser(ev, name: str, help: str, run) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dilemma.methods import METHODS
+
     parser = argparse.ArgumentParser(prog="dilemma", description="Self-supervised ViT pretraining with DILEMMA.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("pretrain", help="pretrain a ViT (defaults: MoCo v3 + DILEMMA on the embedded Animal-MNIST)")
+    p = commands.add_parser(
+        "pretrain", help="pretrain a ViT (defaults: MoCo v3 + DILEMMA on the embedded Animal-MNIST)"
+    )
     p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=3e-4")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=3e-4"
+    )
     p.add_argument("--out", help="run folder (default: runs/<date-time>)")
     p.add_argument("--max-steps", type=int, help="train.max_steps")
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this much training wall-clock")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, help="train.seed")
-    p.add_argument("--method", help="method.name: mocov3, dino, simclr or mae")
+    p.add_argument("--method", help=f"method.name: {', '.join(METHODS)}, or your own as path/to/file.py:ClassName")
     p.add_argument("--data", help="data.source: embedded name, MNIST-IDX folder or image folder")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="train.precision (autocast; fp16 with a gradient scaler)")
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], help="train.precision (autocast; fp16 with a gradient scaler)"
+    )
     p.set_defaults(run=_pretrain)
 
     ev = commands.add_parser("eval", help="evaluate backbones").add_subparsers(dest="protocol", required=True)
@@ -214,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     lin = _eval_parser(ev, "linear", "linear probe on frozen, cached class-token features", _eval_linear)
     lin.add_argument("--epochs", type=int, default=100)
     lin.add_argument("--lr", type=float, default=0.1, help="base lr for batch 256")
-    occ = _eval_parser(ev, "occlusion", "kNN and linear accuracy with only a fraction of each test image's tokens", _eval_occlusion)
+    occ = _eval_parser(
+        ev, "occlusion", "kNN and linear accuracy with only a fraction of each test image's tokens", _eval_occlusion
+    )
     occ.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25, 0.1])
     occ.add_argument("--k", type=int, default=20)
     occ.add_argument("--temperature", type=float, default=0.07)
@@ -229,10 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--label-smoothing", type=float, default=0.1)
     ft.add_argument("--no-progress", action="store_true")
 
-    cmp = commands.add_parser("compare", help="train several variants at the same wall-clock budget over seeds, "
-                                                "evaluate each (kNN, linear, occlusion), write a mean +- std table")
-    cmp.add_argument("--variant", action="append", required=True, metavar="NAME=KEY=VALUE,...",
-                     help="a configuration: a name and its overrides, e.g. 'plain=dilemma.misplace_prob=0,dilemma.drop_rate=0'")
+    cmp = commands.add_parser(
+        "compare",
+        help="train several variants at the same wall-clock budget over seeds, "
+        "evaluate each (kNN, linear, occlusion), write a mean +- std table",
+    )
+    cmp.add_argument(
+        "--variant",
+        action="append",
+        required=True,
+        metavar="NAME=KEY=VALUE,...",
+        help="a configuration: a name and its overrides, e.g. 'plain=dilemma.misplace_prob=0,dilemma.drop_rate=0'",
+    )
     cmp.add_argument("--config", help="base YAML config for every variant")
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
     cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

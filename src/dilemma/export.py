@@ -17,15 +17,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from dilemma.errors import DilemmaError
-from dilemma.train.model_io import encoder_from_checkpoint
-
-
-def timm_kwargs(model_cfg) -> dict:
-    kwargs = {"img_size": model_cfg.img_size, "patch_size": model_cfg.patch_size, "in_chans": model_cfg.in_chans,
-              "num_classes": 0}
-    if model_cfg.depth is not None:
-        kwargs["depth"] = model_cfg.depth
-    return kwargs
+from dilemma.models import timm_kwargs
+from dilemma.rundir import encoder_from_checkpoint
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path) -> str:
@@ -37,12 +30,17 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> str:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"timm_model": cfg.model.name, "timm_kwargs": json.dumps(kwargs),
-                                                 "format": "dilemma-backbone-1"})
+        save_file(
+            tensors,
+            str(tmp),
+            metadata={"timm_model": cfg.model.name, "timm_kwargs": json.dumps(kwargs), "format": "dilemma-backbone-1"},
+        )
         tmp.replace(out)
     except OSError as err:
         raise DilemmaError(f"cannot write {str(out)!r}: {err}") from None
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    return (f"import timm, safetensors.torch\n"
-            f"vit = timm.create_model({cfg.model.name!r}, {args})\n"
-            f"vit.load_state_dict(safetensors.torch.load_file({str(out)!r}), strict=True)")
+    return (
+        f"import timm, safetensors.torch\n"
+        f"vit = timm.create_model({cfg.model.name!r}, {args})\n"
+        f"vit.load_state_dict(safetensors.torch.load_file({str(out)!r}), strict=True)"
+    )

@@ -4,13 +4,16 @@ DILEMMA (arXiv 2204.04788, Sec. 3) needs two things a stock ViT forward cannot d
 *subset* of the patch tokens (sparsity) and give some of them the positional embedding (PE) of
 another location (misplacement). ``ViTEncoder`` does both through timm's public modules
 (``patch_embed``, ``pos_embed``, ``cls_token``, ``blocks``, ``norm``) without forking the model.
-The authors' code built the indices but never passed them into the embedding step (METHOD.md,
-defect 1); here they are the forward's own arguments.
+The authors' code built the indices but never passed them into the embedding step
+(``docs/method.md``, "Defects of the authors' code"); here they are the forward's own arguments.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import timm
 import torch
@@ -23,12 +26,27 @@ from dilemma.errors import DilemmaError
 POS_EMBEDS = ("sincos", "learned")
 
 
+@dataclass
+class ModelConfig:
+    """The ``model`` config section."""
+
+    name: str = "vit_tiny_patch16_224"  # any timm VisionTransformer
+    img_size: int = 28  # images are resized to this; must be divisible by patch_size
+    patch_size: int = 4
+    in_chans: int = 1
+    depth: Optional[int] = 6  # override the model's depth (null: keep timm's)
+    pos_embed: str = "sincos"  # sincos (fixed 2D, MoCo v3) or learned (timm's)
+    drop_path_rate: float = 0.0
+
+
 def sincos_pos_embed_2d(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """Fixed 2D sin-cos positional embedding, ``(H * W, dim)`` in row-major patch order (MoCo v3, MAE)."""
     if dim % 4:
         raise DilemmaError(f"sin-cos positional embedding needs an embed dim divisible by 4, got {dim}")
     h, w = grid_size
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     out_w = cols.flatten()[:, None] * omega[None]
@@ -83,11 +101,17 @@ class ViTEncoder(nn.Module):
 
     def check_images(self, images: torch.Tensor) -> None:
         patch = self.vit.patch_embed.patch_size
-        if (images.ndim != 4 or images.shape[1] != self.in_chans
-                or images.shape[-2] % patch[0] or images.shape[-1] % patch[1] or images.shape[-1] == 0):
+        if (
+            images.ndim != 4
+            or images.shape[1] != self.in_chans
+            or images.shape[-2] % patch[0]
+            or images.shape[-1] % patch[1]
+            or images.shape[-1] == 0
+        ):
             raise DilemmaError(
                 f"images of shape {tuple(images.shape)} do not fit this ViT: expected (B, {self.in_chans}, H, W) "
-                f"with H and W multiples of the patch size {patch[0]} (trained at {self.img_size[0]}x{self.img_size[1]}); "
+                f"with H and W multiples of the patch size {patch[0]} "
+                f"(trained at {self.img_size[0]}x{self.img_size[1]}); "
                 "set model.img_size / model.in_chans to match the data"
             )
 
@@ -99,27 +123,33 @@ class ViTEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_images(images)
         vit = self.vit
-        x = vit.patch_embed(images)  # (B, L, D)
+        x = vit.patch_embed(images)  # (B, L, D), patches in row-major order, no PE yet
         batch, _, dim = x.shape
-        prefix_pe, patch_pe = self._split_pos_embed(self.grid_of(tuple(images.shape[-2:])))
+        prefix_pe, patch_pe = self._split_pos_embed(self.grid_of(tuple(images.shape[-2:])))  # patch_pe: (L, D)
         if keep is not None:
             if keep.ndim != 2 or keep.shape[0] != batch:
                 raise DilemmaError(f"keep must be (B={batch}, K) indices, got {tuple(keep.shape)}")
+            # Sparsity: only the kept patches go on, (B, L, D) -> (B, K, D); dropped ones cost nothing.
             x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))
             positions = keep if positions is None else positions
         if positions is None:
             x = x + patch_pe.unsqueeze(0)
         else:
             if positions.shape != x.shape[:2]:
-                raise DilemmaError(f"positions must match the kept tokens {tuple(x.shape[:2])}, got {tuple(positions.shape)}")
+                raise DilemmaError(
+                    f"positions must match the kept tokens {tuple(x.shape[:2])}, got {tuple(positions.shape)}"
+                )
+            # Misplacement: token i gets the PE row positions[b, i], which differs from keep[b, i]
+            # exactly for the misplaced tokens. (L, D)[(B, K)] -> (B, K, D).
             x = x + patch_pe[positions]
 
+        # Prefix tokens (class, registers) are never dropped or corrupted; they get their own PE rows.
         prefix = [t.expand(batch, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
         if prefix:
-            prefix = torch.cat(prefix, dim=1)
+            prefix = torch.cat(prefix, dim=1)  # (B, P, D)
             if prefix_pe is not None:
                 prefix = prefix + prefix_pe.unsqueeze(0)
-            x = torch.cat([prefix, x], dim=1)
+            x = torch.cat([prefix, x], dim=1)  # (B, P + K, D)
         x = vit.norm_pre(vit.pos_drop(x))
         if vit.grad_checkpointing and self.training:
             for block in vit.blocks:
@@ -127,8 +157,8 @@ class ViTEncoder(nn.Module):
         else:
             x = vit.blocks(x)
         x = vit.norm(x)
-        patches = x[:, self.num_prefix_tokens :]
-        cls = x[:, 0] if vit.has_class_token else patches.mean(dim=1)
+        patches = x[:, self.num_prefix_tokens :]  # (B, K, D)
+        cls = x[:, 0] if vit.has_class_token else patches.mean(dim=1)  # (B, D)
         return cls, patches
 
 
@@ -139,7 +169,7 @@ def create_encoder(
     patch_size: int = 4,
     in_chans: int = 1,
     pos_embed: str = "sincos",
-    **timm_kwargs,
+    **model_kwargs,
 ) -> ViTEncoder:
     """``timm.create_model(name, img_size=..., patch_size=..., in_chans=...)`` wrapped as a ``ViTEncoder``.
 
@@ -151,13 +181,19 @@ def create_encoder(
     if img_size <= 0 or patch_size <= 0 or img_size % patch_size:
         raise DilemmaError(
             f"image size {img_size} is not divisible by patch size {patch_size}: "
-            f"choose e.g. img_size={math.ceil(img_size / patch_size) * patch_size} or a patch size that divides {img_size}"
+            f"choose e.g. img_size={math.ceil(img_size / patch_size) * patch_size} "
+            f"or a patch size that divides {img_size}"
         )
     if not timm.is_model(name):
         raise DilemmaError(f"unknown timm model {name!r}; see timm.list_models('vit_*')")
     try:
         vit = timm.create_model(
-            name, pretrained=False, img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0, **timm_kwargs
+            name,
+            pretrained=False,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            **{"num_classes": 0, **model_kwargs},
         )
     except TypeError as err:
         raise DilemmaError(f"timm model {name!r} rejected its arguments: {err}") from None
@@ -171,10 +207,23 @@ def create_encoder(
     return encoder
 
 
-def build_encoder(model_cfg) -> ViTEncoder:
-    """``create_encoder`` from a ``ModelConfig`` (see ``dilemma.config``)."""
-    extra = {"drop_path_rate": model_cfg.drop_path_rate}
+def timm_kwargs(model_cfg: ModelConfig) -> dict:
+    """The ``timm.create_model`` keyword arguments of a ``ModelConfig`` (without ``drop_path_rate``, a
+    training setting): what ``build_encoder`` creates and what an exported backbone is loaded into."""
+    kwargs = {
+        "img_size": model_cfg.img_size,
+        "patch_size": model_cfg.patch_size,
+        "in_chans": model_cfg.in_chans,
+        "num_classes": 0,
+    }
     if model_cfg.depth is not None:
-        extra["depth"] = model_cfg.depth
-    return create_encoder(model_cfg.name, img_size=model_cfg.img_size, patch_size=model_cfg.patch_size,
-                          in_chans=model_cfg.in_chans, pos_embed=model_cfg.pos_embed, **extra)
+        kwargs["depth"] = model_cfg.depth
+    return kwargs
+
+
+def build_encoder(model_cfg: ModelConfig, **overrides) -> ViTEncoder:
+    """``create_encoder`` from a ``ModelConfig``; ``overrides`` replace its fields (e.g. ``drop_path_rate``)."""
+    model_cfg = dataclasses.replace(model_cfg, **overrides)
+    return create_encoder(
+        model_cfg.name, pos_embed=model_cfg.pos_embed, drop_path_rate=model_cfg.drop_path_rate, **timm_kwargs(model_cfg)
+    )

@@ -1,6 +1,6 @@
 """The DILEMMA pretext: sparse token sampling, misplacement, and the detection loss.
 
-Paper: arXiv 2204.04788 (Sec. 3); the rules below are METHOD.md's "One student forward".
+Paper: arXiv 2204.04788 (Sec. 3); the rules below are ``docs/method.md``'s "One student forward".
 Per image, independently: keep ``K = floor(L * (1 - r))`` random patches; flag each kept token
 misplaced with probability ``p``; give a flagged token a wrong position, never its own: drawn
 without replacement from the image's *dropped* positions when there are at least as many
@@ -67,19 +67,24 @@ def sample_tokens(
     num_dropped = num_patches - kept
     shape = (batch_size, kept)
 
-    order = torch.rand(batch_size, num_patches, generator=generator, device=device).argsort(dim=1)
-    keep = order[:, :kept].sort(dim=1).values
-    dropped = order[:, kept:]  # random order: taking them in turn is sampling without replacement
-    misplaced = torch.rand(shape, generator=generator, device=device) < misplace_prob
+    # A random permutation per image (MAE's random_masking): its first K entries are the kept
+    # patches, the rest the dropped ones. keep is sorted so tokens enter the ViT in raster order.
+    order = torch.rand(batch_size, num_patches, generator=generator, device=device).argsort(dim=1)  # (B, L)
+    keep = order[:, :kept].sort(dim=1).values  # (B, K)
+    dropped = order[:, kept:]  # (B, L - K), random order: taking them in turn is sampling without replacement
+    misplaced = torch.rand(shape, generator=generator, device=device) < misplace_prob  # (B, K) labels
 
-    # Fallback: uniform over the L - 1 positions other than the token's own.
+    # Fallback: uniform over the L - 1 positions other than the token's own (draw from L - 1 values,
+    # then shift the ones at or above the token's own index up by one, so its own is never drawn).
     other = torch.randint(0, max(num_patches - 1, 1), shape, generator=generator, device=device)
-    wrong = other + (other >= keep).long()
+    wrong = other + (other >= keep).long()  # (B, K)
     if num_dropped > 0:
-        turn = (misplaced.long().cumsum(dim=1) - 1).clamp(0, num_dropped - 1)
-        enough = misplaced.sum(dim=1, keepdim=True) <= num_dropped
+        # The j-th misplaced token of an image (counting from 0 along the row) takes dropped[j]:
+        # turn = (running count of misplaced tokens) - 1. Unflagged tokens get a clamped, unused index.
+        turn = (misplaced.long().cumsum(dim=1) - 1).clamp(0, num_dropped - 1)  # (B, K)
+        enough = misplaced.sum(dim=1, keepdim=True) <= num_dropped  # (B, 1): rows where no dropped PE repeats
         wrong = torch.where(enough, dropped.gather(1, turn), wrong)
-    positions = torch.where(misplaced, wrong, keep)
+    positions = torch.where(misplaced, wrong, keep)  # (B, K): the PE index each kept token receives
     return TokenSample(keep=keep, positions=positions, misplaced=misplaced)
 
 
@@ -131,15 +136,20 @@ def detection_metrics(logits: torch.Tensor, misplaced: torch.Tensor) -> dict[str
 
 
 @dataclass(frozen=True)
-class RowSlice:
-    """Token draws for a slice of a larger batch: each draw is made for ``total`` rows with
-    ``generator`` and only ``rows`` are kept. When every process (DDP) and every accumulation
-    micro-batch resets ``generator`` to the step's state and takes its own rows, an image gets the
-    same keep set and wrong positions however the global batch is split (tested)."""
+class GlobalBatchRows:
+    """Where a micro-batch sits in the step's global batch, and the generator for the step's draws.
+
+    ``Dilemma.sample`` then draws for all ``total`` rows and keeps only ``rows``. When every process
+    (DDP) and every accumulation micro-batch resets ``generator`` to the step's state and takes its
+    own rows, an image gets the same keep set and wrong positions however the global batch is split
+    (tested)."""
 
     generator: torch.Generator
     total: int
-    rows: torch.Tensor  # (n,) long: positions of this slice's images in the global batch
+    rows: torch.Tensor  # (n,) long: positions of this micro-batch's images in the global batch
+
+
+TokenDraws = torch.Generator | GlobalBatchRows | None  # what a method passes on to ``Dilemma.sample``
 
 
 class Dilemma(nn.Module):
@@ -148,7 +158,9 @@ class Dilemma(nn.Module):
     ``drop_rate = 0`` dense inputs; both 0 is the plain base method.
     """
 
-    def __init__(self, embed_dim: int, num_patches: int, misplace_prob: float = 0.2, drop_rate: float = 0.75, weight: float = 1.0):
+    def __init__(
+        self, embed_dim: int, num_patches: int, misplace_prob: float = 0.2, drop_rate: float = 0.75, weight: float = 1.0
+    ):
         super().__init__()
         if not 0.0 <= misplace_prob <= 1.0:
             raise DilemmaError(f"dilemma.misplace_prob must be in [0, 1], got {misplace_prob}")
@@ -167,19 +179,31 @@ class Dilemma(nn.Module):
         """True when the student sees dense, clean inputs (the plain base method)."""
         return self.misplace_prob == 0 and self.drop_rate == 0
 
-    def sample(self, batch_size: int, *, num_patches: int | None = None, generator: torch.Generator | None = None,
-               device=None) -> TokenSample | None:
+    def sample(
+        self, batch_size: int, *, num_patches: int | None = None, generator: TokenDraws = None, device=None
+    ) -> TokenSample | None:
         """Token sample for a batch; ``num_patches`` overrides L for inputs of another size (local crops)."""
         if self.identity:
             return None
         num_patches = self.num_patches if num_patches is None else num_patches
-        if not isinstance(generator, RowSlice):
-            return sample_tokens(batch_size, num_patches, self.drop_rate, self.misplace_prob, generator=generator, device=device)
-        # a batch of several crops of the same images (e.g. DINO's concatenated crops): one block each
-        blocks, rows = batch_size // len(generator.rows), generator.rows.to(device)
-        full = sample_tokens(blocks * generator.total, num_patches, self.drop_rate, self.misplace_prob,
-                             generator=generator.generator, device=device)
-        index = torch.cat([rows + b * generator.total for b in range(blocks)])
+        if not isinstance(generator, GlobalBatchRows):
+            return sample_tokens(
+                batch_size, num_patches, self.drop_rate, self.misplace_prob, generator=generator, device=device
+            )
+        # The batch may stack several crops of the same n images (DINO's concatenated global crops):
+        # ``blocks`` crops x n images. Draw for blocks x total rows (crop b of global image i is row
+        # b * total + i) and keep this micro-batch's rows of every block, in the batch's own order.
+        n = len(generator.rows)
+        blocks, rows = batch_size // n, generator.rows.to(device)
+        full = sample_tokens(
+            blocks * generator.total,
+            num_patches,
+            self.drop_rate,
+            self.misplace_prob,
+            generator=generator.generator,
+            device=device,
+        )
+        index = torch.cat([rows + b * generator.total for b in range(blocks)])  # (blocks * n,)
         return TokenSample(full.keep[index], full.positions[index], full.misplaced[index])
 
     def loss(self, patch_tokens: torch.Tensor, sample: TokenSample | None, with_metrics: bool = False):

@@ -22,7 +22,9 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise DilemmaError("pictures need matplotlib: pip install 'dilemma[plots]' (or pip install matplotlib)") from None
+        raise DilemmaError(
+            "pictures need matplotlib: pip install 'dilemma[plots]' (or pip install matplotlib)"
+        ) from None
     return plt
 
 
@@ -61,17 +63,32 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         steps, bce = _series(records, "det_bce")
         if steps:
             ax_det.plot(steps, bce, color=line.get_color(), label=f"{label}: detection BCE")
-            ax_det.axhline(_series(records, "det_entropy")[1][-1], color=line.get_color(), ls=":", label=f"{label}: H(p)")
+            ax_det.axhline(
+                _series(records, "det_entropy")[1][-1], color=line.get_color(), ls=":", label=f"{label}: H(p)"
+            )
             auroc_steps, auroc = _series(records, "det_auroc")
             ax_det.plot(auroc_steps, auroc, "-.", color=line.get_color(), alpha=0.7, label=f"{label}: AUROC")
         if _series(records, "probe_acc")[0]:
-            ax_probe.plot(*_series(records, "probe_acc"), color=line.get_color(), label=f"{label}: online probe (train batches)")
+            ax_probe.plot(
+                *_series(records, "probe_acc"), color=line.get_color(), label=f"{label}: online probe (train batches)"
+            )
         final = records[-1]
         if final.get("knn_top1") is not None:
-            ax_probe.scatter([final["step"]], [final["knn_top1"]], color=line.get_color(), marker="*", s=120,
-                             label=f"{label}: final kNN {final['knn_top1']:.1f}%")
+            ax_probe.scatter(
+                [final["step"]],
+                [final["knn_top1"]],
+                color=line.get_color(),
+                marker="*",
+                s=120,
+                label=f"{label}: final kNN {final['knn_top1']:.1f}%",
+            )
         ax_lr.plot(*_series(records, "lr"), color=line.get_color(), label=label)
-    for ax, title in ((ax_loss, "loss"), (ax_det, "misplaced-token detection"), (ax_probe, "accuracy %"), (ax_lr, "learning rate")):
+    for ax, title in (
+        (ax_loss, "loss"),
+        (ax_det, "misplaced-token detection"),
+        (ax_probe, "accuracy %"),
+        (ax_lr, "learning rate"),
+    ):
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
@@ -89,9 +106,9 @@ def plot_occlusion(results: list[dict], out: str | Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for result in results:
         kept = [p["keep_fraction"] * 100 for p in result["points"]]
-        for ax, key in zip(axes, ("knn_top1", "linear_top1")):
+        for ax, key in zip(axes, ("knn_top1", "linear_top1"), strict=True):
             ax.plot(kept, [p[key] for p in result["points"]], "o-", label=result["checkpoint"])
-    for ax, title in zip(axes, ("kNN top-1 %", "linear top-1 %")):
+    for ax, title in zip(axes, ("kNN top-1 %", "linear top-1 %"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("tokens kept %")
         ax.invert_xaxis()
@@ -127,8 +144,16 @@ def inspect_detection(encoder, head, images: torch.Tensor, sample, out: str | Pa
         shown = axes[1, i].imshow(heat.reshape(grid_h, grid_w).numpy(), cmap="magma", vmin=0, vmax=1)
         for j in torch.nonzero(sample.misplaced[i]).flatten().tolist():
             r, c = divmod(int(sample.keep[i, j]), grid_w)
-            axes[0, i].add_patch(Rectangle((c * patch_size - 0.5, r * patch_size - 0.5), patch_size, patch_size,
-                                           fill=False, edgecolor="red", lw=1.5))
+            axes[0, i].add_patch(
+                Rectangle(
+                    (c * patch_size - 0.5, r * patch_size - 0.5),
+                    patch_size,
+                    patch_size,
+                    fill=False,
+                    edgecolor="red",
+                    lw=1.5,
+                )
+            )
             axes[1, i].add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.5))
         for ax in axes[:, i]:
             ax.set_xticks([])

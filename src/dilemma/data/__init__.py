@@ -1,6 +1,6 @@
 """Data: sources (embedded, MNIST-IDX, image folders), augmentations, batches."""
 
-from dilemma.data.augment import MultiViews, TwoViews, multi_crop, normalize, view_transform
+from dilemma.data.augment import MultiViews, TwoViews, ViewSettings, multi_crop, normalize, view_transform
 from dilemma.data.loader import PretrainBatches, eval_batches, pretrain_loader
 from dilemma.data.sources import EMBEDDED, ImageSet, Splits, load_source, read_idx, split_train_val
 
@@ -11,6 +11,7 @@ __all__ = [
     "PretrainBatches",
     "Splits",
     "TwoViews",
+    "ViewSettings",
     "eval_batches",
     "load_source",
     "multi_crop",

@@ -6,6 +6,9 @@ channel (a fixed choice, so a checkpoint evaluates the same on any dataset).
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torchvision.transforms import v2
 
@@ -17,8 +20,15 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - MEAN) / STD
 
 
-def view_transform(img_size: int, *, crop_min_scale: float = 0.35, hflip: bool = True, color_jitter: float = 0.4,
-                   blur_prob: float = 0.2, crop_max_scale: float = 1.0) -> v2.Compose:
+def view_transform(
+    img_size: int,
+    *,
+    crop_min_scale: float = 0.35,
+    hflip: bool = True,
+    color_jitter: float = 0.4,
+    blur_prob: float = 0.2,
+    crop_max_scale: float = 1.0,
+) -> v2.Compose:
     """One random view: resized crop, flip, brightness/contrast jitter, blur (SimCLR / MoCo v3 style,
     without the colour-only parts that mean nothing on grayscale silhouettes)."""
     steps = [v2.RandomResizedCrop(img_size, scale=(crop_min_scale, crop_max_scale), antialias=True)]
@@ -30,6 +40,21 @@ def view_transform(img_size: int, *, crop_min_scale: float = 0.35, hflip: bool =
         kernel = max(3, (img_size // 10) | 1)
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob))
     return v2.Compose(steps)
+
+
+@dataclass(frozen=True)
+class ViewSettings:
+    """The augmentation settings a method's views start from (``model.img_size`` and ``data.*``)."""
+
+    img_size: int
+    crop_min_scale: float = 0.35
+    hflip: bool = True
+    color_jitter: float = 0.4
+    blur_prob: float = 0.2
+
+    def transform(self, **changes) -> v2.Compose:
+        """``view_transform`` with these settings; ``changes`` replace some (e.g. ``color_jitter=0.0``)."""
+        return view_transform(**{**dataclasses.asdict(self), **changes})
 
 
 class MultiViews:
@@ -50,10 +75,11 @@ class TwoViews(MultiViews):
         super().__init__(transform, transform)
 
 
-def multi_crop(img_size: int, local_size: int, num_local: int, *, crop_min_scale: float, local_max_scale: float,
-               local_min_scale: float = 0.05, **view_kwargs) -> MultiViews:
+def multi_crop(
+    settings: ViewSettings, local_size: int, num_local: int, *, local_max_scale: float, local_min_scale: float = 0.05
+) -> MultiViews:
     """DINO's multi-crop: 2 global crops at ``img_size`` covering ``[crop_min_scale, 1]`` of the image and
     ``num_local`` local crops at ``local_size`` covering ``[local_min_scale, local_max_scale]``."""
-    global_crop = view_transform(img_size, crop_min_scale=crop_min_scale, **view_kwargs)
-    local_crop = view_transform(local_size, crop_min_scale=local_min_scale, crop_max_scale=local_max_scale, **view_kwargs)
+    global_crop = settings.transform()
+    local_crop = settings.transform(img_size=local_size, crop_min_scale=local_min_scale, crop_max_scale=local_max_scale)
     return MultiViews(global_crop, global_crop, *[local_crop] * num_local)

@@ -7,7 +7,6 @@ replays exactly the batches an uninterrupted run would have seen, with any numbe
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -19,22 +18,37 @@ from dilemma.errors import DilemmaError
 
 
 class PretrainBatches(Dataset):
-    """``dataset[step]`` -> ``(views, labels)``: the method's views (a tuple of batches) for global step ``step`` (drop-last epochs).
+    """``dataset[step]`` -> ``(views, labels)``: the method's views (a tuple of batches) for global
+    step ``step`` (drop-last epochs).
 
     With ``world_size > 1`` each rank takes its share ``rank::world_size`` of the global batch.
     """
 
-    def __init__(self, images: ImageSet, batch_size: int, views: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
-                 seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        images: ImageSet,
+        batch_size: int,
+        views: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.images, self.batch_size, self.views, self.seed = images, batch_size, views, seed
         self.rank, self.world_size = rank, world_size
+        self._order: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its permutation)
         self.steps_per_epoch = len(images) // batch_size
         if self.steps_per_epoch < 1:
-            raise DilemmaError(f"the training split has {len(images)} images, fewer than one batch of {batch_size}: lower data.batch_size")
+            raise DilemmaError(
+                f"the training split has {len(images)} images, fewer than one batch of {batch_size}: "
+                "lower data.batch_size"
+            )
 
-    @lru_cache(maxsize=2)
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        """The epoch's permutation of the training images, a function of ``(seed, epoch)`` (the last one cached)."""
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.images), generator=generator))
+        return self._order[1]
 
     def indices(self, step: int) -> torch.Tensor:
         epoch, within = divmod(step, self.steps_per_epoch)
@@ -52,7 +66,9 @@ class PretrainBatches(Dataset):
             return self.views(images), self.images.labels[indices]
 
 
-def pretrain_loader(batches: PretrainBatches, start_step: int, end_step: int, num_workers: int, pin_memory: bool) -> DataLoader:
+def pretrain_loader(
+    batches: PretrainBatches, start_step: int, end_step: int, num_workers: int, pin_memory: bool
+) -> DataLoader:
     return DataLoader(
         batches,
         sampler=range(start_step, end_step),

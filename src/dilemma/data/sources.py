@@ -140,7 +140,9 @@ def split_train_val(images: np.ndarray | list[bytes], labels: np.ndarray, val_fr
 
 def _tensor_splits(name, images, labels, classes, img_size, in_chans, val_fraction, seed) -> Splits:
     train_idx, val_idx = split_train_val(images, labels, val_fraction, seed)
-    return _tensor_splits_from(name, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], classes, img_size, in_chans)
+    return _tensor_splits_from(
+        name, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], classes, img_size, in_chans
+    )
 
 
 def _tensor_splits_from(name, train_x, train_y, val_x, val_y, classes, img_size, in_chans) -> Splits:
@@ -182,13 +184,24 @@ def load_idx_folder(folder: Path, img_size: int, in_chans: int, val_fraction: fl
             raise DilemmaError(f"IDX pair {prefix!r} in {str(folder)!r} has {len(x)} images but {len(y)} labels")
     classes = [str(c) for c in range(int(max(y.max() for _, y in pairs.values())) + 1)]
     if "fashion" in str(folder).lower():
-        classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+        classes = [
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ]
     if "train" in pairs and ("t10k" in pairs or "test" in pairs):
         (train_x, train_y), (val_x, val_y) = pairs["train"], pairs.get("t10k", pairs.get("test"))
         return _tensor_splits_from(folder.name, train_x, train_y, val_x, val_y, classes, img_size, in_chans)
     if len(pairs) != 1:
         raise DilemmaError(f"{str(folder)!r} holds IDX sets {sorted(pairs)}: expected one set, or train + t10k")
-    (x, y), = pairs.values()
+    ((x, y),) = pairs.values()
     return _tensor_splits(folder.name, x, y, classes, img_size, in_chans, val_fraction, seed)
 
 
@@ -214,12 +227,17 @@ def check_images(files: list[Path], skip_bad: bool) -> list[Path]:
     if bad and not skip_bad:
         shown = "; ".join(f"{f}: {problem}" for f, problem in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise DilemmaError(f"{len(bad)} of {len(files)} images cannot be used: {shown}{more}. "
-                           "Remove them, or set data.skip_bad_images=true to skip them")
+        raise DilemmaError(
+            f"{len(bad)} of {len(files)} images cannot be used: {shown}{more}. "
+            "Remove them, or set data.skip_bad_images=true to skip them"
+        )
     if bad:
         import sys
 
-        print(f"skipping {len(bad)} of {len(files)} images that cannot be used (data.skip_bad_images=true)", file=sys.stderr)
+        print(
+            f"skipping {len(bad)} of {len(files)} images that cannot be used (data.skip_bad_images=true)",
+            file=sys.stderr,
+        )
         bad_set = {f for f, _ in bad}
         files = [f for f in files if f not in bad_set]
         if not files:
@@ -246,8 +264,9 @@ def _labelled_files(folder: Path, skip_bad: bool) -> tuple[list[Path], list[int]
     return files, [-1] * len(files), []
 
 
-def load_image_folder(folder: Path, img_size: int, in_chans: int, val_fraction: float, seed: int,
-                      skip_bad: bool = False) -> Splits:
+def load_image_folder(
+    folder: Path, img_size: int, in_chans: int, val_fraction: float, seed: int, skip_bad: bool = False
+) -> Splits:
     """Every file is decoded once up front, so a bad image stops the run before it starts."""
     if (folder / "train").is_dir() and (folder / "val").is_dir():
         train_files, train_y, classes = _labelled_files(folder / "train", skip_bad)
@@ -261,7 +280,9 @@ def load_image_folder(folder: Path, img_size: int, in_chans: int, val_fraction: 
         train_files, train_y = [files[i] for i in train_idx], y[train_idx].tolist()
         val_files, val_y = [files[i] for i in val_idx], y[val_idx].tolist()
     if not val_files:
-        raise DilemmaError(f"{str(folder)!r} is too small to hold out a val split: add images or raise data.val_fraction")
+        raise DilemmaError(
+            f"{str(folder)!r} is too small to hold out a val split: add images or raise data.val_fraction"
+        )
 
     def make(files, ys):
         return FileImageSet(files, torch.tensor(ys, dtype=torch.long), img_size, in_chans)
@@ -269,8 +290,9 @@ def load_image_folder(folder: Path, img_size: int, in_chans: int, val_fraction: 
     return Splits(folder.name, make(train_files, train_y), make(val_files, val_y), classes)
 
 
-def load_source(source: str, *, img_size: int, in_chans: int, val_fraction: float = 0.2, seed: int = 0,
-                skip_bad: bool = False) -> Splits:
+def load_source(
+    source: str, *, img_size: int, in_chans: int, val_fraction: float = 0.2, seed: int = 0, skip_bad: bool = False
+) -> Splits:
     """Resolve ``data.source``: an embedded name, an MNIST-IDX folder, or an image folder."""
     if source in EMBEDDED:
         return load_embedded(source, img_size, in_chans, val_fraction, seed)

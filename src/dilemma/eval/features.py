@@ -12,7 +12,9 @@ from dilemma.errors import DilemmaError
 from dilemma.models import ViTEncoder
 
 
-def occlusion_keep(batch_size: int, num_patches: int, keep_fraction: float, generator: torch.Generator) -> torch.Tensor | None:
+def occlusion_keep(
+    batch_size: int, num_patches: int, keep_fraction: float, generator: torch.Generator
+) -> torch.Tensor | None:
     """Random visible tokens per image, ``(B, max(1, round(f * L)))`` sorted (true positions); None at f = 1."""
     if not 0.0 < keep_fraction <= 1.0:
         raise DilemmaError(f"keep fraction must be in (0, 1], got {keep_fraction}")
@@ -23,8 +25,16 @@ def occlusion_keep(batch_size: int, num_patches: int, keep_fraction: float, gene
 
 
 @torch.no_grad()
-def extract_features(encoder: ViTEncoder, images: ImageSet, *, batch_size: int = 256, device="cpu",
-                     normalize: bool = True, keep_fraction: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    encoder: ViTEncoder,
+    images: ImageSet,
+    *,
+    batch_size: int = 256,
+    device="cpu",
+    normalize: bool = True,
+    keep_fraction: float = 1.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features (N, D), labels (N,))`` on the CPU; L2-normalised when ``normalize``.
 
     ``keep_fraction < 1`` occludes each image: only a random ``round(f * L)`` of its tokens enter

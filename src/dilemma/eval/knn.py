@@ -2,7 +2,7 @@
 
 Cosine similarity of L2-normalised class-token features; the k most similar training images
 vote for their label with weight ``exp(similarity / T)``; the train split is the memory bank
-and the val split the queries. Defaults k = 20, T = 0.07 (METHOD.md).
+and the val split the queries. Defaults k = 20, T = 0.07 (`docs/method.md`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,16 @@ from dilemma.models import ViTEncoder
 
 
 @torch.no_grad()
-def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor, *, k: int = 20,
-                temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """Class scores ``(Q, C)`` for each query from its k nearest training features (weighted vote)."""
     num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
     k = min(k, train_feats.shape[0])
@@ -45,7 +53,9 @@ class KNNResult:
         return f"kNN top-1 {self.top1:.2f}%{top5}  [{self.protocol}]"
 
 
-def knn_accuracy(train_f, train_y, val_f, val_y, *, k: int, temperature: float, num_classes: int) -> tuple[float, float | None]:
+def knn_accuracy(
+    train_f, train_y, val_f, val_y, *, k: int, temperature: float, num_classes: int
+) -> tuple[float, float | None]:
     """``(top-1 %, top-5 % or None with fewer than 6 classes)`` of L2-normalised query features."""
     scores = knn_predict(train_f, train_y, val_f, k=k, temperature=temperature, num_classes=num_classes)
     top1 = (scores.argmax(1) == val_y).float().mean().item() * 100
@@ -57,18 +67,25 @@ def knn_accuracy(train_f, train_y, val_f, val_y, *, k: int, temperature: float, 
 
 def require_labels(splits: Splits, protocol: str) -> None:
     if not splits.labelled:
-        raise DilemmaError(f"{protocol} needs labels, but {splits.name!r} is unlabelled: use a folder of class sub-folders")
+        raise DilemmaError(
+            f"{protocol} needs labels, but {splits.name!r} is unlabelled: use a folder of class sub-folders"
+        )
 
 
 def knn_protocol(k: int, temperature: float, splits: Splits) -> str:
-    return (f"weighted kNN, k={k}, T={temperature}, cosine on L2-normalised final-norm class tokens of the "
-            f"frozen dense backbone; bank = {splits.name} train ({len(splits.train)}), queries = val ({len(splits.val)})")
+    return (
+        f"weighted kNN, k={k}, T={temperature}, cosine on L2-normalised final-norm class tokens of the "
+        f"frozen dense backbone; bank = {splits.name} train ({len(splits.train)}), queries = val ({len(splits.val)})"
+    )
 
 
-def knn_eval(encoder: ViTEncoder, splits: Splits, *, k: int = 20, temperature: float = 0.07, batch_size: int = 256,
-             device="cpu") -> KNNResult:
+def knn_eval(
+    encoder: ViTEncoder, splits: Splits, *, k: int = 20, temperature: float = 0.07, batch_size: int = 256, device="cpu"
+) -> KNNResult:
     require_labels(splits, "kNN")
     train_f, train_y = extract_features(encoder, splits.train, batch_size=batch_size, device=device)
     val_f, val_y = extract_features(encoder, splits.val, batch_size=batch_size, device=device)
-    top1, top5 = knn_accuracy(train_f, train_y, val_f, val_y, k=k, temperature=temperature, num_classes=len(splits.classes))
+    top1, top5 = knn_accuracy(
+        train_f, train_y, val_f, val_y, k=k, temperature=temperature, num_classes=len(splits.classes)
+    )
     return KNNResult(top1, top5, knn_protocol(k, temperature, splits))

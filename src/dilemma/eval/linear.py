@@ -29,8 +29,16 @@ class LinearProbe:
         return (self.predict(feats).argmax(1) == labels).float().mean().item() * 100
 
 
-def train_linear_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int = 100,
-                       lr: float = 0.1, batch_size: int = 256, seed: int = 0) -> LinearProbe:
+def train_linear_probe(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    epochs: int = 100,
+    lr: float = 0.1,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> LinearProbe:
     """SGD (momentum 0.9, lr scaled by batch/256, cosine to 0, no weight decay) on standardised features."""
     generator = torch.Generator().manual_seed(seed)
     mean, std = feats.mean(0), feats.std(0) + 1e-6
@@ -55,6 +63,8 @@ def train_linear_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: i
 
 
 def linear_protocol(epochs: int, lr: float, batch_size: int) -> str:
-    return (f"linear probe: frozen dense backbone, final-norm class token (cached, no augmentation), standardised; "
-            f"one linear layer, SGD momentum 0.9, lr {lr} x batch/256, batch {batch_size}, cosine, {epochs} epochs, "
-            "no weight decay; top-1 on val")
+    return (
+        f"linear probe: frozen dense backbone, final-norm class token (cached, no augmentation), standardised; "
+        f"one linear layer, SGD momentum 0.9, lr {lr} x batch/256, batch {batch_size}, cosine, {epochs} epochs, "
+        "no weight decay; top-1 on val"
+    )

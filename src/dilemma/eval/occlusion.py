@@ -27,9 +27,19 @@ class OcclusionCurve:
     protocol: str
 
 
-def occlusion_curve(encoder: ViTEncoder, splits: Splits, *, fractions=FRACTIONS, k: int = 20, temperature: float = 0.07,
-                    probe_epochs: int = 100, probe_lr: float = 0.1, batch_size: int = 256, seed: int = 0,
-                    device="cpu") -> OcclusionCurve:
+def occlusion_curve(
+    encoder: ViTEncoder,
+    splits: Splits,
+    *,
+    fractions=FRACTIONS,
+    k: int = 20,
+    temperature: float = 0.07,
+    probe_epochs: int = 100,
+    probe_lr: float = 0.1,
+    batch_size: int = 256,
+    seed: int = 0,
+    device="cpu",
+) -> OcclusionCurve:
     require_labels(splits, "occlusion")
     num_classes = len(splits.classes)
     train_f, train_y = extract_features(encoder, splits.train, batch_size=batch_size, device=device, normalize=False)
@@ -37,14 +47,25 @@ def occlusion_curve(encoder: ViTEncoder, splits: Splits, *, fractions=FRACTIONS,
     bank = F.normalize(train_f, dim=1)
     points = []
     for fraction in fractions:
-        val_f, val_y = extract_features(encoder, splits.val, batch_size=batch_size, device=device, normalize=False,
-                                        keep_fraction=fraction, seed=seed)
-        knn_top1, _ = knn_accuracy(bank, train_y, F.normalize(val_f, dim=1), val_y, k=k, temperature=temperature,
-                                   num_classes=num_classes)
+        val_f, val_y = extract_features(
+            encoder,
+            splits.val,
+            batch_size=batch_size,
+            device=device,
+            normalize=False,
+            keep_fraction=fraction,
+            seed=seed,
+        )
+        knn_top1, _ = knn_accuracy(
+            bank, train_y, F.normalize(val_f, dim=1), val_y, k=k, temperature=temperature, num_classes=num_classes
+        )
         tokens = max(1, int(encoder.num_patches * fraction + 0.5))
-        points.append({"keep_fraction": fraction, "tokens": tokens, "knn_top1": knn_top1,
-                       "linear_top1": probe.top1(val_f, val_y)})
-    protocol = (f"occlusion: each val image keeps a random round(f x {encoder.num_patches}) patch tokens at their true "
-                f"positions (seed {seed}); kNN (k={k}, T={temperature}) against dense train features and a linear probe "
-                f"({probe_epochs} epochs, SGD, cosine) trained on dense train features; {splits.name} val ({len(splits.val)})")
+        points.append(
+            {"keep_fraction": fraction, "tokens": tokens, "knn_top1": knn_top1, "linear_top1": probe.top1(val_f, val_y)}
+        )
+    protocol = (
+        f"occlusion: each val image keeps a random round(f x {encoder.num_patches}) patch tokens at their true "
+        f"positions (seed {seed}); kNN (k={k}, T={temperature}) against dense train features and a linear probe "
+        f"({probe_epochs} epochs, SGD, cosine) trained on dense train features; {splits.name} val ({len(splits.val)})"
+    )
     return OcclusionCurve(points, protocol)

@@ -1,35 +1,76 @@
-"""SSL methods, each a ``Method`` in a file of its own, built by name from a ``Config``."""
+"""The SSL methods: the built-in ones, and any ``Method`` subclass in a file of your own.
+
+``BUILTIN`` is the one list of built-in methods; the config sections, the CLI help, the tests and
+the benchmarks read it. ``method.name`` is a built-in name or ``path/to/file.py:ClassName`` (or
+``package.module:ClassName``) for a method kept outside this package.
+"""
 
 from __future__ import annotations
 
-from dilemma.config import Config
+import functools
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
 from dilemma.errors import DilemmaError
-from dilemma.methods.base import Method, Views
+from dilemma.methods.base import EMATeacherMethod, Method, MethodOutput, Views
 from dilemma.methods.dino import DINO
 from dilemma.methods.mae import MAE
 from dilemma.methods.mocov3 import MoCoV3
 from dilemma.methods.simclr import SimCLR
-from dilemma.models import ViTEncoder
-from dilemma.pretext import Dilemma
 
-METHODS: dict[str, type[Method]] = {"mocov3": MoCoV3, "dino": DINO, "simclr": SimCLR, "mae": MAE}
-
-
-def method_class(cfg: Config) -> type[Method]:
-    if cfg.method.name not in METHODS:
-        raise DilemmaError(f"unknown method {cfg.method.name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[cfg.method.name]
+BUILTIN: tuple[type[Method], ...] = (MoCoV3, DINO, SimCLR, MAE)
+METHODS: dict[str, type[Method]] = {m.name: m for m in BUILTIN}
 
 
-def build_method(cfg: Config, encoder: ViTEncoder) -> Method:
-    d = cfg.dilemma
-    dilemma = Dilemma(encoder.embed_dim, encoder.num_patches, misplace_prob=d.misplace_prob, drop_rate=d.drop_rate, weight=d.weight)
-    return method_class(cfg).from_config(cfg, encoder, dilemma)
+@functools.lru_cache(maxsize=None)
+def _import_method(spec: str) -> type[Method]:
+    """``path/to/file.py:ClassName`` or ``package.module:ClassName`` -> the class, checked."""
+    where, _, class_name = spec.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            path = Path(where).resolve()
+            if not path.is_file():
+                raise DilemmaError(f"method file {where!r} does not exist")
+            module_name = f"dilemma_user_method_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module  # dataclasses and typing look their module up here
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ImportError as err:
+        raise DilemmaError(f"cannot import the method in {where!r}: {err}") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise DilemmaError(f"{spec!r}: {where} has no Method subclass named {class_name!r}")
+    if not isinstance(getattr(cls, "name", None), str) or not hasattr(cls, "Config"):
+        raise DilemmaError(f"{spec!r}: a Method declares `name` (its config section) and `Config` (its dataclass)")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise DilemmaError(f"{spec!r}: the name {cls.name!r} is taken by a built-in method; choose another")
+    return cls
 
 
-def build_views(cfg: Config) -> Views:
-    """The method's augmentation: uint8 batch -> tuple of view batches."""
-    return method_class(cfg).views(cfg)
+def method_class(name: str) -> type[Method]:
+    """The method that ``method.name`` names."""
+    if name in METHODS:
+        return METHODS[name]
+    if ":" in name:
+        return _import_method(name)
+    raise DilemmaError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, or path/to/file.py:ClassName")
 
 
-__all__ = ["DINO", "MAE", "METHODS", "Method", "MoCoV3", "SimCLR", "build_method", "build_views"]
+__all__ = [
+    "BUILTIN",
+    "DINO",
+    "EMATeacherMethod",
+    "MAE",
+    "METHODS",
+    "Method",
+    "MethodOutput",
+    "MoCoV3",
+    "SimCLR",
+    "Views",
+    "method_class",
+]

@@ -1,57 +1,84 @@
-"""What every self-supervised method provides to the training loop.
+"""What every self-supervised method provides to the training loop, and the EMA-teacher base.
 
-A method is an ``nn.Module`` around a student ``encoder`` with the DILEMMA pretext attached:
+A method is an ``nn.Module`` around a student ``encoder`` with the DILEMMA pretext attached. A new
+method is one file: a subclass of ``Method`` (or ``EMATeacherMethod``) that declares
 
-- ``from_config(cfg, encoder, dilemma)`` builds it from its own config section;
-- ``views(cfg)`` is the augmentation: a uint8 batch ``(n, C, S, S)`` -> a tuple of float view batches;
-- ``forward(views, progress, generator, with_metrics)`` -> ``(loss, logs)``; ``progress`` in [0, 1]
-  drives the method's own schedules (EMA momentum, teacher temperature), ``generator`` draws the
-  student's token samples;
-- ``pictures(images, out_dir)`` may draw sanity pictures at the end of a run.
+- ``name``: the value of ``method.name`` and the key of its config section ``method.<name>``;
+- ``Config``: that section, a dataclass whose defaults are the method's defaults (the only place
+  they are written) and whose ``check()`` raises ``DilemmaError`` for values out of range;
+- ``__init__(encoder, dilemma, cfg)``: builds heads / teachers from ``cfg`` (an instance of ``Config``);
+- ``forward(views, progress, draws, with_metrics) -> MethodOutput``: ``progress`` in [0, 1] drives
+  the method's own schedules, ``draws`` the student's token samples (pass it to ``student``);
+- optionally ``views(cfg, settings)`` (its augmentation; default: two views of one transform),
+  ``before_step`` / ``after_step``, ``pictures`` and ``plain`` (what "without DILEMMA" means).
 
 ``encoder`` is the backbone that is evaluated and exported; teacher / momentum parameters have
-``requires_grad=False``. The DILEMMA switches (p, r, lambda) mean the same for every method: they
-act on the student's views only (METHOD.md), through ``student``.
+``requires_grad=False``. The DILEMMA switches (p, r, lambda) mean the same for every method: they act
+on the student's views only (``docs/method.md``), through ``student``, and ``output`` adds the
+detection loss. ``dilemma pretrain --method path/to/file.py:ClassName`` trains a method kept in a
+file of your own; a built-in one is also listed in ``dilemma.methods.BUILTIN``.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
-from dilemma.data.augment import TwoViews, view_transform
+from dilemma.data.augment import TwoViews, ViewSettings
 from dilemma.models import ViTEncoder
-from dilemma.pretext import Dilemma
+from dilemma.pretext import Dilemma, TokenDraws
+from dilemma.schedules import momentum_at
 
-Views = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+Views = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # uint8 batch (n, C, S, S) -> float view batches
+
+
+@dataclass
+class MethodOutput:
+    """What one forward gives the training loop."""
+
+    loss: torch.Tensor  # the total to minimise: SSL loss + lambda * detection BCE
+    logs: dict[str, Any]  # numbers (or 0-d tensors) for metrics.jsonl
+    features: torch.Tensor  # (n, D) detached class embeddings of the first student view: the online probe's input
 
 
 class Method(nn.Module):
-    encoder: ViTEncoder
-    dilemma: Dilemma
-    probe_features: torch.Tensor | None = None
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    # the overrides that make the plain base method (no detection, dense inputs), for comparisons
+    plain: ClassVar[tuple[str, ...]] = ("dilemma.misplace_prob=0", "dilemma.drop_rate=0")
+
+    def __init__(self, encoder: ViTEncoder, dilemma: Dilemma, cfg: Any):
+        super().__init__()
+        self.encoder, self.dilemma, self.cfg = encoder, dilemma, cfg
 
     @classmethod
-    def from_config(cls, cfg, encoder: ViTEncoder, dilemma: Dilemma) -> "Method":
+    def views(cls, cfg: Any, settings: ViewSettings) -> Views:
+        """Two independently augmented views (SimCLR / MoCo v3 style)."""
+        return TwoViews(settings.transform())
+
+    def forward(
+        self,
+        views: tuple[torch.Tensor, ...],
+        progress: float = 0.0,
+        draws: TokenDraws = None,
+        with_metrics: bool = False,
+    ) -> MethodOutput:
         raise NotImplementedError
 
-    @staticmethod
-    def views(cfg) -> Views:
-        """Two independently augmented views (SimCLR / MoCo v3 style)."""
-        d = cfg.data
-        return TwoViews(view_transform(cfg.model.img_size, crop_min_scale=d.crop_min_scale, hflip=d.hflip,
-                                       color_jitter=d.color_jitter, blur_prob=d.blur_prob))
-
-    def student(self, images: torch.Tensor, generator: torch.Generator | None, with_metrics: bool, corrupt: bool = True):
+    def student(self, images: torch.Tensor, draws: TokenDraws, with_metrics: bool, corrupt: bool = True):
         """Encode one student view, sparse and corrupted as configured (dense and clean when
-        ``corrupt`` is False): ``(cls, patches, det_bce | None, logs)``."""
+        ``corrupt`` is False): ``(cls (n, D), patches (n, K, D), det_bce | None, det_logs)``."""
         sample = None
         if corrupt:
             grid = self.encoder.grid_of(tuple(images.shape[-2:]))
-            sample = self.dilemma.sample(images.shape[0], num_patches=grid[0] * grid[1], generator=generator, device=images.device)
+            sample = self.dilemma.sample(
+                images.shape[0], num_patches=grid[0] * grid[1], generator=draws, device=images.device
+            )
         if sample is None:
             cls, patches = self.encoder(images)
         else:
@@ -59,14 +86,12 @@ class Method(nn.Module):
         bce, logs = self.dilemma.loss(patches, sample, with_metrics=with_metrics)
         return cls, patches, bce, logs
 
-    def combine(self, ssl_loss: torch.Tensor, detections: list, features: torch.Tensor,
-                ssl_name: str = "ssl_loss") -> tuple[torch.Tensor, dict]:
-        """Total = SSL loss + lambda * mean detection BCE over the corrupted views (METHOD.md, step 7).
-
-        ``features`` (the class embeddings of the first student view) are kept, detached, as
-        ``probe_features`` for the online linear probe."""
-        self.probe_features = features.detach()
-        logs: dict = {ssl_name: ssl_loss.detach()}
+    def output(
+        self, ssl_loss: torch.Tensor, detections: list, features: torch.Tensor, ssl_name: str = "ssl_loss"
+    ) -> MethodOutput:
+        """Total = SSL loss + lambda * mean detection BCE over the corrupted views (``docs/method.md``,
+        step 7). ``detections`` holds ``(det_bce | None, det_logs)`` per student view (``student``'s)."""
+        logs: dict[str, Any] = {ssl_name: ssl_loss.detach()}
         detections = [(bce, view_logs) for bce, view_logs in detections if bce is not None]
         loss = ssl_loss
         if detections:
@@ -77,7 +102,7 @@ class Method(nn.Module):
             for key in detections[0][1]:
                 logs[key] = sum(view_logs[key] for _, view_logs in detections) / len(detections)
         logs["loss"] = loss.detach()
-        return loss, logs
+        return MethodOutput(loss, logs, features.detach())
 
     def before_step(self, progress: float) -> None:
         """Once per optimiser step, before its forwards: EMA teachers move here (not in ``forward``,
@@ -90,3 +115,33 @@ class Method(nn.Module):
     def pictures(self, images: torch.Tensor, out_dir: Path) -> list[Path]:
         """Sanity pictures written at the end of a run (none by default)."""
         return []
+
+
+class EMATeacherMethod(Method):
+    """A method with an exponential-moving-average teacher (MoCo v3's momentum encoder, DINO's
+    teacher, BYOL's target): ``teacher_of(module)`` makes a frozen copy that follows ``module`` with
+    a momentum on a cosine from ``cfg.momentum`` to 1 over training (``schedules.momentum_at``)."""
+
+    def __init__(self, encoder: ViTEncoder, dilemma: Dilemma, cfg: Any):
+        super().__init__(encoder, dilemma, cfg)
+        self.momentum = cfg.momentum
+        self._ema_pairs: list[tuple[nn.Module, nn.Module]] = []  # (online, teacher), parameters in the same order
+
+    def teacher_of(self, online: nn.Module) -> nn.Module:
+        """A deep copy of ``online`` that takes no gradient and moves in ``update_teacher``."""
+        teacher = copy.deepcopy(online)
+        teacher.requires_grad_(False)
+        self._ema_pairs.append((online, teacher))
+        return teacher
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """``teacher = momentum * teacher + (1 - momentum) * online`` for every pair, in one fused pass."""
+        online = [p.detach() for pair_online, _ in self._ema_pairs for p in pair_online.parameters()]
+        teacher = [p for _, pair_teacher in self._ema_pairs for p in pair_teacher.parameters()]
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, online, alpha=1.0 - momentum)
+
+    def before_step(self, progress: float) -> None:
+        self.momentum = momentum_at(progress, self.cfg.momentum)
+        self.update_teacher(self.momentum)

@@ -1,56 +1,67 @@
 """DINO (Caron et al. 2021) with the DILEMMA pretext on the student's global crops.
 
-Student and EMA teacher share the architecture: ViT + DINO head (3-layer MLP with GELU, L2
-normalised bottleneck, weight-normalised last layer with its norm fixed to 1). The teacher's
-outputs are centred (EMA of the batch mean, averaged over processes, a buffer saved in
+Student and EMA teacher share the architecture: ViT + DINO head (``heads.DINOHead``). The
+teacher's outputs are centred (EMA of the batch mean, averaged over processes, a buffer saved in
 checkpoints) and sharpened with a temperature that warms up linearly. Multi-crop: 2 global crops
 at the model's size + N local crops at a smaller size; the student sees all crops, the teacher the
 global ones; cross-entropy between the teacher's distribution for one global crop and the
 student's for every other crop. DILEMMA and sparsity act on the student's global crops (local
-crops dense unless ``local_dilemma``); the teacher sees global crops dense and clean (METHOD.md).
+crops dense unless ``local_dilemma``); the teacher sees global crops dense and clean
+(``docs/method.md``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from dilemma.data.augment import multi_crop
-from dilemma.errors import DilemmaError
-from dilemma.methods.base import Method
-from dilemma.methods.parts import ema_update, frozen_copy, momentum_at
+from dilemma.data.augment import ViewSettings, multi_crop
+from dilemma.distributed import all_reduce_mean
+from dilemma.errors import require
+from dilemma.heads import DINOHead
+from dilemma.losses import DINOLoss
+from dilemma.methods.base import EMATeacherMethod, MethodOutput
 from dilemma.models import ViTEncoder
-from dilemma.pretext import Dilemma
-from dilemma.train.distributed import all_reduce_mean
+from dilemma.pretext import Dilemma, TokenDraws
 
 
-class NormalizedLinear(nn.Module):
-    """Linear layer whose weight rows are L2-normalised: ``weight_norm`` with g fixed to 1 (DINO's
-    ``norm_last_layer=True``)."""
+@dataclass
+class DINOConfig:
+    """The ``method.dino`` config section."""
 
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
+    out_dim: int = 1024  # prototypes (65536 in the paper's ImageNet runs)
+    hidden_dim: int = 1024
+    bottleneck_dim: int = 128
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07  # reached after the warm-up
+    warmup_teacher_temp: float = 0.04
+    teacher_temp_warmup: float = 0.3  # fraction of training over which the teacher temperature rises
+    center_momentum: float = 0.9
+    momentum: float = 0.99  # teacher EMA momentum at the start; cosine to 1
+    local_crops: int = 2  # N small crops besides the 2 global ones
+    local_crop_size: int = 16  # pixels; must be divisible by the patch size
+    local_crop_scale: float = 0.35  # local crops cover 5 % .. this fraction of the image; global crops start here
+    local_dilemma: bool = False  # also make the local crops sparse + corrupted
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, F.normalize(self.weight, dim=1))
-
-
-class DINOHead(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, bottleneck_dim))
-        self.last_layer = NormalizedLinear(bottleneck_dim, out_dim)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+    def check(self) -> None:
+        temps = (self.student_temp, self.teacher_temp, self.warmup_teacher_temp)
+        require(min(temps) > 0, f"method.dino temperatures must be > 0, got {temps}")
+        require(0.0 <= self.momentum <= 1.0, f"method.dino.momentum must be in [0, 1], got {self.momentum}")
+        require(
+            0.0 <= self.teacher_temp_warmup <= 1.0,
+            f"method.dino.teacher_temp_warmup must be in [0, 1], got {self.teacher_temp_warmup}",
+        )
+        require(
+            0.0 <= self.center_momentum < 1.0,
+            f"method.dino.center_momentum must be in [0, 1), got {self.center_momentum}",
+        )
+        require(self.local_crops >= 0, f"method.dino.local_crops must be >= 0, got {self.local_crops}")
+        require(
+            0.05 < self.local_crop_scale < 1.0,
+            f"method.dino.local_crop_scale must be in (0.05, 1), got {self.local_crop_scale}",
+        )
+        require(min(self.out_dim, self.hidden_dim, self.bottleneck_dim) >= 1, "method.dino head sizes must be >= 1")
 
 
 def teacher_temperature_at(progress: float, warmup_temp: float, temp: float, warmup: float) -> float:
@@ -60,55 +71,30 @@ def teacher_temperature_at(progress: float, warmup_temp: float, temp: float, war
     return warmup_temp + (temp - warmup_temp) * progress / warmup
 
 
-def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
-              student_temp: float, teacher_temp: float) -> torch.Tensor:
-    """Mean over (teacher crop i, student crop v != i) of H(softmax((t_i - c) / T_t), softmax(s_v / T_s));
-    the first ``len(teacher)`` student crops are the same global crops as the teacher's."""
-    targets = [F.softmax((t.float() - center) / teacher_temp, dim=-1) for t in teacher]
-    log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student]
-    terms = [-(q * lp).sum(dim=-1).mean() for i, q in enumerate(targets) for v, lp in enumerate(log_probs) if v != i]
-    return torch.stack(terms).mean()
+class DINO(EMATeacherMethod):
+    name = "dino"
+    Config = DINOConfig
 
-
-class DINO(Method):
-    def __init__(self, encoder: ViTEncoder, dilemma: Dilemma, *, out_dim: int = 1024, hidden_dim: int = 1024,
-                 bottleneck_dim: int = 128, student_temp: float = 0.1, teacher_temp: float = 0.07,
-                 warmup_teacher_temp: float = 0.04, teacher_temp_warmup: float = 0.3, center_momentum: float = 0.9,
-                 momentum: float = 0.99, local_dilemma: bool = False):
-        super().__init__()
-        self.encoder, self.dilemma = encoder, dilemma
-        self.head = DINOHead(encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim)
-        self.teacher_encoder, self.teacher_head = frozen_copy(encoder), frozen_copy(self.head)
-        self.register_buffer("center", torch.zeros(1, out_dim))
+    def __init__(self, encoder: ViTEncoder, dilemma: Dilemma, cfg: DINOConfig | None = None):
+        cfg = cfg or DINOConfig()
+        super().__init__(encoder, dilemma, cfg)
+        patch = encoder.vit.patch_embed.patch_size[0]
+        require(
+            cfg.local_crop_size % patch == 0,
+            f"method.dino.local_crop_size {cfg.local_crop_size} is not divisible by model.patch_size {patch}",
+        )
+        self.head = DINOHead(encoder.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
+        self.teacher_encoder, self.teacher_head = self.teacher_of(encoder), self.teacher_of(self.head)
+        self.criterion = DINOLoss(cfg.student_temp)
+        self.register_buffer("center", torch.zeros(1, cfg.out_dim))
         self._teacher_sum, self._teacher_count = None, 0  # this step's teacher outputs, for the centre
-        self.student_temp, self.teacher_temp, self.warmup_teacher_temp = student_temp, teacher_temp, warmup_teacher_temp
-        self.teacher_temp_warmup, self.center_momentum = teacher_temp_warmup, center_momentum
-        self.base_momentum, self.momentum, self.local_dilemma = momentum, momentum, local_dilemma
 
     @classmethod
-    def from_config(cls, cfg, encoder, dilemma):
-        d = cfg.method.dino
-        if d.local_crop_size % cfg.model.patch_size:
-            raise DilemmaError(f"method.dino.local_crop_size {d.local_crop_size} is not divisible by model.patch_size "
-                               f"{cfg.model.patch_size}")
-        return cls(encoder, dilemma, out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
-                   student_temp=d.student_temp, teacher_temp=d.teacher_temp, warmup_teacher_temp=d.warmup_teacher_temp,
-                   teacher_temp_warmup=d.teacher_temp_warmup, center_momentum=d.center_momentum, momentum=d.momentum,
-                   local_dilemma=d.local_dilemma)
-
-    @staticmethod
-    def views(cfg):
-        d, dino = cfg.data, cfg.method.dino
-        return multi_crop(cfg.model.img_size, dino.local_crop_size, dino.local_crops, crop_min_scale=d.crop_min_scale,
-                          local_max_scale=dino.local_crop_scale, hflip=d.hflip, color_jitter=d.color_jitter,
-                          blur_prob=d.blur_prob)
-
-    def update_teacher(self, momentum: float) -> None:
-        ema_update([(self.encoder, self.teacher_encoder), (self.head, self.teacher_head)], momentum)
+    def views(cls, cfg: DINOConfig, settings: ViewSettings):
+        return multi_crop(settings, cfg.local_crop_size, cfg.local_crops, local_max_scale=cfg.local_crop_scale)
 
     def before_step(self, progress: float) -> None:
-        self.momentum = momentum_at(progress, self.base_momentum)
-        self.update_teacher(self.momentum)
+        super().before_step(progress)  # the teacher moves
         self._teacher_sum, self._teacher_count = None, 0  # what a skipped step observed is dropped
 
     def after_step(self) -> None:
@@ -121,29 +107,33 @@ class DINO(Method):
     @torch.no_grad()
     def update_center(self, batch_mean: torch.Tensor) -> None:
         batch_center = all_reduce_mean(batch_mean.clone())
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+        self.center.mul_(self.cfg.center_momentum).add_(batch_center, alpha=1.0 - self.cfg.center_momentum)
 
-    def forward(self, views, progress: float = 0.0, generator: torch.Generator | None = None, with_metrics: bool = False):
+    def forward(
+        self, views, progress: float = 0.0, draws: TokenDraws = None, with_metrics: bool = False
+    ) -> MethodOutput:
         global_crops, local_crops = views[:2], views[2:]
         n = global_crops[0].shape[0]
         # Global crops in one pass, local crops in another (as DINO's multi-resolution forward); each
         # image draws its own token sample, so batching the crops changes nothing about the pretext.
-        cls, _, bce, det_logs = self.student(torch.cat(global_crops), generator, with_metrics)
+        cls, _, bce, det_logs = self.student(torch.cat(global_crops), draws, with_metrics)  # cls: (2n, D)
         student_out = list(self.head(cls).chunk(2))
         detections = [(bce, det_logs)]
         if local_crops:
-            cls_local, _, bce_local, logs_local = self.student(torch.cat(local_crops), generator, with_metrics,
-                                                               corrupt=self.local_dilemma)
+            cls_local, _, bce_local, logs_local = self.student(
+                torch.cat(local_crops), draws, with_metrics, corrupt=self.cfg.local_dilemma
+            )
             student_out += list(self.head(cls_local).split(n))
             detections.append((bce_local, logs_local))
 
-        temp = teacher_temperature_at(progress, self.warmup_teacher_temp, self.teacher_temp, self.teacher_temp_warmup)
-        with torch.no_grad():
-            teacher_out = self.teacher_head(self.teacher_encoder(torch.cat(global_crops))[0])
-        ssl = dino_loss(student_out, list(teacher_out.chunk(2)), self.center, self.student_temp, temp)
+        c = self.cfg
+        temp = teacher_temperature_at(progress, c.warmup_teacher_temp, c.teacher_temp, c.teacher_temp_warmup)
+        with torch.no_grad():  # the teacher: global crops only, dense and clean
+            teacher_out = self.teacher_head(self.teacher_encoder(torch.cat(global_crops))[0])  # (2n, out_dim)
+        ssl = self.criterion(student_out, list(teacher_out.chunk(2)), self.center, temp)
         total = teacher_out.detach().float().sum(dim=0, keepdim=True)
         self._teacher_sum = total if self._teacher_sum is None else self._teacher_sum + total
         self._teacher_count += teacher_out.shape[0]
-        loss, logs = self.combine(ssl, detections, features=cls[:n])
-        logs.update(momentum=self.momentum, teacher_temp=temp)
-        return loss, logs
+        out = self.output(ssl, detections, features=cls[:n])
+        out.logs.update(momentum=self.momentum, teacher_temp=temp)
+        return out

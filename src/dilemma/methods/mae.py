@@ -5,11 +5,12 @@ fraction p of them carry the positional embedding of a masked location, and the 
 reads the encoder's outputs. The decoder puts every encoded token back at its TRUE position,
 fills the rest with a shared mask token, adds its own fixed sin-cos PE, and predicts the pixels of
 every patch; the loss is the MSE on the masked patches, against per-patch normalised pixels
-(``norm_pix_loss``). Total = reconstruction + lambda * detection (METHOD.md).
+(``norm_pix_loss``). Total = reconstruction + lambda * detection (``docs/method.md``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,11 +18,26 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torchvision.utils import save_image
 
-from dilemma.data.augment import MultiViews, view_transform
-from dilemma.errors import DilemmaError
-from dilemma.methods.base import Method
+from dilemma.data.augment import MultiViews, ViewSettings
+from dilemma.errors import require
+from dilemma.methods.base import Method, MethodOutput
 from dilemma.models import ViTEncoder, sincos_pos_embed_2d
-from dilemma.pretext import Dilemma, TokenSample
+from dilemma.pretext import Dilemma, TokenDraws, TokenSample
+
+
+@dataclass
+class MAEConfig:
+    """The ``method.mae`` config section (the mask ratio is ``dilemma.drop_rate``)."""
+
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True  # reconstruct per-patch normalised pixels
+
+    def check(self) -> None:
+        require(
+            min(self.decoder_dim, self.decoder_depth, self.decoder_heads) >= 1, "method.mae decoder sizes must be >= 1"
+        )
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -38,43 +54,46 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int, grid: tupl
 
 
 class MAE(Method):
-    def __init__(self, encoder: ViTEncoder, dilemma: Dilemma, *, decoder_dim: int = 128, decoder_depth: int = 2,
-                 decoder_heads: int = 4, norm_pix_loss: bool = True):
-        super().__init__()
-        if dilemma.drop_rate <= 0:
-            raise DilemmaError("MAE reconstructs dropped patches: set dilemma.drop_rate > 0 (the mask ratio; MAE uses 0.75)")
-        if decoder_dim % decoder_heads:
-            raise DilemmaError(f"method.mae.decoder_dim {decoder_dim} is not divisible by method.mae.decoder_heads {decoder_heads}")
-        self.encoder, self.dilemma = encoder, dilemma
+    name = "mae"
+    Config = MAEConfig
+    plain = ("dilemma.misplace_prob=0",)  # the mask ratio (drop rate) is MAE itself
+
+    def __init__(self, encoder: ViTEncoder, dilemma: Dilemma, cfg: MAEConfig | None = None):
+        cfg = cfg or MAEConfig()
+        super().__init__(encoder, dilemma, cfg)
+        require(
+            dilemma.drop_rate > 0,
+            "MAE reconstructs dropped patches: set dilemma.drop_rate > 0 (the mask ratio; MAE uses 0.75)",
+        )
+        require(
+            cfg.decoder_dim % cfg.decoder_heads == 0,
+            f"method.mae.decoder_dim {cfg.decoder_dim} is not divisible by "
+            f"method.mae.decoder_heads {cfg.decoder_heads}",
+        )
+        dim = cfg.decoder_dim
         self.patch_size = encoder.vit.patch_embed.patch_size[0]
-        self.norm_pix_loss = norm_pix_loss
-        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_embed = nn.Linear(encoder.embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.mask_token, std=0.02)
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(encoder.grid_size, decoder_dim), persistent=False)
-        self.decoder_blocks = nn.Sequential(*[Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True)
-                                              for _ in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * encoder.in_chans)
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(encoder.grid_size, dim), persistent=False)
+        self.decoder_blocks = nn.Sequential(
+            *[Block(dim, cfg.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(cfg.decoder_depth)]
+        )
+        self.decoder_norm = nn.LayerNorm(dim)
+        self.decoder_pred = nn.Linear(dim, self.patch_size**2 * encoder.in_chans)
 
     @classmethod
-    def from_config(cls, cfg, encoder, dilemma):
-        m = cfg.method.mae
-        return cls(encoder, dilemma, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
-                   decoder_heads=m.decoder_heads, norm_pix_loss=m.norm_pix_loss)
-
-    @staticmethod
-    def views(cfg):
+    def views(cls, cfg: MAEConfig, settings: ViewSettings):
         """One view: random resized crop and flip only, as MAE."""
-        return MultiViews(view_transform(cfg.model.img_size, crop_min_scale=cfg.data.crop_min_scale, hflip=cfg.data.hflip,
-                                         color_jitter=0.0, blur_prob=0.0))
+        return MultiViews(settings.transform(color_jitter=0.0, blur_prob=0.0))
 
     def decoder_tokens(self, cls: torch.Tensor, patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``(B, 1 + L, Dd)``: each encoded token at its TRUE position ``keep`` (whatever PE the encoder
         gave it), mask tokens elsewhere, plus the decoder's PE; the class token first."""
-        x = self.decoder_embed(patches)
+        x = self.decoder_embed(patches)  # (B, K, Dd)
         batch, _, dim = x.shape
-        full = self.mask_token.to(x.dtype).expand(batch, self.encoder.num_patches, dim)
+        full = self.mask_token.to(x.dtype).expand(batch, self.encoder.num_patches, dim)  # (B, L, Dd)
+        # row keep[b, i] of image b receives encoded token i: its true location, not the PE it was given
         full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, dim), x) + self.decoder_pos_embed
         return torch.cat([self.decoder_embed(cls).unsqueeze(1), full], dim=1)
 
@@ -85,25 +104,27 @@ class MAE(Method):
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         target = patchify(images, self.patch_size)
-        if self.norm_pix_loss:
+        if self.cfg.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
         return target
 
     def reconstruction_loss(self, pred: torch.Tensor, images: torch.Tensor, sample: TokenSample) -> torch.Tensor:
         """MSE per patch, averaged over the masked (dropped) patches only."""
-        per_patch = (pred.float() - self.targets(images)).pow(2).mean(dim=-1)
-        masked = torch.ones_like(per_patch).scatter(1, sample.keep, 0.0)
+        per_patch = (pred.float() - self.targets(images)).pow(2).mean(dim=-1)  # (B, L)
+        masked = torch.ones_like(per_patch).scatter(1, sample.keep, 0.0)  # (B, L): 1 where the patch was dropped
         return (per_patch * masked).sum() / masked.sum()
 
-    def forward(self, views, progress: float = 0.0, generator: torch.Generator | None = None, with_metrics: bool = False):
+    def forward(
+        self, views, progress: float = 0.0, draws: TokenDraws = None, with_metrics: bool = False
+    ) -> MethodOutput:
         images = views[0]
-        sample = self.dilemma.sample(images.shape[0], generator=generator, device=images.device)
+        sample = self.dilemma.sample(images.shape[0], generator=draws, device=images.device)
         cls, patches = self.encoder(images, keep=sample.keep, positions=sample.positions)
         bce, det_logs = self.dilemma.loss(patches, sample, with_metrics=with_metrics)
         pred = self.decode(cls, patches, sample.keep)
-        return self.combine(self.reconstruction_loss(pred, images, sample), [(bce, det_logs)], features=cls,
-                            ssl_name="recon_loss")
+        loss = self.reconstruction_loss(pred, images, sample)
+        return self.output(loss, [(bce, det_logs)], features=cls, ssl_name="recon_loss")
 
     @torch.no_grad()
     def pictures(self, images: torch.Tensor, out_dir: Path) -> list[Path]:
@@ -112,10 +133,12 @@ class MAE(Method):
         was_training = self.training
         self.eval()
         images = images[:8]
-        sample = self.dilemma.sample(images.shape[0], generator=torch.Generator(images.device).manual_seed(0), device=images.device)
+        sample = self.dilemma.sample(
+            images.shape[0], generator=torch.Generator(images.device).manual_seed(0), device=images.device
+        )
         pred = self.decode(*self.encoder(images, keep=sample.keep, positions=sample.positions), sample.keep)
         target = patchify(images, self.patch_size)
-        if self.norm_pix_loss:
+        if self.cfg.norm_pix_loss:
             pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)
         visible = torch.zeros_like(target[..., :1]).scatter(1, sample.keep.unsqueeze(-1), 1.0)
         channels, grid = images.shape[1], self.encoder.grid_size

@@ -1,1 +1,1 @@
-"""Training: the loop, schedules, checkpoints and distributed helpers."""
+"""Training: the loop (setup, train, finish), one optimiser step, the online probe, metrics, seeds, signals."""

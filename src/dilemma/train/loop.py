@@ -1,56 +1,48 @@
-"""``pretrain``: one training loop that reads top to bottom.
+"""``pretrain``: set up, train, finish — three functions that read top to bottom.
 
-Data -> model -> method -> AdamW with warm-up + cosine -> steps until ``max_steps`` or the
-wall-clock budget -> checkpoints (atomic) -> kNN read-out. ``metrics.jsonl`` gets one JSON
-object per logged step; the last one holds the kNN result.
+``setup``: config -> data -> method -> AdamW -> (DDP) -> state restored from the last checkpoint.
+``train``: steps until ``train.max_steps`` or the wall-clock budget, lr on warm-up + cosine,
+logging to ``metrics.jsonl``, atomic checkpoints, a clean stop on SIGTERM / SIGINT.
+``finish``: the last checkpoint, the method's pictures and the kNN read-out.
 """
 
 from __future__ import annotations
 
-import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
 
+from dilemma.build import build_method, build_views, load_splits
 from dilemma.config import Config
-from dilemma.data import PretrainBatches, eval_batches, load_source, pretrain_loader
+from dilemma.data import PretrainBatches, Splits, eval_batches, pretrain_loader
+from dilemma.distributed import (
+    fail_together,
+    init_from_env,
+    is_distributed,
+    is_main,
+    rank,
+    resolve_device,
+    sync_batchnorm,
+    world_size,
+)
 from dilemma.errors import DilemmaError
 from dilemma.eval.knn import knn_eval
-from dilemma.methods import build_method, build_views
-from dilemma.models import build_encoder
-from dilemma.train.checkpoint import FORMAT, CheckpointDir, load_checkpoint, rng_state, set_rng_state
-from dilemma.train.distributed import (fail_together, init_from_env, is_distributed, is_main, rank, sync_batchnorm,
-                                      world_size)
+from dilemma.methods import Method
+from dilemma.rundir import FORMAT, CheckpointDir, RunDir, load_checkpoint
+from dilemma.schedules import learning_rate, progress
 from dilemma.train.metrics import MetricsLog, as_json
 from dilemma.train.probe import OnlineProbe
+from dilemma.train.seeding import rng_state, seed_everything, set_rng_state
 from dilemma.train.signals import Interrupted, stop_on_signals
 from dilemma.train.step import Stepper
-from dilemma.train.schedule import learning_rate, progress
 
 # Parts of the config that fix the shapes of the saved state: a resume must not change them.
 FROZEN_ON_RESUME = ("model", "method", "dilemma")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DilemmaError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise DilemmaError(f"train.device={name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -66,51 +58,95 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def check_resume_config(saved: dict, cfg: Config) -> None:
     current = cfg.to_dict()
-    changed = [f"{section}.{key}: {saved[section][key]!r} -> {current[section][key]!r}"
-               for section in FROZEN_ON_RESUME for key in saved[section] if saved[section][key] != current[section][key]]
+    changed = [
+        f"{section}.{key}: {saved[section][key]!r} -> {current[section][key]!r}"
+        for section in FROZEN_ON_RESUME
+        for key in saved[section]
+        if saved[section][key] != current[section][key]
+    ]
     if changed:
-        raise DilemmaError("cannot resume: the checkpoint was made with another model/method config (" + "; ".join(changed) + ")")
-
-
-def prepare_run_dir(out_dir: Path, resume: bool) -> None:
-    if resume:
-        if not (out_dir / "checkpoints" / "last.pt").exists():
-            raise DilemmaError(f"--resume: no checkpoint in {str(out_dir)!r} (expected checkpoints/last.pt); "
-                               "start without --resume or point --out at an earlier run")
-        return
-    if (out_dir / "checkpoints").exists():
-        raise DilemmaError(f"{str(out_dir)!r} already holds a run: add --resume to continue it, or choose another --out")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise DilemmaError(f"cannot write to output folder {str(out_dir)!r}: {err}") from None
+        raise DilemmaError(
+            "cannot resume: the checkpoint was made with another model/method config (" + "; ".join(changed) + ")"
+        )
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+@dataclass
+class Run:
+    """Everything a training run holds; ``step``, ``elapsed`` and ``skipped`` advance as it trains."""
+
+    cfg: Config
+    dir: RunDir
+    device: torch.device
+    splits: Splits
+    method: Method  # the module whose state is saved (``model`` may wrap it in DDP or compile it)
+    optimizer: torch.optim.Optimizer
+    stepper: Stepper
+    probe: OnlineProbe | None
+    batches: PretrainBatches
+    checkpoints: CheckpointDir
+    metrics: MetricsLog
+    step: int = 0
+    elapsed: float = 0.0  # seconds of training so far (across resumes): the clock of the schedules
+    skipped: int = 0  # optimiser steps skipped for a non-finite loss
+
+    def state(self) -> dict:
+        return {
+            "format": FORMAT,
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "epoch": self.step / self.batches.steps_per_epoch,
+            "elapsed": self.elapsed,
+            "nonfinite_skips": self.skipped,
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.stepper.scaler.state_dict(),
+            "probe": self.probe.full_state() if self.probe is not None else None,
+            "rng": rng_state(self.stepper.token_generator),
+        }
+
+    def save(self) -> None:
+        if is_main():  # one writer per run folder
+            self.checkpoints.save(self.state(), self.step)
+
+    def restore(self, ckpt: dict) -> None:
+        self.method.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.probe is not None and ckpt.get("probe"):
+            self.probe.load_full_state(ckpt["probe"])
+        set_rng_state(
+            ckpt["rng"], self.stepper.token_generator
+        )  # rank 0's states: the other ranks draw their own again
+        if rank():
+            seed_everything(self.cfg.train.seed + rank() + 1_000_003 * ckpt["step"])
+        if ckpt.get("scaler"):
+            self.stepper.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.elapsed, self.skipped = ckpt["step"], ckpt["elapsed"], ckpt.get("nonfinite_skips", 0)
+
+
 def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) -> dict:
     """Train ``cfg`` into ``out_dir``; returns the final metrics record (with ``knn_top1``)."""
-    out_dir = Path(out_dir)
+    run = setup(cfg, RunDir(out_dir), resume)
+    stopped_by = train(run)
+    return finish(run, stopped_by, log)
+
+
+def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
     ckpt = None
     if resume:
-        prepare_run_dir(out_dir, resume)
-        ckpt = load_checkpoint(out_dir / "checkpoints" / "last.pt")
+        ckpt = load_checkpoint(run_dir.require_checkpoint())
         check_resume_config(ckpt["config"], cfg)
     device = init_from_env(cfg.train.device) or resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed + rank())
-
-    splits = load_source(cfg.data.source, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
-                         val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed,
-                         skip_bad=cfg.data.skip_bad_images)
-    encoder = build_encoder(cfg.model)
     d, t = cfg.data, cfg.train
-    encoder.vit.set_grad_checkpointing(t.grad_checkpointing)
-    method = build_method(cfg, encoder).to(device)
+
+    splits = load_splits(cfg)
+    method = build_method(cfg)
+    method.encoder.vit.set_grad_checkpointing(t.grad_checkpointing)
+    method.to(device)
     if d.batch_size % world_size():
         raise DilemmaError(f"data.batch_size {d.batch_size} is not divisible by the {world_size()} processes")
     batches = PretrainBatches(splits.train, d.batch_size, build_views(cfg), t.seed, rank(), world_size())
@@ -118,142 +154,185 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     try:
         batches[0]  # decode one batch now: unreadable images fail here, before a run folder exists
         if not resume and is_main():
-            prepare_run_dir(out_dir, resume)
+            run_dir.create()
     except DilemmaError as err:
         problem = err
-    fail_together(problem)
+    fail_together(problem)  # every process stops, or none does
     if is_main():
-        _stderr(f"run folder: {out_dir}  ({splits.name}: {len(splits.train)} train / {len(splits.val)} val, "
-            f"{sum(p.numel() for p in method.encoder.parameters()) / 1e6:.2f}M-parameter encoder, device {device}, "
-            f"{world_size()} process(es), {t.precision})")
+        encoder_params = sum(p.numel() for p in method.encoder.parameters()) / 1e6
+        _stderr(
+            f"run folder: {run_dir.path}  ({splits.name}: {len(splits.train)} train / {len(splits.val)} val, "
+            f"{encoder_params:.2f}M-parameter encoder, device {device}, {world_size()} process(es), {t.precision})"
+        )
+
     optimizer = torch.optim.AdamW(param_groups(method, cfg.optim.weight_decay), lr=cfg.optim.lr)
-    probe = OnlineProbe(encoder.embed_dim, len(splits.classes)).to(device) if t.online_probe and splits.labelled else None
+    probe = (
+        OnlineProbe(method.encoder.embed_dim, len(splits.classes)).to(device)
+        if t.online_probe and splits.labelled
+        else None
+    )
     model = method
     if is_distributed():
-        model = torch.nn.parallel.DistributedDataParallel(sync_batchnorm(method, device),
-                                                          device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(sync_batchnorm(method, device), device_ids=device_ids)
     if t.compile:
         model.compile()
-    stepper = Stepper(model, method, optimizer, device=device, precision=t.precision, accum_steps=t.accum_steps,
-                      grad_clip=cfg.optim.grad_clip, seed=t.seed)
-    tokens = stepper.tokens
-    step, elapsed, skipped = 0, 0.0, 0
+    stepper = Stepper(
+        model,
+        method,
+        optimizer,
+        device=device,
+        precision=t.precision,
+        accum_steps=t.accum_steps,
+        grad_clip=cfg.optim.grad_clip,
+        seed=t.seed,
+    )
+    run = Run(
+        cfg, run_dir, device, splits, method, optimizer, stepper, probe, batches,
+        checkpoints=CheckpointDir(run_dir.path, t.keep_checkpoints),
+        metrics=MetricsLog(run_dir.path, enabled=is_main()),
+    )  # fmt: skip
     if ckpt is not None:
-        method.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if probe is not None and ckpt.get("probe"):
-            probe.load_full_state(ckpt["probe"])
-        set_rng_state(ckpt["rng"], tokens)  # rank 0's states: the other ranks draw their own again
-        if rank():
-            seed_everything(t.seed + rank() + 1_000_003 * ckpt["step"])
-        if ckpt.get("scaler"):
-            stepper.scaler.load_state_dict(ckpt["scaler"])
-        step, elapsed, skipped = ckpt["step"], ckpt["elapsed"], ckpt.get("nonfinite_skips", 0)
+        run.restore(ckpt)
+        run.metrics.truncate_after(run.step)  # steps logged after the checkpoint will be run (and logged) again
     if is_main():
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        run_dir.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run
 
-    per_rank_batch = d.batch_size // world_size()
-    loader = pretrain_loader(batches, step, t.max_steps, d.num_workers, pin_memory=device.type == "cuda")
 
-    def agree(stop: bool, clock: float) -> tuple[bool, float]:
-        """Processes must agree on stopping (budget, signal), or the others wait in a collective
-        forever, and on the clock that drives the schedules, or they apply different lrs."""
-        if not is_distributed():
-            return stop, clock
-        both = torch.tensor([float(stop), clock], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
-        return bool(both[0].item()), float(both[1].item())
-    checkpoints = CheckpointDir(out_dir, t.keep_checkpoints)
+def _agree(stop: bool, clock: float, device: torch.device) -> tuple[bool, float]:
+    """Processes must agree on stopping (budget, signal), or the others wait in a collective forever,
+    and on the clock that drives the schedules, or they apply different lrs."""
+    if not is_distributed():
+        return stop, clock
+    both = torch.tensor([float(stop), clock], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    return bool(both[0].item()), float(both[1].item())
+
+
+def _nonfinite(run: Run, loss: float) -> None:
+    """A skipped step: warn, or stop (``train.on_nonfinite``, ``train.max_nonfinite_skips``)."""
+    t = run.cfg.train
+    run.skipped += 1
+    if t.on_nonfinite == "stop" or run.skipped > t.max_nonfinite_skips:
+        last = run.checkpoints.last if run.checkpoints.last.exists() else None
+        kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
+        why = (
+            ""
+            if t.on_nonfinite == "stop"
+            else f" for the {run.skipped}th time (train.max_nonfinite_skips={t.max_nonfinite_skips})"
+        )
+        raise DilemmaError(
+            f"loss became {loss} at step {run.step}{why}; stopping ({kept}). "
+            "Try a lower optim.lr or a smaller optim.grad_clip, or train.on_nonfinite=skip."
+        )
+    _stderr(f"warning: loss became {loss} at step {run.step}; step skipped ({run.skipped} so far)")
+
+
+def train(run: Run) -> str:
+    """Step until ``max_steps`` or the time budget; returns what stopped it."""
+    cfg, t = run.cfg, run.cfg.train
     budget = t.time_budget * 60 if t.time_budget else None
-    metrics = MetricsLog(out_dir, enabled=is_main())
-    if ckpt is not None:
-        metrics.truncate_after(step)  # steps logged after the checkpoint will be run (and logged) again
-
-    def state() -> dict:
-        return {"format": FORMAT, "config": cfg.to_dict(), "step": step, "epoch": step / batches.steps_per_epoch,
-                "elapsed": elapsed, "nonfinite_skips": skipped, "model": method.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": stepper.scaler.state_dict(), "probe": probe.full_state() if probe is not None else None,
-                "rng": rng_state(tokens)}
-
-    def save() -> None:
-        if is_main():
-            checkpoints.save(state(), step)
-
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and is_main()), unit="step", dynamic_ncols=True)
-    method.train()
-    start, window_start, window_images = time.perf_counter() - elapsed, time.perf_counter(), 0
-    stopped_by = "max_steps"
+    loader = pretrain_loader(
+        run.batches, run.step, t.max_steps, cfg.data.num_workers, pin_memory=run.device.type == "cuda"
+    )
+    bar = tqdm(
+        total=t.max_steps, initial=run.step, disable=not (t.progress and is_main()), unit="step", dynamic_ncols=True
+    )
+    resume_hint = f"Continue with: dilemma pretrain --out {run.dir.path} --resume"
+    run.method.train()
+    start = time.perf_counter() - run.elapsed  # the clock continues from the checkpoint's
+    window_start, window_images = time.perf_counter(), 0  # throughput since the last log line
     with stop_on_signals() as stop_request:
         try:
             for views, labels in loader:
-                _, elapsed = agree(False, elapsed)
-                prog = progress(step, t.max_steps, elapsed, budget)
-                if budget and elapsed >= budget:
-                    stopped_by = "time_budget"
-                    break
-                lr = learning_rate(step, prog, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps)
-                for group in optimizer.param_groups:
+                _, run.elapsed = _agree(False, run.elapsed, run.device)
+                if budget and run.elapsed >= budget:
+                    return "time_budget"
+                train_progress = progress(run.step, t.max_steps, run.elapsed, budget)
+                lr = learning_rate(
+                    run.step,
+                    train_progress,
+                    lr=cfg.optim.lr,
+                    min_lr=cfg.optim.min_lr,
+                    warmup_steps=cfg.optim.warmup_steps,
+                )
+                for group in run.optimizer.param_groups:
                     group["lr"] = lr
-                with_metrics = (step + 1) % t.log_every == 0
-                views = tuple(v.to(device, non_blocking=True) for v in views)
-                result = stepper.step(views, labels, prog, step, with_metrics)
-                logs = result.logs
+                with_metrics = (run.step + 1) % t.log_every == 0
+                views = tuple(v.to(run.device, non_blocking=True) for v in views)
+                result = run.stepper.step(views, train_progress, run.step, with_metrics)
                 if result.skipped:
-                    skipped += 1
-                    loss = result.loss.item()
-                    if t.on_nonfinite == "stop" or skipped > t.max_nonfinite_skips:
-                        last = checkpoints.last if checkpoints.last.exists() else None
-                        kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
-                        why = "" if t.on_nonfinite == "stop" else f" for the {skipped}th time (train.max_nonfinite_skips={t.max_nonfinite_skips})"
-                        raise DilemmaError(f"loss became {loss} at step {step}{why}; stopping ({kept}). "
-                                           "Try a lower optim.lr or a smaller optim.grad_clip, or train.on_nonfinite=skip.")
-                    _stderr(f"warning: loss became {loss} at step {step}; step skipped ({skipped} so far)")
-                    step += 1
-                    elapsed = time.perf_counter() - start
+                    _nonfinite(run, result.loss.item())
+                    run.step += 1
+                    run.elapsed = time.perf_counter() - start
                     continue
-                if probe is not None:
-                    probe.step(result.probe_features, labels.to(device, non_blocking=True))
-                step += 1
-                elapsed = time.perf_counter() - start
-                window_images += per_rank_batch * world_size()
+                if run.probe is not None:
+                    run.probe.step(result.probe_features, labels.to(run.device, non_blocking=True))
+                run.step += 1
+                run.elapsed = time.perf_counter() - start
+                window_images += cfg.data.batch_size
                 bar.update(1)
                 if with_metrics:
                     now = time.perf_counter()
-                    record = {"step": step, "epoch": step / batches.steps_per_epoch, "elapsed_s": elapsed, "lr": lr,
-                              "img_per_s": window_images / (now - window_start), **logs}
-                    if probe is not None:
-                        record["probe_acc"] = probe.window_accuracy()
+                    record = {
+                        "step": run.step,
+                        "epoch": run.step / run.batches.steps_per_epoch,
+                        "elapsed_s": run.elapsed,
+                        "lr": lr,
+                        "img_per_s": window_images / (now - window_start),
+                        **result.logs,
+                    }
+                    if run.probe is not None:
+                        record["probe_acc"] = run.probe.window_accuracy()
                     window_start, window_images = now, 0
-                    metrics.write(record)
-                    bar.set_postfix({k: f"{as_json({k: record[k]})[k]:.3f}" for k in ("loss", "det_bce") if k in record})
-                if step % t.ckpt_every == 0:
-                    save()
-                if agree(bool(stop_request), 0.0)[0]:
-                    save()
+                    run.metrics.write(record)
+                    bar.set_postfix(
+                        {k: f"{as_json({k: record[k]})[k]:.3f}" for k in ("loss", "det_bce") if k in record}
+                    )
+                if run.step % t.ckpt_every == 0:
+                    run.save()
+                if _agree(bool(stop_request), 0.0, run.device)[0]:
+                    run.save()
                     bar.close()
                     if is_distributed():  # no process exits (and gets the others killed) before the save
                         torch.distributed.barrier()
                     signum = stop_request.signum or 15  # another process was signalled: stop as for SIGTERM
-                    raise Interrupted(f"stopped by {stop_request.name or 'SIGTERM'} at step {step}; checkpoint saved. "
-                                      f"Continue with: dilemma pretrain --out {out_dir} --resume", signum)
-        except KeyboardInterrupt:
-            save()
+                    name = stop_request.name or "SIGTERM"
+                    raise Interrupted(f"stopped by {name} at step {run.step}; checkpoint saved. {resume_hint}", signum)
+        except KeyboardInterrupt:  # a second Ctrl-C
+            run.save()
             bar.close()
-            raise Interrupted(f"interrupted at step {step}; checkpoint saved. Continue with: "
-                              f"dilemma pretrain --out {out_dir} --resume", 2) from None
-    bar.close()
-    save()
+            raise Interrupted(f"interrupted at step {run.step}; checkpoint saved. {resume_hint}", 2) from None
+        finally:
+            bar.close()
+    return "max_steps"
 
-    final = {"step": step, "epoch": step / batches.steps_per_epoch, "elapsed_s": elapsed, "stopped_by": stopped_by}
+
+def finish(run: Run, stopped_by: str, log) -> dict:
+    """Save, draw the method's pictures, read out kNN; the final record goes to ``metrics.jsonl``."""
+    run.save()
+    final = {
+        "step": run.step,
+        "epoch": run.step / run.batches.steps_per_epoch,
+        "elapsed_s": run.elapsed,
+        "stopped_by": stopped_by,
+    }
+    e = run.cfg.eval
     if is_main():
-        pictures = method.pictures(next(eval_batches(splits.val, 8))[0].to(device), out_dir)
+        pictures = run.method.pictures(next(eval_batches(run.splits.val, 8))[0].to(run.device), run.dir.path)
         final.update({"pictures": [str(p) for p in pictures]} if pictures else {})
-    if cfg.eval.knn_at_end and is_main() and splits.labelled:
-        knn = knn_eval(method.encoder, splits, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
-                       batch_size=cfg.eval.batch_size, device=device)
-        final.update(knn_top1=knn.top1, knn_top5=knn.top5, knn_protocol=knn.protocol)
-        log(knn.line())
-    metrics.write(final)
-    metrics.close()
+        if e.knn_at_end and run.splits.labelled:
+            knn = knn_eval(
+                run.method.encoder,
+                run.splits,
+                k=e.knn_k,
+                temperature=e.knn_temperature,
+                batch_size=e.batch_size,
+                device=run.device,
+            )
+            final.update(knn_top1=knn.top1, knn_top5=knn.top5, knn_protocol=knn.protocol)
+            log(knn.line())
+    run.metrics.write(final)
+    run.metrics.close()
     return final
-

@@ -36,8 +36,11 @@ class MetricsLog:
         """Drop records of steps after ``step`` (a resumed run logs them again)."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step
-                and "stopped_by" not in json.loads(line)]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step and "stopped_by" not in json.loads(line)
+        ]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)

@@ -1,9 +1,9 @@
 """One optimiser step: token draws, micro-batches, mixed precision, DDP gradient sync, clipping.
 
 The step's token draws come from a generator reset to ``(seed, step)`` for every micro-batch, and
-each micro-batch / process takes the rows of its own images in the global batch (``RowSlice``),
-so an image gets the same tokens however the batch is split: one process or many, with or without
-gradient accumulation (both tested for equal losses and weights).
+each micro-batch / process takes the rows of its own images in the global batch
+(``pretext.GlobalBatchRows``), so an image gets the same tokens however the batch is split: one
+process or many, with or without gradient accumulation (both tested for equal losses and weights).
 """
 
 from __future__ import annotations
@@ -14,30 +14,43 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dilemma.distributed import all_reduce_mean, is_distributed, rank, world_size
 from dilemma.errors import DilemmaError
-from dilemma.pretext import RowSlice
-from dilemma.train.distributed import all_reduce_mean, is_distributed, rank, world_size
+from dilemma.methods import Method
+from dilemma.pretext import GlobalBatchRows
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # mean over micro-batches, detached
-    logs: dict
-    probe_features: torch.Tensor | None
+    loss: torch.Tensor  # the global batch's loss (mean over micro-batches and processes), detached
+    logs: dict  # this process's logs, averaged over micro-batches
+    probe_features: torch.Tensor | None  # (local batch, D) detached, for the online probe; None when skipped
     skipped: bool = False  # non-finite loss: no update was made
 
 
 class Stepper:
-    def __init__(self, model: nn.Module, method, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                 precision: str = "fp32", accum_steps: int = 1, grad_clip: float | None = None, seed: int = 0):
+    """Runs ``model`` (the method, or the method wrapped in DDP / compiled) for one optimiser step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        optimizer: torch.optim.Optimizer,
+        *,
+        device: torch.device,
+        precision: str = "fp32",
+        accum_steps: int = 1,
+        grad_clip: float | None = None,
+        seed: int = 0,
+    ):
         if precision not in PRECISIONS:
             raise DilemmaError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.model, self.method, self.optimizer, self.device = model, method, optimizer, device
         self.dtype, self.accum_steps, self.grad_clip, self.seed = PRECISIONS[precision], accum_steps, grad_clip, seed
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.tokens = torch.Generator(device=device)
+        self.token_generator = torch.Generator(device=device)
 
     def autocast(self):
         if self.dtype is None:
@@ -50,39 +63,42 @@ class Stepper:
         global_rows = torch.arange(local_batch) * world_size() + rank()
         return list(global_rows.chunk(self.accum_steps))
 
-    def step(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor, progress: float, step: int,
-             with_metrics: bool) -> StepResult:
+    def step(self, views: tuple[torch.Tensor, ...], progress: float, step: int, with_metrics: bool) -> StepResult:
         local_batch = views[0].shape[0]
         if local_batch % self.accum_steps:
-            raise DilemmaError(f"the per-process batch {local_batch} is not divisible by train.accum_steps={self.accum_steps}")
+            raise DilemmaError(
+                f"the per-process batch {local_batch} is not divisible by train.accum_steps={self.accum_steps}"
+            )
         self.method.before_step(progress)
-        self.tokens.manual_seed(self.seed * 1_000_003 + step)
-        step_state = self.tokens.get_state()
+        self.token_generator.manual_seed(self.seed * 1_000_003 + step)
+        step_state = self.token_generator.get_state()
         global_batch = local_batch * world_size()
         micro = local_batch // self.accum_steps
         losses, all_logs, features = [], [], []
         self.optimizer.zero_grad(set_to_none=True)
         for m, rows in enumerate(self.rows(local_batch)):
-            self.tokens.set_state(step_state)
+            self.token_generator.set_state(step_state)  # every micro-batch draws from the step's state
             chunk = tuple(v[m * micro : (m + 1) * micro] for v in views)
             last = m == self.accum_steps - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with self.autocast():
-                    loss, logs = self.model(chunk, progress, RowSlice(self.tokens, global_batch, rows), with_metrics)
-                if not self.all_finite(loss):
-                    return StepResult(loss.detach(), logs, None, skipped=True)
-                self.scaler.scale(loss / self.accum_steps).backward()
-            losses.append(loss.detach().float())
-            all_logs.append(logs)
-            features.append(self.method.probe_features)
+                    out = self.model(
+                        chunk, progress, GlobalBatchRows(self.token_generator, global_batch, rows), with_metrics
+                    )
+                if not self.all_finite(out.loss):
+                    return StepResult(out.loss.detach(), out.logs, None, skipped=True)
+                self.scaler.scale(out.loss / self.accum_steps).backward()
+            losses.append(out.loss.detach().float())
+            all_logs.append(out.logs)
+            features.append(out.features)
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_step()
-        logs = {key: sum(l[key] for l in all_logs) / len(all_logs) for key in all_logs[0]}
+        logs = {key: sum(m_logs[key] for m_logs in all_logs) / len(all_logs) for key in all_logs[0]}
         # the logged loss is the global batch's (the other logs are this process's)
         return StepResult(all_reduce_mean(torch.stack(losses).mean()), logs, torch.cat(features))
 

@@ -1,4 +1,4 @@
-"""Training progress and the learning-rate schedule.
+"""Schedules over training: progress, warm-up, cosine (lr, EMA momentum).
 
 Progress in [0, 1] is ``step / max_steps``, or the fraction of the wall-clock budget used when
 that is further along: with ``--time-budget`` the schedules (lr cosine, EMA momentum) finish
@@ -16,8 +16,21 @@ def progress(step: int, max_steps: int, elapsed: float = 0.0, budget_seconds: fl
     return min(1.0, max(by_steps, by_time))
 
 
+def cosine(progress_: float, start: float, end: float) -> float:
+    """Half a cosine from ``start`` at progress 0 to ``end`` at progress 1."""
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress_, 0.0), 1.0)))
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up: ``(step + 1) / warmup_steps``, then 1."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
 def learning_rate(step: int, progress_: float, *, lr: float, min_lr: float, warmup_steps: int) -> float:
     """Linear warm-up over ``warmup_steps``, times a cosine from ``lr`` to ``min_lr`` over progress."""
-    cosine = min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress_))
-    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-    return cosine * warmup
+    return cosine(progress_, lr, min_lr) * warmup_factor(step, warmup_steps)
+
+
+def momentum_at(progress_: float, base: float) -> float:
+    """EMA momentum on a cosine from ``base`` at progress 0 to 1 at progress 1 (BYOL, MoCo v3, DINO)."""
+    return cosine(progress_, base, 1.0)

@@ -1,12 +1,29 @@
-"""torch.distributed helpers that degrade to no-ops in a single process."""
+"""Processes and devices: which device to use, the ``torchrun`` process group, and collectives
+that degrade to no-ops in a single process (gathers with and without gradient, global-batch
+BatchNorm). The bottom layer that methods and the training loop share; it imports nothing of either.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dilemma.errors import DilemmaError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DilemmaError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DilemmaError(f"train.device={name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
 
 
 def is_distributed() -> bool:
@@ -84,14 +101,10 @@ def init_from_env(device_name: str) -> torch.device | None:
     """Join the process group that ``torchrun`` describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*):
     NCCL with one GPU per process when CUDA is used, gloo on CPU. Returns this process's device, or
     None when not launched by torchrun (a single process)."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
         return None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise DilemmaError(f"train.device={device_name!r} but no CUDA device is available; use train.device=cpu")
-    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    use_cuda = resolve_device(device_name).type == "cuda"  # one GPU per process: cuda:LOCAL_RANK
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -147,7 +160,9 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm1d:
-            replacement = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            replacement = GlobalBatchNorm1d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             # the same Parameter and buffer objects (as convert_sync_batchnorm does): an optimiser built
             # before the conversion keeps updating them, a frozen teacher's stay frozen
             replacement._parameters = child._parameters

@@ -1,0 +1,44 @@
+"""From a ``Config`` to the objects it describes: the data splits, the views, the method.
+
+Every caller (training, evaluation, inspection, comparison, benchmarks) builds through here, so a
+setting means the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dilemma.config import Config, method_config
+from dilemma.data import Splits, ViewSettings, load_source
+from dilemma.methods import Method, Views, method_class
+from dilemma.models import build_encoder
+from dilemma.pretext import Dilemma
+
+
+def load_splits(cfg: Config, source: str | None = None) -> Splits:
+    """The train / val splits of ``cfg.data`` at the model's size and channels (``source`` replaces
+    ``data.source``, e.g. to evaluate a checkpoint on other data)."""
+    d = cfg.data
+    return load_source(
+        source or d.source,
+        img_size=cfg.model.img_size,
+        in_chans=cfg.model.in_chans,
+        val_fraction=d.val_fraction,
+        seed=d.split_seed,
+        skip_bad=d.skip_bad_images,
+    )
+
+
+def build_views(cfg: Config) -> Views:
+    """The method's augmentation: uint8 batch -> tuple of view batches."""
+    d = cfg.data
+    settings = ViewSettings(cfg.model.img_size, d.crop_min_scale, d.hflip, d.color_jitter, d.blur_prob)
+    return method_class(cfg.method.name).views(method_config(cfg), settings)
+
+
+def build_method(cfg: Config) -> Method:
+    """A fresh encoder with the DILEMMA pretext and the configured method around it."""
+    encoder = build_encoder(cfg.model)
+    d = cfg.dilemma
+    dilemma = Dilemma(
+        encoder.embed_dim, encoder.num_patches, misplace_prob=d.misplace_prob, drop_rate=d.drop_rate, weight=d.weight
+    )
+    return method_class(cfg.method.name)(encoder, dilemma, method_config(cfg))

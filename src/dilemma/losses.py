@@ -1,0 +1,85 @@
+"""The SSL losses: InfoNCE (MoCo v3), NT-Xent (SimCLR), DINO's cross-entropy.
+
+Each is a function and a plain ``nn.Module`` around it, usable in any loop. Under DDP the
+contrastive losses see the whole global batch: InfoNCE's keys are gathered without gradient (they
+come from the momentum encoder), NT-Xent's views with a gather whose backward is correct, so the
+gradient equals the single-process one (tested). In one process both gathers are the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dilemma.distributed import gather_no_grad, gather_with_grad, rank
+
+
+def info_nce_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of queries ``(n, d)`` against the keys of the global batch ``(N, d)``, the positive of
+    query i being key i of this process's block; scaled by 2T as in MoCo v3."""
+    q, k = F.normalize(q, dim=1), gather_no_grad(F.normalize(k, dim=1))
+    logits = q @ k.T / temperature  # (n, N)
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank()
+    return F.cross_entropy(logits.float(), labels) * (2 * temperature)
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent: cross-entropy of each of this process's 2n views against all 2N views but itself,
+    the positive being the other view of the same image. Mean over this process's views."""
+    n = z1.shape[0]
+    local = F.normalize(torch.cat([z1, z2]), dim=1).float()  # (2n, d): rows i and n + i are one image
+    everything = gather_with_grad(local)  # (2N, d), process r's block at [2n r, 2n (r + 1))
+    offset = 2 * n * rank()
+    logits = local @ everything.T / temperature
+    rows = torch.arange(2 * n, device=local.device)
+    logits[rows, offset + rows] = float("-inf")  # a view is not its own negative
+    positives = offset + (rows + n) % (2 * n)
+    return F.cross_entropy(logits, positives)
+
+
+def dino_loss(
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
+    """Mean over (teacher crop i, student crop v != i) of H(softmax((t_i - c) / T_t), softmax(s_v / T_s));
+    the first ``len(teacher)`` student crops are the same global crops as the teacher's."""
+    targets = [F.softmax((t.float() - center) / teacher_temp, dim=-1) for t in teacher]
+    log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student]
+    terms = [-(q * lp).sum(dim=-1).mean() for i, q in enumerate(targets) for v, lp in enumerate(log_probs) if v != i]
+    return torch.stack(terms).mean()
+
+
+class InfoNCELoss(nn.Module):
+    def __init__(self, temperature: float = 0.2):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return info_nce_loss(q, k, self.temperature)
+
+
+class NTXentLoss(nn.Module):
+    def __init__(self, temperature: float = 0.2):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return nt_xent_loss(z1, z2, self.temperature)
+
+
+class DINOLoss(nn.Module):
+    """DINO's loss for a fixed student temperature; the teacher's temperature and centre are inputs
+    (they follow schedules and the teacher's outputs, which the method owns)."""
+
+    def __init__(self, student_temp: float = 0.1):
+        super().__init__()
+        self.student_temp = student_temp
+
+    def forward(
+        self, student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor, teacher_temp: float
+    ) -> torch.Tensor:
+        return dino_loss(student, teacher, center, self.student_temp, teacher_temp)

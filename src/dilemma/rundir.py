@@ -1,0 +1,190 @@
+"""A run folder and the checkpoints in it: the one place that knows the layout.
+
+    RUN/config.yaml             the resolved config
+    RUN/metrics.jsonl           one JSON object per logged step, and a last one with the results
+    RUN/checkpoints/step_*.pt   the newest ``train.keep_checkpoints`` checkpoints
+    RUN/checkpoints/last.pt     the newest one (a hard link when the file system allows)
+
+Checkpoints are written atomically (temp file, fsync, rename) and loaded safely
+(``weights_only=True``: a checkpoint is untrusted input). A checkpoint is a dict of tensors and
+plain Python values: ``format``, ``config`` (the resolved config as a dict), ``step``, ``epoch``,
+``elapsed`` (training seconds: with the step, the position of every schedule),
+``nonfinite_skips``, ``model`` (the method's state dict: student, teacher / momentum encoder,
+heads, buffers such as DINO's centre), ``optimizer``, ``scaler``, ``probe`` (the online probe and
+its optimiser) and ``rng`` (``train.seeding.rng_state``; the data order is a function of seed and step).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from dilemma.config import Config, config_from_dict
+from dilemma.errors import DilemmaError
+from dilemma.models import ViTEncoder, build_encoder
+from dilemma.pretext import DetectionHead
+
+FORMAT = "dilemma-checkpoint-v1"
+LAST = "last.pt"
+ENCODER_PREFIX = "encoder."  # the student backbone's keys in a checkpoint's ``model``
+HEAD_PREFIX = "dilemma.head."  # the detection head's
+
+
+class RunDir:
+    """Paths inside one run folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+        self.last = self.checkpoints / LAST
+
+    def holds_run(self) -> bool:
+        return self.checkpoints.exists()
+
+    def require_checkpoint(self) -> Path:
+        """``checkpoints/last.pt``, which ``--resume`` continues from."""
+        if not self.last.exists():
+            raise DilemmaError(
+                f"--resume: no checkpoint in {str(self.path)!r} (expected checkpoints/last.pt); "
+                "start without --resume or point --out at an earlier run"
+            )
+        return self.last
+
+    def create(self) -> None:
+        """Make the folder for a new run, refusing one that already holds a run."""
+        if self.checkpoints.exists():
+            raise DilemmaError(
+                f"{str(self.path)!r} already holds a run: add --resume to continue it, or choose another --out"
+            )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise DilemmaError(f"cannot write to output folder {str(self.path)!r}: {err}") from None
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder's last checkpoint (``RUN/checkpoints/last.pt``, or ``RUN/last.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        run = RunDir(path)
+        return run.last if run.last.exists() else path / LAST
+    return path
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise DilemmaError(
+            f"could not write checkpoint {str(path)!r}: {err}; the previous checkpoint is intact"
+        ) from None
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a dilemma checkpoint (a file or a run folder) with ``weights_only=True``; clear errors for anything else."""
+    path = checkpoint_file(path)
+    if not path.is_file():
+        raise DilemmaError(f"checkpoint {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise DilemmaError(f"{str(path)!r} is not a readable checkpoint: not a PyTorch file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next(
+            (line for line in lines if "Unsupported global" in line or "WeightsUnpickler error" in line), lines[0]
+        )
+        raise DilemmaError(
+            f"refusing to load {str(path)!r}: it holds objects other than tensors and plain values, "
+            f"which could run code ({detail})"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any failure to parse means "not a checkpoint"
+        raise DilemmaError(f"{str(path)!r} is not a readable checkpoint: {err}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise DilemmaError(f"{str(path)!r} is not a dilemma checkpoint (expected format {FORMAT})")
+    return ckpt
+
+
+class CheckpointDir:
+    """``RUN/checkpoints/``: ``step_0000100.pt`` files (the newest ``keep`` kept) and ``last.pt``."""
+
+    def __init__(self, run_dir: str | Path, keep: int):
+        self.dir = RunDir(run_dir).checkpoints
+        self.keep = keep
+        if self.dir.is_dir():  # temp files of a write that was killed: never a checkpoint, remove them
+            for stale in [*self.dir.glob(".*.tmp-*"), *self.dir.glob(f".{LAST}.link-*")]:
+                stale.unlink(missing_ok=True)
+
+    @property
+    def last(self) -> Path:
+        return self.dir / LAST
+
+    def save(self, state: dict, step: int) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step_{step:07d}.pt"
+        atomic_save(state, path)
+        # last.pt: a hard link when possible (no second copy on disk), else a copy; both atomic.
+        tmp = self.dir / f".{LAST}.link-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+            os.replace(tmp, self.last)
+        except OSError:
+            atomic_save(state, self.last)
+        for old in sorted(self.dir.glob("step_*.pt"))[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+
+def _load_part(module, state: dict, prefix: str, path, what: str) -> None:
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise DilemmaError(
+            f"checkpoint {str(path)!r} does not match its own {what} "
+            f"(missing {len(missing)} keys, unexpected {len(unexpected)})"
+        )
+
+
+def encoder_from_checkpoint(path: str | Path, *, drop_path_rate: float | None = None) -> tuple[ViTEncoder, Config]:
+    """The student backbone of a checkpoint or run folder (no projector, no detection head) and its
+    config, in eval mode; ``drop_path_rate`` rebuilds it with stochastic depth for fine-tuning."""
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"])
+    encoder = build_encoder(cfg.model, **({} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}))
+    _load_part(encoder, ckpt["model"], ENCODER_PREFIX, path, "model config")
+    return encoder.eval(), cfg
+
+
+def detection_head_from_checkpoint(path: str | Path, embed_dim: int) -> DetectionHead:
+    ckpt = load_checkpoint(path)
+    if not any(k.startswith(HEAD_PREFIX) for k in ckpt["model"]):
+        raise DilemmaError(
+            f"checkpoint {str(path)!r} has no detection head: it was trained without DILEMMA "
+            "(dilemma.misplace_prob = 0 or dilemma.weight = 0)"
+        )
+    head = DetectionHead(embed_dim)
+    _load_part(head, ckpt["model"], HEAD_PREFIX, path, "detection head")
+    return head.eval()
