@@ -70,7 +70,9 @@ class Method(nn.Module):
     ) -> MethodOutput:
         raise NotImplementedError
 
-    def student(self, images: torch.Tensor, draws: TokenDraws, with_metrics: bool, corrupt: bool = True):
+    def student(
+        self, images: torch.Tensor, draws: TokenDraws, with_metrics: bool, corrupt: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
         """Encode one student view, sparse and corrupted as configured (dense and clean when
         ``corrupt`` is False): ``(cls (n, D), patches (n, K, D), det_bce | None, det_logs)``."""
         sample = None
@@ -87,7 +89,11 @@ class Method(nn.Module):
         return cls, patches, bce, logs
 
     def output(
-        self, ssl_loss: torch.Tensor, detections: list, features: torch.Tensor, ssl_name: str = "ssl_loss"
+        self,
+        ssl_loss: torch.Tensor,
+        detections: list[tuple[torch.Tensor | None, dict]],
+        features: torch.Tensor,
+        ssl_name: str = "ssl_loss",
     ) -> MethodOutput:
         """Total = SSL loss + lambda * mean detection BCE over the corrupted views (``docs/method.md``,
         step 7). ``detections`` holds ``(det_bce | None, det_logs)`` per student view (``student``'s)."""
