@@ -1,4 +1,4 @@
-"""Checkpoints are atomic and loaded safely (METHOD.md, defect 6)."""
+"""Checkpoints are atomic and loaded safely (docs/method.md, defect 6)."""
 
 import re
 from pathlib import Path

@@ -7,9 +7,9 @@ from dilemma.errors import DilemmaError
 def test_defaults_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 3.0e-4\ndilemma:\n  misplace_prob: 0.1\n")
-    cfg = load_config(path, ["dilemma.misplace_prob=0.3", "model.depth=null", "optim.warmup_steps=7", "optim.lr=1"])
+    cfg = load_config(path, ["dilemma.misplace_prob=0.3", "model.depth=null", "optim.warmup=0.2", "optim.lr=1"])
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
-    assert cfg.dilemma.misplace_prob == 0.3 and cfg.model.depth is None and cfg.optim.warmup_steps == 7
+    assert cfg.dilemma.misplace_prob == 0.3 and cfg.model.depth is None and cfg.optim.warmup == 0.2
     assert load_config().to_dict() == Config().to_dict()
 
 

@@ -1,4 +1,4 @@
-"""The sampler, labels and loss of the DILEMMA pretext (METHOD.md, defects 2-5 among them)."""
+"""The sampler, labels and loss of the DILEMMA pretext (docs/method.md, defects 2-5 among them)."""
 
 import math
 

@@ -60,7 +60,7 @@ class OptimConfig:
     lr: float = 1e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
-    warmup_steps: int = 30
+    warmup: float = 0.1  # fraction of training (progress: steps or wall-clock) over which the lr rises from 0
     grad_clip: typing.Optional[float] = 3.0
 
 
@@ -103,6 +103,22 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Keys an earlier version had: a saved config (checkpoint) drops them; a user who sets one is told why.
+RETIRED = {
+    "optim.warmup_steps": "optim.warmup_steps was replaced by optim.warmup, a fraction of training "
+    "(steps or wall-clock) such as 0.1, so that runs of equal time get the same lr schedule",
+}
+
+
+def _without_retired(saved: dict) -> dict:
+    saved = {section: dict(value) if isinstance(value, dict) else value for section, value in saved.items()}
+    for key in RETIRED:
+        section, leaf = key.split(".")
+        if isinstance(saved.get(section), dict):
+            saved[section].pop(leaf, None)
+    return saved
 
 
 def _all_keys(obj, prefix: str = "") -> list[str]:
@@ -156,6 +172,8 @@ def _merge(target, updates: dict, known: list[str], prefix: str = "") -> None:
     hints = typing.get_type_hints(type(target))
     for key, value in updates.items():
         path = f"{prefix}{key}"
+        if f"{prefix}{key}" in RETIRED:
+            raise DilemmaError(RETIRED[f"{prefix}{key}"])
         if key not in hints:
             while isinstance(value, dict) and len(value) == 1:  # a --set key: name the whole key
                 leaf, value = next(iter(value.items()))
@@ -230,7 +248,7 @@ def validate(cfg: Config) -> Config:
         if hasattr(section, "check"):
             section.check()
     require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    require(0.0 <= o.warmup < 1.0, f"optim.warmup must be a fraction of training in [0, 1), got {o.warmup}")
     require(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
     require(t.time_budget is None or t.time_budget > 0, f"train.time_budget must be > 0 minutes, got {t.time_budget}")
     require(t.log_every >= 1 and t.ckpt_every >= 1, "train.log_every and train.ckpt_every must be >= 1")
@@ -272,13 +290,14 @@ def load_config(
     path: str | Path | None = None, overrides: typing.Sequence[str] = (), base: dict | None = None
 ) -> Config:
     """Defaults, then ``base`` (e.g. a checkpoint's config), then the YAML file, then ``--set`` overrides."""
-    layers = [base or {}, read_yaml(path) if path is not None else {}, *[parse_override(text) for text in overrides]]
+    saved = _without_retired(base or {})
+    layers = [saved, read_yaml(path) if path is not None else {}, *[parse_override(text) for text in overrides]]
     return validate(_build(layers))
 
 
 def config_from_dict(data: dict) -> Config:
     """A saved config (``Config.to_dict()``, e.g. a checkpoint's), unvalidated."""
-    return _build([data])
+    return _build([_without_retired(data)])
 
 
 def method_config(cfg: Config):

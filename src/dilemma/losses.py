@@ -15,23 +15,31 @@ from torch import nn
 from dilemma.distributed import gather_no_grad, gather_with_grad, rank
 
 
+def _fp32(x: torch.Tensor):
+    """A context where matmuls run in fp32 on ``x``'s device: under autocast a ``.float()`` alone is
+    re-cast to bf16 / fp16 by the matmul, and logits / T of unit vectors need more than 3 digits."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def info_nce_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE of queries ``(n, d)`` against the keys of the global batch ``(N, d)``, the positive of
-    query i being key i of this process's block; scaled by 2T as in MoCo v3."""
-    q, k = F.normalize(q, dim=1), gather_no_grad(F.normalize(k, dim=1))
-    logits = q @ k.T / temperature  # (n, N)
+    query i being key i of this process's block; scaled by 2T as in MoCo v3. Logits in fp32."""
+    q, k = F.normalize(q.float(), dim=1), gather_no_grad(F.normalize(k.float(), dim=1))
+    with _fp32(q):
+        logits = q @ k.T / temperature  # (n, N)
     labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank()
     return F.cross_entropy(logits.float(), labels) * (2 * temperature)
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent: cross-entropy of each of this process's 2n views against all 2N views but itself,
-    the positive being the other view of the same image. Mean over this process's views."""
+    the positive being the other view of the same image. Mean over this process's views; logits in fp32."""
     n = z1.shape[0]
-    local = F.normalize(torch.cat([z1, z2]), dim=1).float()  # (2n, d): rows i and n + i are one image
+    local = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2n, d): rows i and n + i are one image
     everything = gather_with_grad(local)  # (2N, d), process r's block at [2n r, 2n (r + 1))
     offset = 2 * n * rank()
-    logits = local @ everything.T / temperature
+    with _fp32(local):
+        logits = local @ everything.T / temperature
     rows = torch.arange(2 * n, device=local.device)
     logits[rows, offset + rows] = float("-inf")  # a view is not its own negative
     positives = offset + (rows + n) % (2 * n)

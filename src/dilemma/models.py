@@ -62,7 +62,7 @@ class ViTEncoder(nn.Module):
     - ``positions`` ``(B, K)`` long: whose PE each kept token gets (None = its own, i.e. ``keep``).
 
     Prefix tokens (class, registers) are never dropped or corrupted; where the ViT has a PE row
-    for them they keep their own. Models without a class token return the mean patch token.
+    for them they keep their own. The class embedding is pooled as the timm model pools (``pool``).
     Images of another size (e.g. DINO's local crops) get the patch PE resampled to their grid,
     as DINO does; indices then refer to that grid.
     """
@@ -157,9 +157,24 @@ class ViTEncoder(nn.Module):
         else:
             x = vit.blocks(x)
         x = vit.norm(x)
-        patches = x[:, self.num_prefix_tokens :]  # (B, K, D)
-        cls = x[:, 0] if vit.has_class_token else patches.mean(dim=1)  # (B, D)
-        return cls, patches
+        return self.pool(x), x[:, self.num_prefix_tokens :]  # (B, D), (B, K, D)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The image embedding from all tokens ``(B, P + K, D)`` as timm's ``forward_head(...,
+        pre_logits=True)`` makes it: the model's ``global_pool`` over the (kept) patch tokens or the
+        class token, then ``fc_norm`` (a LayerNorm in average-pooling ViTs, else the identity)."""
+        vit, patches = self.vit, x[:, self.num_prefix_tokens :]
+        if getattr(vit, "attn_pool", None) is not None:  # 'map': attention pooling over all tokens
+            pooled = vit.attn_pool(x)
+        elif vit.global_pool == "avg":
+            pooled = patches.mean(dim=1)
+        elif vit.global_pool == "max":
+            pooled = patches.amax(dim=1)
+        elif vit.global_pool == "avgmax":
+            pooled = 0.5 * (patches.amax(dim=1) + patches.mean(dim=1))
+        else:  # 'token', or no pooling: the class token, or the mean patch token without one
+            pooled = x[:, 0] if vit.has_class_token else patches.mean(dim=1)
+        return vit.fc_norm(pooled)
 
 
 def create_encoder(

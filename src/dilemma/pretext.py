@@ -154,8 +154,9 @@ TokenDraws = torch.Generator | GlobalBatchRows | None  # what a method passes on
 
 class Dilemma(nn.Module):
     """The pretext as one module for any SSL method: ``sample`` the student's tokens, then
-    ``loss`` on its patch embeddings. ``misplace_prob = 0`` gives sparsity alone (no head),
-    ``drop_rate = 0`` dense inputs; both 0 is the plain base method.
+    ``loss`` on its patch embeddings. The switches are orthogonal: ``misplace_prob = 0`` or
+    ``weight = 0`` turns detection off (no head, no misplaced tokens), ``drop_rate = 0`` gives
+    dense inputs; detection off and dense is the plain base method.
     """
 
     def __init__(
@@ -168,11 +169,13 @@ class Dilemma(nn.Module):
             raise DilemmaError(f"dilemma.weight must be >= 0, got {weight}")
         self.num_patches = num_patches
         self.num_kept = num_kept(num_patches, drop_rate)
-        self.misplace_prob = misplace_prob
+        # lambda = 0 turns detection off: no head and no misplaced tokens (a wrong position that
+        # nothing learns to detect would only be noise); the inputs stay sparse as r says.
+        self.misplace_prob = misplace_prob if weight > 0 else 0.0
         self.drop_rate = drop_rate
         self.weight = weight
-        self.entropy = binary_entropy(misplace_prob)
-        self.head = DetectionHead(embed_dim) if misplace_prob > 0 and weight > 0 else None
+        self.entropy = binary_entropy(self.misplace_prob)
+        self.head = DetectionHead(embed_dim) if self.misplace_prob > 0 else None
 
     @property
     def identity(self) -> bool:

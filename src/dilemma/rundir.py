@@ -25,12 +25,12 @@ import torch
 
 from dilemma.config import Config, config_from_dict
 from dilemma.errors import DilemmaError
+from dilemma.methods import method_class
 from dilemma.models import ViTEncoder, build_encoder
 from dilemma.pretext import DetectionHead
 
 FORMAT = "dilemma-checkpoint-v1"
 LAST = "last.pt"
-ENCODER_PREFIX = "encoder."  # the student backbone's keys in a checkpoint's ``model``
 HEAD_PREFIX = "dilemma.head."  # the detection head's
 
 
@@ -169,12 +169,14 @@ def _load_part(module, state: dict, prefix: str, path, what: str) -> None:
 
 
 def encoder_from_checkpoint(path: str | Path, *, drop_path_rate: float | None = None) -> tuple[ViTEncoder, Config]:
-    """The student backbone of a checkpoint or run folder (no projector, no detection head) and its
-    config, in eval mode; ``drop_path_rate`` rebuilds it with stochastic depth for fine-tuning."""
+    """The evaluated backbone of a checkpoint or run folder (``Method.eval_backbone``: the student,
+    DINO's teacher; no projector, no detection head) and its config, in eval mode.
+    ``drop_path_rate`` rebuilds it with stochastic depth for fine-tuning."""
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
     encoder = build_encoder(cfg.model, **({} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}))
-    _load_part(encoder, ckpt["model"], ENCODER_PREFIX, path, "model config")
+    prefix = method_class(cfg.method.name).eval_backbone + "."  # the student's, or DINO's teacher's
+    _load_part(encoder, ckpt["model"], prefix, path, "model config")
     return encoder.eval(), cfg
 
 

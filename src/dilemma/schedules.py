@@ -1,4 +1,4 @@
-"""Schedules over training: progress, warm-up, cosine (lr, EMA momentum).
+"""Schedules over training: progress, warm-up, cosine (lr, EMA momentum), all driven by progress.
 
 Progress in [0, 1] is ``step / max_steps``, or the fraction of the wall-clock budget used when
 that is further along: with ``--time-budget`` the schedules (lr cosine, EMA momentum) finish
@@ -26,9 +26,13 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
-def learning_rate(step: int, progress_: float, *, lr: float, min_lr: float, warmup_steps: int) -> float:
-    """Linear warm-up over ``warmup_steps``, times a cosine from ``lr`` to ``min_lr`` over progress."""
-    return cosine(progress_, lr, min_lr) * warmup_factor(step, warmup_steps)
+def learning_rate(progress_: float, *, lr: float, min_lr: float, warmup: float) -> float:
+    """Linear warm-up from 0 to ``lr`` over the first ``warmup`` fraction of progress, then a cosine
+    to ``min_lr`` over the rest. A function of progress alone, so runs of equal time (or equal
+    steps) have the same schedule shape however fast they step, and the set lr is reached."""
+    if progress_ < warmup:
+        return lr * progress_ / warmup
+    return cosine((progress_ - warmup) / (1.0 - warmup), lr, min_lr)
 
 
 def momentum_at(progress_: float, base: float) -> float:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from dilemma.data.augment import TwoViews, ViewSettings
@@ -49,6 +50,8 @@ class MethodOutput:
 class Method(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]
+    # the attribute holding the backbone that is evaluated and exported (DINO: its teacher)
+    eval_backbone: ClassVar[str] = "encoder"
     # the overrides that make the plain base method (no detection, dense inputs), for comparisons
     plain: ClassVar[tuple[str, ...]] = ("dilemma.misplace_prob=0", "dilemma.drop_rate=0")
 
@@ -110,6 +113,10 @@ class Method(nn.Module):
         logs["loss"] = loss.detach()
         return MethodOutput(loss, logs, features.detach())
 
+    def evaluated_encoder(self) -> ViTEncoder:
+        """The backbone that kNN, the linear probe, fine-tuning and export read."""
+        return getattr(self, self.eval_backbone)
+
     def before_step(self, progress: float) -> None:
         """Once per optimiser step, before its forwards: EMA teachers move here (not in ``forward``,
         which gradient accumulation calls several times per step)."""
@@ -134,9 +141,16 @@ class EMATeacherMethod(Method):
         self._ema_pairs: list[tuple[nn.Module, nn.Module]] = []  # (online, teacher), parameters in the same order
 
     def teacher_of(self, online: nn.Module) -> nn.Module:
-        """A deep copy of ``online`` that takes no gradient and moves in ``update_teacher``."""
+        """A deep copy of ``online`` that takes no gradient, moves in ``update_teacher`` and has no
+        stochastic depth or dropout: its targets must not be noisy (DINO builds its teacher without
+        drop-path). BatchNorm keeps training-mode batch statistics, as in MoCo v3."""
         teacher = copy.deepcopy(online)
         teacher.requires_grad_(False)
+        for module in teacher.modules():
+            if isinstance(module, DropPath):
+                module.drop_prob = 0.0
+            elif isinstance(module, nn.Dropout):
+                module.p = 0.0  # kept as a module: timm's fused attention reads attn_drop.p
         self._ema_pairs.append((online, teacher))
         return teacher
 

@@ -74,6 +74,7 @@ def teacher_temperature_at(progress: float, warmup_temp: float, temp: float, war
 class DINO(EMATeacherMethod):
     name = "dino"
     Config = DINOConfig
+    eval_backbone = "teacher_encoder"  # DINO's protocol evaluates the teacher
 
     def __init__(self, encoder: ViTEncoder, dilemma: Dilemma, cfg: DINOConfig | None = None):
         cfg = cfg or DINOConfig()
@@ -118,13 +119,13 @@ class DINO(EMATeacherMethod):
         # image draws its own token sample, so batching the crops changes nothing about the pretext.
         cls, _, bce, det_logs = self.student(torch.cat(global_crops), draws, with_metrics)  # cls: (2n, D)
         student_out = list(self.head(cls).chunk(2))
-        detections = [(bce, det_logs)]
+        detections = [(bce, det_logs)] * 2  # one entry per view: the mean is over views
         if local_crops:
             cls_local, _, bce_local, logs_local = self.student(
                 torch.cat(local_crops), draws, with_metrics, corrupt=self.cfg.local_dilemma
             )
             student_out += list(self.head(cls_local).split(n))
-            detections.append((bce_local, logs_local))
+            detections += [(bce_local, logs_local)] * len(local_crops)
 
         c = self.cfg
         temp = teacher_temperature_at(progress, c.warmup_teacher_temp, c.teacher_temp, c.teacher_temp_warmup)

@@ -250,13 +250,7 @@ def train(run: Run) -> str:
                 if budget and run.elapsed >= budget:
                     return "time_budget"
                 train_progress = progress(run.step, t.max_steps, run.elapsed, budget)
-                lr = learning_rate(
-                    run.step,
-                    train_progress,
-                    lr=cfg.optim.lr,
-                    min_lr=cfg.optim.min_lr,
-                    warmup_steps=cfg.optim.warmup_steps,
-                )
+                lr = learning_rate(train_progress, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup=cfg.optim.warmup)
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
                 with_metrics = (run.step + 1) % t.log_every == 0
@@ -324,7 +318,7 @@ def finish(run: Run, stopped_by: str, log) -> dict:
         final.update({"pictures": [str(p) for p in pictures]} if pictures else {})
         if e.knn_at_end and run.splits.labelled:
             knn = knn_eval(
-                run.method.encoder,
+                run.method.evaluated_encoder(),
                 run.splits,
                 k=e.knn_k,
                 temperature=e.knn_temperature,
