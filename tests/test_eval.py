@@ -2,12 +2,14 @@
 equal to the plain evals, export round trip through timm, pictures written."""
 
 import json
+import math
 
 import pytest
 import safetensors.torch
 import timm
 import torch
 
+from dilemma import compare as compare_module
 from dilemma.cli import main
 from dilemma.data import Splits, load_source
 from dilemma.data.sources import TensorImageSet
@@ -178,33 +180,31 @@ def test_compare_trains_each_variant_and_seed_reads_them_out_and_reuses_finished
         for i in range(20):
             (data / c / f"{i}.png").write_bytes(_png())
     out = tmp_path / "cmp"
-    argv = [
-        "compare",
-        "--variant",
-        "plain=dilemma.misplace_prob=0,dilemma.drop_rate=0",
-        "--variant",
-        "dilemma=",
-        "--seeds",
-        "0",
-        "1",
-        "--max-steps",
-        "2",
-        "--time-budget",
-        "10",
-        "--probe-epochs",
-        "1",
-        "--out",
-        str(out),
-        *_sets(f"data.source={data}", "data.batch_size=8"),
-    ]
+    variants = ["--variant", "plain=dilemma.misplace_prob=0,dilemma.drop_rate=0", "--variant", "dilemma="]
+    budget = ["--seeds", "0", "1", "--max-steps", "4", "--time-budget", "10", "--probe-epochs", "1"]
+    argv = ["compare", *variants, *budget, "--curve-points", "2", "--out", str(out)]
+    argv += _sets(f"data.source={data}", "data.batch_size=8")
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert [(r["variant"], r["seed"]) for r in results] == [("plain", 0), ("dilemma", 0), ("plain", 1), ("dilemma", 1)]
-    assert all(r["steps"] == 2 and r["stopped_by"] == "max_steps" and 0 <= r["knn_top1"] <= 100 for r in results)
+    assert all(r["steps"] == 4 and r["stopped_by"] == "max_steps" and 0 <= r["knn_top1"] <= 100 for r in results)
     assert [r["det_bce"] is not None for r in results] == [False, True, False, True]
+    # read-outs over time: the snapshot at half the run (step 2), then the end (the 100 % occlusion point)
+    assert all([p["step"] for p in r["over_time"]] == [2, 4] for r in results)
+    assert all(r["over_time"][-1]["linear_top1"] == r["linear_top1"] for r in results)
     summary = (out / "summary.md").read_text()
     assert "| plain | 2 |" in summary and "| dilemma | 2 |" in summary
+    plain, dilemma = ([r["knn_top1"] for r in results if r["variant"] == v] for v in ("plain", "dilemma"))
+    mean, half = compare_module.mean_ci95([d - p for d, p in zip(dilemma, plain, strict=True)])
+    assert f"| dilemma | kNN | 2 | {mean:+.2f} ± {half:.2f} |" in summary  # paired by seed, with a 95 % CI
+    assert (out / "occlusion.png").stat().st_size > 1000 and (out / "over_time.png").stat().st_size > 1000
     first = (out / "dilemma" / "seed_1" / "result.json").stat().st_mtime_ns
     assert main(argv) == 0  # a finished run is read back, not trained again
     assert (out / "dilemma" / "seed_1" / "result.json").stat().st_mtime_ns == first
     assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_confidence_interval_of_the_mean():
+    mean, half = compare_module.mean_ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 / 3**0.5, rel=1e-4)  # t(2) = 4.303, sd 1
+    assert math.isnan(compare_module.mean_ci95([5.0])[1])  # one seed: no interval

@@ -197,15 +197,15 @@ def _inspect(args) -> None:
     import torch
 
     from dilemma.build import load_splits
-    from dilemma.data import eval_batches
+    from dilemma.data import normalize, spread_over_classes
     from dilemma.pretext import sample_tokens
     from dilemma.rundir import detection_head_from_checkpoint, encoder_from_checkpoint
     from dilemma.viz import inspect_detection
 
-    encoder, cfg = encoder_from_checkpoint(args.checkpoint)
+    encoder, cfg = encoder_from_checkpoint(args.checkpoint, student=True)  # the encoder the head was trained on
     head = detection_head_from_checkpoint(args.checkpoint, encoder.embed_dim)
     splits = load_splits(cfg, source=args.data)
-    images = next(eval_batches(splits.val, args.num_images))[0]
+    images = normalize(splits.val.load(spread_over_classes(splits.val.labels, args.num_images)))
     p = cfg.dilemma.misplace_prob if args.misplace_prob is None else args.misplace_prob
     r = cfg.dilemma.drop_rate if args.drop_rate is None else args.drop_rate
     sample = sample_tokens(
@@ -213,7 +213,8 @@ def _inspect(args) -> None:
     )
     ckpt = Path(args.checkpoint)
     out = args.out or str((ckpt if ckpt.is_dir() else ckpt.parent) / "detection.png")
-    print(f"wrote {inspect_detection(encoder, head, images, sample, out, cfg.model.patch_size)}  (p={p}, r={r})")
+    title = f"{cfg.method.name} + DILEMMA: detection on {splits.name} val, p={p}, r={r}"
+    print(f"wrote {inspect_detection(encoder, head, images, sample, out, cfg.model.patch_size, title)}  (p={p}, r={r})")
 
 
 def _compare(args) -> None:
@@ -226,6 +227,7 @@ def _compare(args) -> None:
         time_budget=args.time_budget,
         max_steps=args.max_steps,
         probe_epochs=args.probe_epochs,
+        curve_points=args.curve_points,
         config=args.config,
         overrides=args.set,
     )
@@ -313,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--time-budget", type=float, default=10.0, metavar="MINUTES", help="training wall-clock per run")
     cmp.add_argument("--max-steps", type=int, default=1_000_000, help="also stop here (default: only the budget)")
     cmp.add_argument("--probe-epochs", type=int, default=100)
+    cmp.add_argument(
+        "--curve-points", type=int, default=4, help="read out at this many points over training (the last is the end)"
+    )
     cmp.add_argument("--out", required=True, help="folder for the runs, results.json, summary.md, occlusion.png")
     cmp.set_defaults(run=_compare)
 

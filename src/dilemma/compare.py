@@ -2,10 +2,13 @@
 
 Each variant x seed is pretrained (one at a time, on this machine) into ``OUT/<variant>/seed_<n>``
 and read out with the occlusion curve, whose 100 % point is the plain kNN and linear probe
-(``eval/occlusion.py``). ``OUT/summary.md`` gets a mean +- std table with wall-clock, steps and
-epochs seen (so "same time" and "same epochs" can both be read), ``OUT/results.json`` every
-number, ``OUT/occlusion.png`` the mean curves. A finished run is not trained again, so an
-interrupted comparison continues where it stopped.
+(``eval/occlusion.py``), and with kNN and linear at checkpoints kept at fixed fractions of the
+budget (the read-out over wall-clock). ``OUT/summary.md`` gets a mean +- std table with
+wall-clock, steps and epochs seen (so "same time" and "same epochs" can both be read), the paired
+differences to the first variant with 95 % confidence intervals, and the read-outs over time;
+``OUT/results.json`` every number; ``OUT/occlusion.png`` and ``OUT/over_time.png`` the curves with
+bands over seeds and the chance level. A finished run is not trained again, so an interrupted
+comparison continues where it stopped.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from dilemma.build import load_splits
 from dilemma.config import load_config
 from dilemma.distributed import resolve_device
 from dilemma.errors import DilemmaError
-from dilemma.eval.occlusion import occlusion_curve
-from dilemma.rundir import RunDir, encoder_from_checkpoint
+from dilemma.eval.occlusion import FRACTIONS, occlusion_curve
+from dilemma.rundir import CheckpointDir, RunDir, encoder_from_checkpoint, load_checkpoint
 from dilemma.train.loop import pretrain
 
 
@@ -36,27 +39,41 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [kv for kv in overrides.split(",") if kv]
 
 
-def run_one(name: str, cfg, run_dir: Path, overrides: list[str], probe_epochs: int) -> dict:
-    """Pretrain ``cfg`` into ``run_dir`` (or continue it, or reuse its result) and read it out."""
-    done = run_dir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    resume = RunDir(run_dir).holds_run()  # a run that was interrupted: continue it
-    final = pretrain(cfg, run_dir, resume=resume, log=lambda _: None)
-    records = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
-    det = [r for r in records if r.get("det_bce") is not None]
-    encoder, _ = encoder_from_checkpoint(run_dir)
+def _readout(path: Path, cfg, splits, probe_epochs: int, fractions=(1.0,)):
     device = resolve_device(cfg.train.device)
-    splits = load_splits(cfg)
-    curve = occlusion_curve(
+    encoder, _ = encoder_from_checkpoint(path)
+    e = cfg.eval
+    return occlusion_curve(
         encoder.to(device),
         splits,
-        k=cfg.eval.knn_k,
-        temperature=cfg.eval.knn_temperature,
+        fractions=fractions,
+        k=e.knn_k,
+        temperature=e.knn_temperature,
         probe_epochs=probe_epochs,
+        batch_size=e.batch_size,
         seed=0,
         device=device,
     )
+
+
+def run_one(name: str, cfg, run_dir: Path, overrides: list[str], probe_epochs: int) -> dict:
+    """Pretrain ``cfg`` into ``run_dir`` (or continue it, or reuse its result) and read it out: the
+    occlusion curve of the final backbone and kNN / linear of every snapshot (the curve over time)."""
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    run = RunDir(run_dir)
+    final = pretrain(cfg, run_dir, resume=run.holds_run(), log=lambda _: None)  # resumes an interrupted run
+    records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    det = [r for r in records if r.get("det_bce") is not None]
+    splits = load_splits(cfg)
+    occlusion = _readout(run.last, cfg, splits, probe_epochs, fractions=FRACTIONS)
+    over_time = []
+    for path in CheckpointDir(run_dir, cfg.train.keep_checkpoints).snapshots():
+        point = _readout(path, cfg, splits, probe_epochs).points[0]
+        ckpt = load_checkpoint(path)
+        over_time.append({"step": ckpt["step"], "elapsed_s": ckpt["elapsed"], **_accuracies(point)})
+    over_time.append({"step": final["step"], "elapsed_s": final["elapsed_s"], **_accuracies(occlusion.points[0])})
     result = {
         "variant": name,
         "seed": cfg.train.seed,
@@ -68,14 +85,37 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str], probe_epochs: i
         "det_bce": det[-1]["det_bce"] if det else None,
         "det_entropy": det[-1]["det_entropy"] if det else None,
         "det_auroc": det[-1].get("det_auroc") if det else None,
-        "knn_top1": curve.points[0]["knn_top1"],
-        "linear_top1": curve.points[0]["linear_top1"],
-        "occlusion": curve.points,
-        "protocol": curve.protocol,
+        "det_auroc_curve": [[r["elapsed_s"], r["det_auroc"]] for r in det if r.get("det_auroc") is not None],
+        "knn_top1": occlusion.points[0]["knn_top1"],
+        "linear_top1": occlusion.points[0]["linear_top1"],
+        "occlusion": occlusion.points,
+        "over_time": over_time,
+        "protocol": occlusion.protocol,
         "data": splits.name,
+        "num_classes": len(splits.classes),
     }
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+def _accuracies(point: dict) -> dict:
+    return {"knn_top1": point["knn_top1"], "linear_top1": point["linear_top1"]}
+
+
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96).
+# fmt: off
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+# fmt: on
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % confidence interval (t, n - 1 degrees of freedom)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else 1.96
+    return mean, t * statistics.stdev(values) / len(values) ** 0.5
 
 
 def _mean_std(values: list[float]) -> str:
@@ -83,6 +123,25 @@ def _mean_std(values: list[float]) -> str:
         return "—"
     mean = statistics.fmean(values)
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def paired_differences(results: list[dict]) -> list[tuple[str, str, list[float]]]:
+    """``(variant, metric, per-seed differences to the first variant)`` on the seeds both have."""
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    by = {(r["variant"], r["seed"]): r for r in results}
+    fractions = [p["keep_fraction"] for p in results[0]["occlusion"]]
+    metrics = [("kNN", lambda r: r["knn_top1"]), ("linear", lambda r: r["linear_top1"])]
+    metrics += [
+        (f"linear @{f * 100:.0f}%", lambda r, i=i: r["occlusion"][i]["linear_top1"])
+        for i, f in enumerate(fractions)
+        if i > 0
+    ]
+    rows = []
+    for name in variants[1:]:
+        seeds = [seed for (v, seed) in by if v == name and (variants[0], seed) in by]
+        for metric, value in metrics:
+            rows.append((name, metric, [value(by[name, s]) - value(by[variants[0], s]) for s in seeds]))
+    return rows
 
 
 def summarise(results: list[dict], *, time_budget: float, max_steps: int, seeds: list[int]) -> str:
@@ -93,9 +152,9 @@ def summarise(results: list[dict], *, time_budget: float, max_steps: int, seeds:
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads; python {platform.python_version()}, "
         f"torch {torch.__version__}, timm {timm.__version__}. Budget {time_budget} min of training per run "
-        f"(max {max_steps} steps), seeds {seeds}; runs one at a time.",
+        f"(max {max_steps} steps), seeds {seeds}; runs one at a time. Chance: {100 / results[0]['num_classes']:.1f} %.",
         "",
-        f"Read-outs: {results[0]['protocol']}. kNN and linear = the 100 % point.",
+        f"Read-outs: {results[0]['protocol']}. kNN and linear = the 100 % point. Mean ± std over seeds.",
         "",
         "| variant | seeds | steps | epochs | train s | det BCE / H(p) | kNN top-1 | linear top-1 | "
         + " | ".join(f"linear @{f * 100:.0f}%" for f in fractions[1:])
@@ -113,6 +172,34 @@ def summarise(results: list[dict], *, time_budget: float, max_steps: int, seeds:
         }
         cells = [name, str(len(rows)), stats["steps"], stats["epochs"], stats["train_seconds"], det_text]
         lines.append("| " + " | ".join([*cells, stats["knn_top1"], stats["linear_top1"], *occl]) + " |")
+
+    differences = paired_differences(results)
+    if differences:
+        lines += [
+            "",
+            f"Paired differences to `{variants[0]}` (same seed), in points: mean ± half-width of the 95 % "
+            "confidence interval (Student's t over seeds; a single seed has none).",
+            "",
+            "| variant | metric | seeds | difference | per seed |",
+            "|---|---|---:|---:|---|",
+        ]
+        for name, metric, diffs in differences:
+            mean, half = mean_ci95(diffs) if diffs else (float("nan"), float("nan"))
+            ci = f"{mean:+.2f} ± {half:.2f}" if diffs and half == half else (f"{mean:+.2f}" if diffs else "—")
+            lines.append(f"| {name} | {metric} | {len(diffs)} | {ci} | {', '.join(f'{d:+.2f}' for d in diffs)} |")
+
+    if any(len(r.get("over_time", [])) > 1 for r in results):
+        lines += ["", "Read-outs over training (snapshots; mean over seeds):", "",
+                  "| variant | train s | step | kNN top-1 | linear top-1 |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for name in variants:
+            rows = [r["over_time"] for r in results if r["variant"] == name]
+            for i in range(min(len(points) for points in rows)):
+                column = [points[i] for points in rows]
+                elapsed = statistics.fmean(p["elapsed_s"] for p in column)
+                step = statistics.fmean(p["step"] for p in column)
+                knn, linear = (_mean_std([p[key] for p in column]) for key in ("knn_top1", "linear_top1"))
+                lines.append(f"| {name} | {elapsed:.0f} | {step:.0f} | {knn} | {linear} |")
+
     lines += ["", "Variants (on top of the base config and --set):", ""]
     lines += [
         f"- `{name}`: {', '.join(next(r for r in results if r['variant'] == name)['overrides']) or '(no overrides)'}"
@@ -121,27 +208,14 @@ def summarise(results: list[dict], *, time_budget: float, max_steps: int, seeds:
     return "\n".join(lines) + "\n"
 
 
-def plot_mean_curves(results: list[dict], path: Path) -> Path | None:
+def plot(results: list[dict], out: Path) -> list[Path]:
+    """``occlusion.png`` and ``over_time.png`` with bands over seeds; none without matplotlib."""
     try:
-        from dilemma.viz import plot_occlusion
-    except ImportError:
-        return None
-    merged = []
-    for name in dict.fromkeys(r["variant"] for r in results):
-        rows = [r for r in results if r["variant"] == name]
-        points = [
-            {
-                "keep_fraction": p["keep_fraction"],
-                "knn_top1": statistics.fmean(r["occlusion"][i]["knn_top1"] for r in rows),
-                "linear_top1": statistics.fmean(r["occlusion"][i]["linear_top1"] for r in rows),
-            }
-            for i, p in enumerate(rows[0]["occlusion"])
-        ]
-        merged.append({"checkpoint": f"{name} (mean of {len(rows)})", "points": points})
-    try:
-        return plot_occlusion(merged, path)
-    except DilemmaError:  # matplotlib missing: the table is still written
-        return None
+        from dilemma.viz import plot_comparison
+
+        return plot_comparison(results, out)
+    except DilemmaError:  # matplotlib missing: the tables are still written
+        return []
 
 
 def compare(
@@ -152,10 +226,12 @@ def compare(
     time_budget: float,
     max_steps: int = 1_000_000,
     probe_epochs: int = 100,
+    curve_points: int = 4,
     config: str | None = None,
     overrides: list[str] = (),
 ) -> list[dict]:
-    """Each ``NAME=key=value,...`` variant x seed, trained for ``time_budget`` minutes and read out."""
+    """Each ``NAME=key=value,...`` variant x seed, trained for ``time_budget`` minutes and read out,
+    also at ``curve_points - 1`` snapshots evenly spaced over training (the read-out over time)."""
     out.mkdir(parents=True, exist_ok=True)
     parsed = [parse_variant(v) for v in variants]
     if len({name for name, _ in parsed}) != len(parsed):
@@ -166,6 +242,8 @@ def compare(
         "train.progress=false",
         "eval.knn_at_end=false",
     ]
+    if curve_points > 1:
+        fixed.append(f"train.snapshot_every={1 / curve_points}")
     results = []
     for seed in seeds:
         for name, variant_overrides in parsed:
@@ -181,6 +259,6 @@ def compare(
     (out / "results.json").write_text(json.dumps(results, indent=1))
     summary = summarise(results, time_budget=time_budget, max_steps=max_steps, seeds=seeds)
     (out / "summary.md").write_text(summary)
-    png = plot_mean_curves(results, out / "occlusion.png")
-    print(summary + (f"\nwrote {png}" if png else ""))
+    pictures = plot(results, out)
+    print(summary + "".join(f"\nwrote {path}" for path in pictures))
     return results

@@ -72,6 +72,9 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     keep_checkpoints: int = 2
+    snapshot_every: typing.Optional[float] = (
+        None  # also keep checkpoints every this fraction of training (read-out curves)
+    )
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     progress: bool = True
     on_nonfinite: str = "stop"  # non-finite loss: stop (keep the last good checkpoint) or skip the step
@@ -253,6 +256,10 @@ def validate(cfg: Config) -> Config:
     require(t.time_budget is None or t.time_budget > 0, f"train.time_budget must be > 0 minutes, got {t.time_budget}")
     require(t.log_every >= 1 and t.ckpt_every >= 1, "train.log_every and train.ckpt_every must be >= 1")
     require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    require(
+        t.snapshot_every is None or 0.0 < t.snapshot_every < 1.0,
+        f"train.snapshot_every must be a fraction of training in (0, 1) or null, got {t.snapshot_every}",
+    )
     require(t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     require(t.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips must be >= 0, got {t.max_nonfinite_skips}")
     require(t.precision in ("fp32", "bf16", "fp16"), f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")

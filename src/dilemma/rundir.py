@@ -4,6 +4,7 @@
     RUN/metrics.jsonl           one JSON object per logged step, and a last one with the results
     RUN/checkpoints/step_*.pt   the newest ``train.keep_checkpoints`` checkpoints
     RUN/checkpoints/last.pt     the newest one (a hard link when the file system allows)
+    RUN/checkpoints/progress_0250.pt   with ``train.snapshot_every``: kept at 25 % of training, ...
 
 Checkpoints are written atomically (temp file, fsync, rename) and loaded safely
 (``weights_only=True``: a checkpoint is untrusted input). A checkpoint is a dict of tensors and
@@ -157,6 +158,19 @@ class CheckpointDir:
             old.unlink(missing_ok=True)
         return path
 
+    def snapshot_path(self, fraction: float) -> Path:
+        return self.dir / f"progress_{round(fraction * 1000):04d}.pt"
+
+    def save_snapshot(self, state: dict, fraction: float) -> Path:
+        """A checkpoint kept at ``fraction`` of training (never rotated): a point of a read-out curve."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.snapshot_path(fraction)
+        atomic_save(state, path)
+        return path
+
+    def snapshots(self) -> list[Path]:
+        return sorted(self.dir.glob("progress_*.pt"))
+
 
 def _load_part(module, state: dict, prefix: str, path, what: str) -> None:
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -168,14 +182,17 @@ def _load_part(module, state: dict, prefix: str, path, what: str) -> None:
         )
 
 
-def encoder_from_checkpoint(path: str | Path, *, drop_path_rate: float | None = None) -> tuple[ViTEncoder, Config]:
+def encoder_from_checkpoint(
+    path: str | Path, *, drop_path_rate: float | None = None, student: bool = False
+) -> tuple[ViTEncoder, Config]:
     """The evaluated backbone of a checkpoint or run folder (``Method.eval_backbone``: the student,
     DINO's teacher; no projector, no detection head) and its config, in eval mode.
+    ``student`` takes the student even where the teacher is evaluated (the detection head reads it);
     ``drop_path_rate`` rebuilds it with stochastic depth for fine-tuning."""
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
     encoder = build_encoder(cfg.model, **({} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}))
-    prefix = method_class(cfg.method.name).eval_backbone + "."  # the student's, or DINO's teacher's
+    prefix = ("encoder" if student else method_class(cfg.method.name).eval_backbone) + "."
     _load_part(encoder, ckpt["model"], prefix, path, "model config")
     return encoder.eval(), cfg
 

@@ -8,9 +8,11 @@ tokens that were misplaced (truth) next to the detection head's P(misplaced) per
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from dilemma.errors import DilemmaError
 
@@ -48,51 +50,66 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _run_label(run_dir: str | Path) -> str:
+    """``name (method, p=.., r=.., data)`` from the run's ``config.yaml`` (just the name without one)."""
+    name, config = Path(run_dir).name, Path(run_dir) / "config.yaml"
+    try:
+        cfg = yaml.safe_load(config.read_text())
+        d = cfg["dilemma"]
+        return f"{name} ({cfg['method']['name']}, p={d['misplace_prob']}, r={d['drop_rate']}, {cfg['data']['source']})"
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return name
+
+
 def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """One PNG with four panels, one line per run."""
+    """One PNG, one line (colour) per run: losses, detection BCE against H(p) and its AUROC, learning
+    rate, the online probe on the (sparse) training views, the final kNN on dense val images, and
+    throughput. A run that logged fewer than two steps is drawn as points, with a warning."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    (ax_loss, ax_det), (ax_probe, ax_lr) = axes
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    (ax_loss, ax_det, ax_lr), (ax_probe, ax_knn, ax_speed) = axes
+    labels = []
     for run_dir in run_dirs:
         records = read_metrics(run_dir)
-        label = Path(run_dir).name
-        line = ax_loss.plot(*_series(records, "loss"), label=f"{label}: total")[0]
-        for key, style in (("ssl_loss", "--"), ("recon_loss", "--")):
+        label = _run_label(run_dir)
+        labels.append(label)
+        logged = [r for r in records if "stopped_by" not in r]
+        if len(logged) < 2:
+            print(f"warning: {run_dir} logged {len(logged)} step(s); its curves are single points", file=sys.stderr)
+        line = ax_loss.plot(*_series(records, "loss"), "o-", ms=2, label=f"{label}: total")[0]
+        colour = line.get_color()
+        for key in ("ssl_loss", "recon_loss"):
             if _series(records, key)[0]:
-                ax_loss.plot(*_series(records, key), style, color=line.get_color(), label=f"{label}: {key}")
+                ax_loss.plot(*_series(records, key), "--", color=colour, label=f"{label}: {key}")
         steps, bce = _series(records, "det_bce")
         if steps:
-            ax_det.plot(steps, bce, color=line.get_color(), label=f"{label}: detection BCE")
-            ax_det.axhline(
-                _series(records, "det_entropy")[1][-1], color=line.get_color(), ls=":", label=f"{label}: H(p)"
-            )
-            auroc_steps, auroc = _series(records, "det_auroc")
-            ax_det.plot(auroc_steps, auroc, "-.", color=line.get_color(), alpha=0.7, label=f"{label}: AUROC")
+            ax_det.plot(steps, bce, "o-", ms=2, color=colour, label=f"{label}: BCE")
+            entropy = _series(records, "det_entropy")[1][-1]
+            ax_det.axhline(entropy, color=colour, ls=":", label=f"{label}: H(p) = {entropy:.3f}, a constant guess")
+            ax_det.plot(*_series(records, "det_auroc"), "-.", color=colour, alpha=0.7, label=f"{label}: AUROC")
         if _series(records, "probe_acc")[0]:
-            ax_probe.plot(
-                *_series(records, "probe_acc"), color=line.get_color(), label=f"{label}: online probe (train batches)"
-            )
+            ax_probe.plot(*_series(records, "probe_acc"), "o-", ms=2, color=colour, label=label)
         final = records[-1]
         if final.get("knn_top1") is not None:
-            ax_probe.scatter(
-                [final["step"]],
-                [final["knn_top1"]],
-                color=line.get_color(),
-                marker="*",
-                s=120,
-                label=f"{label}: final kNN {final['knn_top1']:.1f}%",
-            )
-        ax_lr.plot(*_series(records, "lr"), color=line.get_color(), label=label)
-    for ax, title in (
-        (ax_loss, "loss"),
-        (ax_det, "misplaced-token detection"),
-        (ax_probe, "accuracy %"),
-        (ax_lr, "learning rate"),
+            ax_knn.bar(len(labels) - 1, final["knn_top1"], color=colour, label=f"{label}: {final['knn_top1']:.1f} %")
+        ax_lr.plot(*_series(records, "lr"), color=colour, label=label)
+        ax_speed.plot(*_series(records, "img_per_s"), color=colour, label=label)
+    for ax, title, ylabel in (
+        (ax_loss, "training loss", "loss"),
+        (ax_det, "misplaced-token detection (training batches)", "BCE (nats) / AUROC"),
+        (ax_lr, "learning rate", "lr"),
+        (ax_probe, "online linear probe (sparse training views)", "top-1 (%)"),
+        (ax_knn, "final kNN (dense val images)", "top-1 (%)"),
+        (ax_speed, "throughput", "images / s"),
     ):
-        ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("run" if ax is ax_knn else "step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax_knn.set_xticks([])
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)
@@ -121,7 +138,9 @@ def plot_occlusion(results: list[dict], out: str | Path) -> Path:
 
 
 @torch.no_grad()
-def inspect_detection(encoder, head, images: torch.Tensor, sample, out: str | Path, patch_size: int) -> Path:
+def inspect_detection(
+    encoder, head, images: torch.Tensor, sample, out: str | Path, patch_size: int, title: str = ""
+) -> Path:
     """Rows: the image with misplaced tokens outlined (dropped ones dimmed); P(misplaced) per kept token
     as a heatmap at the token's true location, with the truth outlined."""
     plt = _pyplot()
@@ -161,7 +180,69 @@ def inspect_detection(encoder, head, images: torch.Tensor, sample, out: str | Pa
     axes[0, 0].set_ylabel("input (bright: kept,\nred: misplaced)", fontsize=8)
     axes[1, 0].set_ylabel("P(misplaced)\n(cyan: truth)", fontsize=8)
     fig.colorbar(shown, ax=axes[1, :].tolist(), fraction=0.02)
+    if title:
+        fig.suptitle(title, fontsize=9)
     out = Path(out)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def _band(ax, x, series: list[list[float]], label: str):
+    """Mean over seeds as a line, mean ± std as a band (no band for one seed)."""
+    import numpy as np
+
+    values = np.array(series, dtype=float)  # (seeds, points)
+    mean = values.mean(axis=0)
+    line = ax.plot(x, mean, "o-", label=f"{label} (n={len(series)})")[0]
+    if len(series) > 1:
+        std = values.std(axis=0, ddof=1)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+
+
+def plot_comparison(results: list[dict], out_dir: str | Path) -> list[Path]:
+    """``dilemma compare``'s pictures, mean ± std over seeds per variant and the chance level:
+    ``occlusion.png`` (accuracy vs tokens kept) and, with snapshots, ``over_time.png`` (accuracy vs
+    training seconds)."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    chance = 100.0 / results[0]["num_classes"]
+    title = f"{results[0]['data']}: mean ± std over seeds"
+    written = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for name in variants:
+        rows = [r for r in results if r["variant"] == name]
+        kept = [p["keep_fraction"] * 100 for p in rows[0]["occlusion"]]
+        for ax, key in zip(axes, ("knn_top1", "linear_top1"), strict=True):
+            _band(ax, kept, [[p[key] for p in r["occlusion"]] for r in rows], name)
+    for ax, what in zip(axes, ("kNN", "linear probe"), strict=True):
+        ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance {chance:.0f} %")
+        ax.set(title=f"{what}, occluded val images", xlabel="patch tokens kept (%)", ylabel="top-1 (%)")
+        ax.invert_xaxis()
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    written.append(out_dir / "occlusion.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    if any(len(r.get("over_time", [])) > 1 for r in results):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for name in variants:
+            rows = [r["over_time"] for r in results if r["variant"] == name]
+            length = min(len(points) for points in rows)
+            seconds = [sum(points[i]["elapsed_s"] for points in rows) / len(rows) for i in range(length)]
+            for ax, key in zip(axes, ("knn_top1", "linear_top1"), strict=True):
+                _band(ax, seconds, [[p[key] for p in points[:length]] for points in rows], name)
+        for ax, what in zip(axes, ("kNN", "linear probe"), strict=True):
+            ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance {chance:.0f} %")
+            ax.set(title=f"{what} during training", xlabel="training seconds", ylabel="top-1 (%)")
+            ax.legend(fontsize=7)
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        written.append(out_dir / "over_time.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written

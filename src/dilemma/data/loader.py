@@ -80,6 +80,16 @@ def pretrain_loader(
     )
 
 
+def spread_over_classes(labels: torch.Tensor, n: int) -> list[int]:
+    """``n`` indices that take the classes in turn (the first image of each class, then the second,
+    ...), so a picture of a few images shows several classes; unlabelled images in order."""
+    if n >= len(labels) or bool((labels < 0).all()):
+        return list(range(min(n, len(labels))))
+    per_class = [torch.nonzero(labels == c).flatten().tolist() for c in labels.unique().tolist()]
+    order = [idx for rank in range(max(map(len, per_class))) for idx in (c[rank] for c in per_class if rank < len(c))]
+    return order[:n]
+
+
 def eval_batches(images: ImageSet, batch_size: int):
     """Yield ``(normalised images, labels)`` in order, without augmentation."""
     for start in range(0, len(images), batch_size):

@@ -112,6 +112,17 @@ class Run:
         if is_main():  # one writer per run folder
             self.checkpoints.save(self.state(), self.step)
 
+    def save_snapshots(self, done: float) -> None:
+        """Keep a checkpoint at every ``train.snapshot_every`` fraction of training that ``done`` has
+        reached (once each, also across a resume)."""
+        every = self.cfg.train.snapshot_every
+        if not every or not is_main():
+            return
+        fractions = [i * every for i in range(1, int(1 / every + 1e-9) + 1) if i * every < 1 - 1e-9]
+        for fraction in fractions:
+            if fraction <= done + 1e-9 and not self.checkpoints.snapshot_path(fraction).exists():
+                self.checkpoints.save_snapshot(self.state(), fraction)
+
     def restore(self, ckpt: dict) -> None:
         self.method.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -286,6 +297,7 @@ def train(run: Run) -> str:
                     )
                 if run.step % t.ckpt_every == 0:
                     run.save()
+                run.save_snapshots(progress(run.step, t.max_steps, run.elapsed, budget))
                 if _agree(bool(stop_request), 0.0, run.device)[0]:
                     run.save()
                     bar.close()
