@@ -101,3 +101,12 @@ def test_pretrain_batches_are_a_function_of_step(animal):
     assert len(set(epoch.tolist())) == len(epoch) == batches.steps_per_epoch * 64
     ranks = [PretrainBatches(animal.train, 64, views, seed=3, rank=r, world_size=2).indices(5) for r in (0, 1)]
     assert sorted(torch.cat(ranks).tolist()) == sorted(batches.indices(5).tolist())
+
+
+def test_pictures_take_their_images_from_several_classes():
+    from dilemma.data import spread_over_classes
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    assert spread_over_classes(labels, 5) == [0, 3, 5, 1, 4]  # each class in turn
+    assert spread_over_classes(torch.full((4,), -1), 3) == [0, 1, 2]  # unlabelled: in order
+    assert spread_over_classes(labels, 20) == list(range(8))
