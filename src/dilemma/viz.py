@@ -200,6 +200,24 @@ def _band(ax, x, series: list[list[float]], label: str):
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
 
 
+def _accuracy_panels(plt, draw, subtitle: str, xlabel: str, chance: float, title: str, path: Path, invert_x=False):
+    """A kNN and a linear-probe panel side by side: ``draw(ax, key)`` adds the lines, then the chance
+    level, titles, labels and legends; saved to ``path``."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, what in zip(axes, ("knn_top1", "linear_top1"), ("kNN", "linear probe"), strict=True):
+        draw(ax, key)
+        ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance {chance:.0f} %")
+        ax.set(title=f"{what}, {subtitle}", xlabel=xlabel, ylabel="top-1 (%)")
+        if invert_x:
+            ax.invert_xaxis()
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_comparison(results: list[dict], out_dir: str | Path) -> list[Path]:
     """``dilemma compare``'s pictures, mean ± std over seeds per variant and the chance level:
     ``occlusion.png`` (accuracy vs tokens kept) and, with snapshots, ``over_time.png`` (accuracy vs
@@ -209,40 +227,36 @@ def plot_comparison(results: list[dict], out_dir: str | Path) -> list[Path]:
     variants = list(dict.fromkeys(r["variant"] for r in results))
     chance = 100.0 / results[0]["num_classes"]
     title = f"{results[0]['data']}: mean ± std over seeds"
-    written = []
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for name in variants:
-        rows = [r for r in results if r["variant"] == name]
-        kept = [p["keep_fraction"] * 100 for p in rows[0]["occlusion"]]
-        for ax, key in zip(axes, ("knn_top1", "linear_top1"), strict=True):
-            _band(ax, kept, [[p[key] for p in r["occlusion"]] for r in rows], name)
-    for ax, what in zip(axes, ("kNN", "linear probe"), strict=True):
-        ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance {chance:.0f} %")
-        ax.set(title=f"{what}, occluded val images", xlabel="patch tokens kept (%)", ylabel="top-1 (%)")
-        ax.invert_xaxis()
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    written.append(out_dir / "occlusion.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    def occlusion(ax, key):
+        for name in variants:
+            rows = [r["occlusion"] for r in results if r["variant"] == name]
+            kept = [p["keep_fraction"] * 100 for p in rows[0]]
+            _band(ax, kept, [[p[key] for p in points] for points in rows], name)
 
-    if any(len(r.get("over_time", [])) > 1 for r in results):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    def over_time(ax, key):
         for name in variants:
             rows = [r["over_time"] for r in results if r["variant"] == name]
             length = min(len(points) for points in rows)
             seconds = [sum(points[i]["elapsed_s"] for points in rows) / len(rows) for i in range(length)]
-            for ax, key in zip(axes, ("knn_top1", "linear_top1"), strict=True):
-                _band(ax, seconds, [[p[key] for p in points[:length]] for points in rows], name)
-        for ax, what in zip(axes, ("kNN", "linear probe"), strict=True):
-            ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance {chance:.0f} %")
-            ax.set(title=f"{what} during training", xlabel="training seconds", ylabel="top-1 (%)")
-            ax.legend(fontsize=7)
-        fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        written.append(out_dir / "over_time.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+            _band(ax, seconds, [[p[key] for p in points[:length]] for points in rows], name)
+
+    written = [
+        _accuracy_panels(
+            plt,
+            occlusion,
+            "occluded val images",
+            "patch tokens kept (%)",
+            chance,
+            title,
+            out_dir / "occlusion.png",
+            invert_x=True,
+        )
+    ]
+    if any(len(r.get("over_time", [])) > 1 for r in results):
+        written.append(
+            _accuracy_panels(
+                plt, over_time, "during training", "training seconds", chance, title, out_dir / "over_time.png"
+            )
+        )
     return written

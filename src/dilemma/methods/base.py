@@ -71,7 +71,8 @@ class Method(nn.Module):
         draws: TokenDraws = None,
         with_metrics: bool = False,
     ) -> MethodOutput:
-        raise NotImplementedError
+        """The interface itself: every method defines its forward (see the module docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward(views, progress, draws, with_metrics)")
 
     def student(
         self, images: torch.Tensor, draws: TokenDraws, with_metrics: bool, corrupt: bool = True
