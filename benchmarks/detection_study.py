@@ -40,7 +40,8 @@ def study(run: str, blank: float, seed: int, batch_size: int = 500) -> dict:
     p, r = cfg.dilemma.misplace_prob, cfg.dilemma.drop_rate
     generator = torch.Generator().manual_seed(seed)
     scores, misplaced, own_blank, target_blank = [], [], [], []
-    for images, _ in eval_batches(splits.val, batch_size):
+    for pixels, _ in eval_batches(splits.val, batch_size):
+        images = encoder.normalize(pixels)
         s = sample_tokens(images.shape[0], encoder.num_patches, r, p, generator=generator)
         _, patches = encoder(images, keep=s.keep, positions=s.positions)
         scores.append(head(patches).flatten())

@@ -26,7 +26,7 @@ from dilemma.build import build_method, build_views, load_splits
 from dilemma.config import load_config
 from dilemma.data import PretrainBatches
 from dilemma.methods import METHODS
-from dilemma.models import build_encoder
+from dilemma.models import build_encoder, normalize
 from dilemma.pretext import DetectionHead, sample_tokens
 from dilemma.train.step import PRECISIONS, Stepper
 
@@ -81,8 +81,8 @@ def training_step(cfg, device, precision: str, batch: int):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     stepper = Stepper(model, model, optimizer, device=device, precision=precision, grad_clip=3.0)
     batches = PretrainBatches(load_splits(cfg).train, batch, build_views(cfg), seed=0)
-    views, _ = batches[0]
-    views = tuple(v.to(device) for v in views)
+    views = batches[0].views
+    views = tuple(normalize(v.to(device)) for v in views)
     counter = iter(range(10**9))
     return (lambda: stepper.step(views, 0.5, next(counter), False)), batches
 

@@ -33,13 +33,13 @@ def _png(size=(12, 12), mode="L") -> bytes:
     return buffer.getvalue()
 
 
-def _folder(root: Path, name: str, bad: dict[str, bytes] | None = None, good: int = 12) -> Path:
-    folder = root / name / "cls"
-    folder.mkdir(parents=True)
-    for i in range(good):
-        (folder / f"ok{i}.png").write_bytes(_png())
-    for file, data in (bad or {}).items():
-        (folder / file).write_bytes(data)
+def _first_batch_bad(root: Path, name: str, bad: dict[str, bytes]) -> Path:
+    """``train/`` holding the bad files and one good image (the first batch of 2 reads them all), ``val/`` two good."""
+    for split, files in (("train", {**bad, "ok.png": _png()}), ("val", {"v0.png": _png(), "v1.png": _png()})):
+        folder = root / name / split / "cls"
+        folder.mkdir(parents=True)
+        for file, data in files.items():
+            (folder / file).write_bytes(data)
     return root / name
 
 
@@ -55,11 +55,12 @@ def make_fixtures(root: Path) -> dict[str, str]:
     png = _png()
     fixtures = {
         "{empty}": root / "empty",
-        "{corrupt}": _folder(root, "corrupt", {"broken.png": b"\x89PNG not really"}),
-        "{truncated}": _folder(root, "truncated", {"cut.png": png[: len(png) // 2]}),
-        "{zero}": _folder(root, "zero", {"zero.png": b""}),
-        "{tiny}": _folder(root, "tiny", {"dot.png": _png((2, 2))}),
-        "{file}": root / "a_file.txt",
+        "{corrupt}": _first_batch_bad(root, "corrupt", {"broken.png": b"\x89PNG not really"}),
+        "{truncated}": _first_batch_bad(root, "truncated", {"cut.png": png[: len(png) // 2]}),
+        "{zero}": _first_batch_bad(root, "zero", {"zero.png": b""}),
+        "{tiny}": _first_batch_bad(root, "tiny", {"dot.png": _png((2, 2))}),
+        "{file}": root / "a_file.bin",
+        "{list}": root / "a_file.txt",
         "{yaml_bad}": root / "bad.yaml",
         "{yaml_list}": root / "list.yaml",
         "{not_ckpt}": root / "random.pt",
@@ -70,6 +71,7 @@ def make_fixtures(root: Path) -> dict[str, str]:
         "{out}": root / "out",
     }
     (root / "a_file.txt").write_text("not a folder")
+    (root / "a_file.bin").write_bytes(b"not a folder")
     (root / "bad.yaml").write_text("optim:\n  lr: [1e-3\n")
     (root / "list.yaml").write_text("- optim\n- lr\n")
     (root / "random.pt").write_bytes(np.random.default_rng(0).bytes(1000))
@@ -83,9 +85,10 @@ def make_fixtures(root: Path) -> dict[str, str]:
 # (name, argv, expected fragment of the message). "pretrain" cases get the tiny recipe first.
 CASES = [
     ("missing data folder", ["pretrain", "--data", "/nonexistent/folder"], "is neither an embedded dataset"),
-    ("data source is a file", ["pretrain", "--data", "{file}"], "is a file; point it at a folder"),
+    ("data source is a file", ["pretrain", "--data", "{file}"], "is a file; point it at a folder or a file list"),
+    ("file list of missing files", ["pretrain", "--data", "{list}"], "names 1 missing files"),
     ("empty folder", ["pretrain", "--data", "{empty}"], "no images found"),
-    ("corrupt image", ["pretrain", "--data", "{corrupt}", *SMALL_IMAGES], "1 of 13 images cannot be used"),
+    ("corrupt image", ["pretrain", "--data", "{corrupt}", *SMALL_IMAGES], "broken.png: unreadable"),
     ("truncated image", ["pretrain", "--data", "{truncated}", *SMALL_IMAGES], "cut.png: unreadable"),
     ("zero-byte file", ["pretrain", "--data", "{zero}", *SMALL_IMAGES], "zero.png: empty (0-byte) file"),
     ("tiny image", ["pretrain", "--data", "{tiny}", *SMALL_IMAGES], "dot.png: 2x2 px, smaller than 4 px"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dilemma.data import PretrainBatches, TwoViews, load_source, view_transform
+from dilemma.data import PretrainBatches, ViewSettings, load_source, two_views
 from dilemma.errors import DilemmaError
 
 
@@ -78,21 +78,36 @@ def test_data_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DilemmaError, match="no images found"):
         load_source(str(tmp_path / "empty"), img_size=28, in_chans=1)
+
+
+def test_a_bad_file_is_found_when_read(tmp_path):
+    """Streaming: nothing is decoded up front; a bad file fails when read, or is replaced
+    (training) / left out (evaluation) and reported with ``skip_bad``."""
     _write_pngs(tmp_path / "bad", [f"a/{i}.png" for i in range(5)])
     (tmp_path / "bad" / "a" / "0.png").write_bytes(b"not a png")
-    with pytest.raises(DilemmaError, match=r"1 of 5 images cannot be used: .*0.png: unreadable"):
-        load_source(str(tmp_path / "bad"), img_size=8, in_chans=1, val_fraction=0.4)
-    s = load_source(str(tmp_path / "bad"), img_size=8, in_chans=1, val_fraction=0.4, skip_bad=True)
-    assert len(s.train) + len(s.val) == 4
-    assert not any(p.name == "0.png" for p in [*s.train.paths, *s.val.paths])
+    for skip in (False, True):
+        s = load_source(str(tmp_path / "bad"), img_size=8, in_chans=1, val_fraction=0.4, skip_bad=skip)
+        assert len(s.train) + len(s.val) == 5
+        where = next(
+            (part, i) for part in (s.train, s.val) for i in range(len(part)) if part.paths[i].endswith("0.png")
+        )
+        part, i = where
+        images, labels, problems = part.raw([i])
+        assert len(images) == 1 and len(problems) == 1 and "0.png: unreadable" in problems[0]
+        if skip:
+            x, y = part.load_eval(range(len(part)))
+            assert len(x) == len(y) == len(part) - 1
+        else:
+            with pytest.raises(DilemmaError, match=r"cannot read image .*0.png.*unreadable.*skip_bad_images"):
+                part.load_eval(range(len(part)))
 
 
 def test_pretrain_batches_are_a_function_of_step(animal):
-    views = TwoViews(view_transform(28))
+    views = two_views(ViewSettings(28))
     batches = PretrainBatches(animal.train, 64, views, seed=3)
-    (a1, a2), labels = batches[5]
-    (b1, b2), _ = batches[5]
-    assert a1.shape == (64, 1, 28, 28) and a1.dtype == torch.float32
+    (a1, a2), labels, _ = batches[5]
+    (b1, b2), _, _ = batches[5]
+    assert a1.shape == (64, 1, 28, 28) and a1.dtype == torch.uint8  # the encoder normalises on the device
     assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, a2)
     assert not torch.equal(batches[6][0][0], a1)
     assert torch.equal(labels, animal.train.labels[batches.indices(5)])

@@ -17,7 +17,7 @@ import torch
 from dilemma import rundir as checkpoint_module
 from dilemma.cli import main
 from dilemma.rundir import CheckpointDir, load_checkpoint
-from tests.bad_inputs import CASES, TINY_SETS, _folder, _png, argv_for, make_fixtures
+from tests.bad_inputs import CASES, TINY_SETS, _first_batch_bad, _png, argv_for, make_fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_at_least_twenty_kinds_of_bad_input():
 
 
 def test_bad_images_can_be_skipped_and_counted(tmp_path, capsys):
-    data = _folder(tmp_path, "mixed", {"broken.png": b"junk", "zero.png": b""}, good=20)
+    data = _first_batch_bad(tmp_path, "mixed", {"broken.png": b"junk", "zero.png": b""})
     out = tmp_path / "run"
     argv = [
         "pretrain",
@@ -74,12 +74,13 @@ def test_bad_images_can_be_skipped_and_counted(tmp_path, capsys):
         "--set",
         "model.patch_size=2",
         "--set",
-        "data.batch_size=4",
+        "data.batch_size=3",
         "--set",
         "data.skip_bad_images=true",
     ]
-    assert main(argv) == 0
-    assert "skipping 2 of 22 images" in capsys.readouterr().err
+    assert main(argv) == 0  # the first batch meets both: each replaced by a readable image, named once
+    err = capsys.readouterr().err
+    assert "skipped unreadable image" in err and "broken.png: unreadable" in err and "zero.png: empty" in err
 
 
 def test_mixed_grayscale_and_rgb_images_are_converted(tmp_path):
@@ -111,8 +112,9 @@ def test_huge_image_is_refused(tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # a 12 x 12 image is then over twice the limit: a "bomb"
-    data = _folder(tmp_path, "huge", good=4)
-    assert main(["pretrain", *TINY_SETS, "--data", str(data), "--out", str(tmp_path / "run")]) == 2
+    data = _first_batch_bad(tmp_path, "huge", {"a.png": _png()})  # every image is a "bomb" now
+    argv = ["pretrain", *TINY_SETS, "--data", str(data), "--out", str(tmp_path / "run"), "--set", "data.batch_size=2"]
+    assert main(argv) == 2
     assert "too large (over PIL's decompression-bomb limit" in capsys.readouterr().err
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dilemma.config import Config, method_config
 from dilemma.data import Splits, ViewSettings, load_source
 from dilemma.methods import Method, Views, method_class
-from dilemma.models import build_encoder
+from dilemma.models import build_encoder, load_backbone
 from dilemma.pretext import Dilemma
 
 
@@ -24,19 +24,39 @@ def load_splits(cfg: Config, source: str | None = None) -> Splits:
         val_fraction=d.val_fraction,
         seed=d.split_seed,
         skip_bad=d.skip_bad_images,
+        crop_pct=cfg.model.crop_pct,
     )
 
 
 def build_views(cfg: Config) -> Views:
-    """The method's augmentation: uint8 batch -> tuple of view batches."""
-    d = cfg.data
-    settings = ViewSettings(cfg.model.img_size, d.crop_min_scale, d.hflip, d.color_jitter, d.blur_prob)
+    """The method's augmentation: images -> tuple of uint8 view batches (the encoder normalises them)."""
+    d, m = cfg.data, cfg.model
+    settings = ViewSettings(
+        m.img_size,
+        m.in_chans,
+        d.crop_min_scale,
+        d.hflip,
+        d.color_jitter,
+        d.saturation,
+        d.hue,
+        d.grayscale_prob,
+        d.blur_prob,
+        d.solarize_prob,
+        d.asymmetric_views,
+    )
     return method_class(cfg.method.name).views(method_config(cfg), settings)
 
 
-def build_method(cfg: Config) -> Method:
-    """A fresh encoder with the DILEMMA pretext and the configured method around it."""
+def build_method(cfg: Config, pretrained: tuple[dict, str] | None = None, log=None) -> Method:
+    """A fresh encoder with the DILEMMA pretext and the configured method around it.
+
+    ``pretrained``: ``(ViT state dict, where from)`` loaded into the encoder first
+    (``models.load_backbone``), so teachers start as copies of it; ``log`` gets the summary."""
     encoder = build_encoder(cfg.model)
+    if pretrained is not None:
+        summary = load_backbone(encoder, *pretrained)
+        if log is not None:
+            log(summary)
     d = cfg.dilemma
     dilemma = Dilemma(
         encoder.embed_dim, encoder.num_patches, misplace_prob=d.misplace_prob, drop_rate=d.drop_rate, weight=d.weight

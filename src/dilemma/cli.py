@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,13 +71,21 @@ def _checkpoints(args, drop_path_rate: float | None = None):
         yield str(path), encoder.to(device), cfg, splits, device
 
 
+def _loading(args, device) -> dict:
+    return {"batch_size": args.batch_size, "device": device, "num_workers": args.workers}
+
+
+def _progress(args) -> bool:
+    return not args.no_progress
+
+
 def _eval_knn(args) -> None:
     from dilemma.eval.knn import knn_eval
 
     results = []
     for path, encoder, _, splits, device in _checkpoints(args):
         result = knn_eval(
-            encoder, splits, k=args.k, temperature=args.temperature, batch_size=args.batch_size, device=device
+            encoder, splits, k=args.k, temperature=args.temperature, **_loading(args, device), progress=_progress(args)
         )
         print(f"{path}: {result.line()}")
         results.append(
@@ -99,10 +108,11 @@ def _eval_linear(args) -> None:
     results = []
     for path, encoder, _, splits, device in _checkpoints(args):
         require_labels(splits, "the linear probe")
+        bars = ("train features", "val features") if _progress(args) else (None, None)
         train_f, train_y = extract_features(
-            encoder, splits.train, batch_size=args.batch_size, device=device, normalize=False
+            encoder, splits.train, **_loading(args, device), normalize=False, desc=bars[0]
         )
-        val_f, val_y = extract_features(encoder, splits.val, batch_size=args.batch_size, device=device, normalize=False)
+        val_f, val_y = extract_features(encoder, splits.val, **_loading(args, device), normalize=False, desc=bars[1])
         probe = train_linear_probe(
             train_f, train_y, len(splits.classes), epochs=args.epochs, lr=args.lr, seed=args.seed
         )
@@ -128,9 +138,9 @@ def _eval_occlusion(args) -> None:
             k=args.k,
             temperature=args.temperature,
             probe_epochs=args.epochs,
-            batch_size=args.batch_size,
             seed=args.seed,
-            device=device,
+            **_loading(args, device),
+            progress=_progress(args),
         )
         print(f"{path}: occlusion  [{curve.protocol}]")
         print("  kept  tokens   kNN top-1   linear top-1")
@@ -147,23 +157,40 @@ def _eval_occlusion(args) -> None:
         print(f"wrote {plot_occlusion(results, args.plot)}")
 
 
+FINETUNE_PROTOCOLS = {
+    # a short protocol for small data and CPUs
+    "short": {"epochs": 5, "batch_size": 128, "lr": 1e-3, "layer_decay": 0.75, "weight_decay": 0.05,
+              "drop_path": 0.1, "label_smoothing": 0.1, "warmup_epochs": 1.0, "crop_min_scale": 0.35,
+              "auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0},
+    # MAE (He et al. 2022, FINETUNE.md, ViT-B): blr 5e-4 x 1024 / 256, layer decay 0.65, 100 epochs
+    "mae": {"epochs": 100, "batch_size": 1024, "lr": 2e-3, "layer_decay": 0.65, "weight_decay": 0.05,
+            "drop_path": 0.1, "label_smoothing": 0.1, "warmup_epochs": 5.0, "crop_min_scale": 0.08,
+            "auto_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25},
+}  # fmt: skip
+
+
 def _eval_finetune(args) -> None:
     from dilemma.eval.finetune import finetune
     from dilemma.eval.knn import require_labels
+    from dilemma.export import model_card, save_timm_folder
 
+    settings = {
+        k: v if getattr(args, k, None) is None else getattr(args, k)
+        for k, v in FINETUNE_PROTOCOLS[args.protocol].items()
+    }
+    if args.save and len(args.checkpoint) > 1:
+        raise DilemmaError("--save takes one --checkpoint")
     results = []
-    for path, encoder, _cfg, splits, device in _checkpoints(args, drop_path_rate=args.drop_path):
+    for path, encoder, cfg, splits, device in _checkpoints(args, drop_path_rate=settings.pop("drop_path")):
         require_labels(splits, "fine-tuning")
         result = finetune(
             encoder,
             splits,
-            epochs=args.epochs,
-            lr=args.lr,
-            layer_decay=args.layer_decay,
-            label_smoothing=args.label_smoothing,
-            batch_size=args.batch_size,
+            **{k: v for k, v in settings.items() if k != "reprob"},
+            re_prob=settings["reprob"],
             seed=args.seed,
             device=device,
+            num_workers=args.workers,
             progress=not args.no_progress,
         )
         print(f"{path}: fine-tune top-1 {result.top1:.2f}%  [{result.protocol}]")
@@ -176,7 +203,44 @@ def _eval_finetune(args) -> None:
                 "protocol": result.protocol,
             }
         )
+        if args.save:
+            card = model_card(
+                cfg, path, f"Fine-tuned on {splits.name} ({len(splits.classes)} classes): {result.protocol}."
+            )
+            print(save_timm_folder(encoder.vit, cfg.model, args.save, card, label_names=splits.classes))
     _write_json(args.json, results)
+
+
+def _check_data(args) -> None:
+    import collections
+    import statistics
+
+    from dilemma.data import list_image_source
+    from dilemma.data.folders import scan_files
+
+    source = Path(args.source).expanduser()
+    if not source.exists():
+        raise DilemmaError(f"{args.source!r} does not exist")
+    train, val, notes = list_image_source(source, args.val_fraction, 0)
+    classes = f"{len(train.classes)} classes" if train.classes else "unlabelled"
+    print(f"{source}: {'; '.join(notes)}; {classes}; {len(train.paths)} train / {len(val.paths)} val images")
+    bad, sides, modes = [], [], collections.Counter()
+    for path, problem, size, mode in scan_files(train.paths + val.paths, args.workers, not args.no_progress):
+        if problem:
+            bad.append((path, problem))
+        else:
+            sides.append(min(size))
+            modes[mode] += 1
+    if sides:
+        print(
+            f"short side: min {min(sides)} / median {statistics.median(sides):g} / max {max(sides)} px; "
+            f"modes: {', '.join(f'{m} {n}' for m, n in modes.most_common())}"
+        )
+    for path, problem in bad:
+        print(f"bad: {path}: {problem}")
+    print(f"{len(bad)} of {len(train.paths) + len(val.paths)} images cannot be used")
+    if bad:
+        raise SystemExit(1)
 
 
 def _export(args) -> None:
@@ -197,7 +261,7 @@ def _inspect(args) -> None:
     import torch
 
     from dilemma.build import load_splits
-    from dilemma.data import normalize, spread_over_classes
+    from dilemma.data import spread_over_classes
     from dilemma.pretext import sample_tokens
     from dilemma.rundir import detection_head_from_checkpoint, encoder_from_checkpoint
     from dilemma.viz import inspect_detection
@@ -205,7 +269,7 @@ def _inspect(args) -> None:
     encoder, cfg = encoder_from_checkpoint(args.checkpoint, student=True)  # the encoder the head was trained on
     head = detection_head_from_checkpoint(args.checkpoint, encoder.embed_dim)
     splits = load_splits(cfg, source=args.data)
-    images = normalize(splits.val.load(spread_over_classes(splits.val.labels, args.num_images)))
+    images = encoder.normalize(splits.val.load(spread_over_classes(splits.val.labels, args.num_images)))
     p = cfg.dilemma.misplace_prob if args.misplace_prob is None else args.misplace_prob
     r = cfg.dilemma.drop_rate if args.drop_rate is None else args.drop_rate
     sample = sample_tokens(
@@ -242,6 +306,8 @@ def _eval_parser(ev, name: str, help: str, run) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", help="also write the results and protocol to this JSON file")
     p.set_defaults(run=run)
     return p
@@ -266,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--method", help=f"method.name: {', '.join(METHODS)}, or your own as path/to/file.py:ClassName")
-    p.add_argument("--data", help="data.source: embedded name, MNIST-IDX folder or image folder")
+    p.add_argument("--data", help="data.source: embedded name, MNIST-IDX folder, image folder or file list")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
     p.add_argument(
         "--precision", choices=["fp32", "bf16", "fp16"], help="train.precision (autocast; fp16 with a gradient scaler)"
@@ -289,13 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
     occ.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
     occ.add_argument("--plot", help="also draw the curves to this PNG (needs matplotlib)")
     ft = _eval_parser(ev, "finetune", "fine-tune all weights (layer decay, drop-path, label smoothing)", _eval_finetune)
-    ft.set_defaults(batch_size=128)
-    ft.add_argument("--epochs", type=int, default=5)
-    ft.add_argument("--lr", type=float, default=1e-3)
-    ft.add_argument("--layer-decay", type=float, default=0.75)
-    ft.add_argument("--drop-path", type=float, default=0.1)
-    ft.add_argument("--label-smoothing", type=float, default=0.1)
-    ft.add_argument("--no-progress", action="store_true")
+    ft.set_defaults(batch_size=None)
+    ft.add_argument(
+        "--protocol",
+        choices=sorted(FINETUNE_PROTOCOLS),
+        default="short",
+        help="starting values: short (5 epochs, small data) or mae (MAE's ImageNet recipe); flags below override",
+    )
+    ft.add_argument("--epochs", type=int)
+    ft.add_argument("--lr", type=float, help="peak lr for the whole batch")
+    ft.add_argument("--layer-decay", type=float)
+    ft.add_argument("--weight-decay", type=float)
+    ft.add_argument("--drop-path", type=float)
+    ft.add_argument("--label-smoothing", type=float)
+    ft.add_argument("--warmup-epochs", type=float)
+    ft.add_argument("--auto-augment", help="timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
+    ft.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
+    ft.add_argument("--cutmix", type=float, help="cutmix alpha (0: off)")
+    ft.add_argument("--reprob", type=float, help="random erasing probability")
+    ft.add_argument("--save", help="write the fine-tuned model (with its classifier) to this new timm folder")
 
     cmp = commands.add_parser(
         "compare",
@@ -321,9 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", required=True, help="folder for the runs, results.json, summary.md, occlusion.png")
     cmp.set_defaults(run=_compare)
 
-    ex = commands.add_parser("export", help="write the backbone alone as a timm checkpoint (safetensors)")
+    chk = commands.add_parser("check-data", help="decode every image of a folder or file list once; list the bad ones")
+    chk.add_argument("source", help="image folder or file list")
+    chk.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    chk.add_argument("--val-fraction", type=float, default=0.2, help="as data.val_fraction (for the counts)")
+    chk.add_argument("--no-progress", action="store_true")
+    chk.set_defaults(run=_check_data)
+
+    ex = commands.add_parser("export", help="write the backbone alone for timm (a local-dir / Hub folder, or a file)")
     ex.add_argument("checkpoint", help="checkpoint file or run folder")
-    ex.add_argument("--out", required=True, help="output .safetensors file")
+    ex.add_argument(
+        "--out", required=True, help="a new folder (timm.create_model('local-dir:FOLDER')) or a .safetensors file"
+    )
     ex.set_defaults(run=_export)
 
     pl = commands.add_parser("plot", help="training curves of one or more runs (PNG; needs matplotlib)")

@@ -32,8 +32,13 @@ class DataConfig:
     crop_min_scale: float = 0.35  # RandomResizedCrop scale lower bound
     hflip: bool = True
     color_jitter: float = 0.4  # brightness/contrast strength, applied with p = 0.8
+    saturation: float = 0.0  # RGB only, in the same jitter
+    hue: float = 0.0  # RGB only, in the same jitter
+    grayscale_prob: float = 0.0  # RGB only
     blur_prob: float = 0.2
-    skip_bad_images: bool = False  # image folders: skip (and count) unreadable images instead of failing
+    solarize_prob: float = 0.0
+    asymmetric_views: bool = False  # BYOL / MoCo v3 / DINO: view 1 always blurred, view 2 p = 0.1 + solarised
+    skip_bad_images: bool = False  # image files: replace (training) or leave out (evaluation) unreadable ones, counted
 
 
 DEFAULT_METHOD = "mocov3"
@@ -61,12 +66,14 @@ class OptimConfig:
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup: float = 0.1  # fraction of training (progress: steps or wall-clock) over which the lr rises from 0
+    scale_lr_with_batch: bool = False  # lr and min_lr are per 256 images: x data.batch_size / 256 (MoCo v3, MAE)
     grad_clip: typing.Optional[float] = 3.0
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 220
+    epochs: typing.Optional[float] = None  # train this many epochs instead of max_steps (null: use max_steps)
     time_budget: typing.Optional[float] = 4.0  # minutes of training (null: none); schedules end when it runs out
     seed: int = 0
     log_every: int = 10
@@ -152,6 +159,12 @@ def _coerce(value, kind, key: str):
         if value is None and type(None) in args:
             return None
         kind = next(a for a in args if a is not type(None))
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values:
+            raise DilemmaError(f"config key {key!r} needs at least one value")
+        return [_coerce(v, item, key) for v in values]
     if kind is bool and isinstance(value, bool):
         return value
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -240,12 +253,27 @@ def validate(cfg: Config) -> Config:
         f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}",
     )
     require(m.in_chans in (1, 3), f"model.in_chans must be 1 or 3, got {m.in_chans}")
+    for key in ("mean", "std"):
+        values = getattr(m, key)
+        require(
+            len(values) in (1, m.in_chans),
+            f"model.{key} needs 1 or model.in_chans={m.in_chans} values, got {values}",
+        )
+    require(all(s > 0 for s in m.std), f"model.std values must be > 0, got {m.std}")
+    require(0.0 < m.crop_pct <= 1.0, f"model.crop_pct must be in (0, 1], got {m.crop_pct}")
     require(
         data.batch_size >= 2, f"data.batch_size must be >= 2 (contrastive losses need negatives), got {data.batch_size}"
     )
     require(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
     require(0.0 < data.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
     require(0.0 < data.crop_min_scale <= 1.0, f"data.crop_min_scale must be in (0, 1], got {data.crop_min_scale}")
+    for key in ("color_jitter", "saturation"):
+        require(getattr(data, key) >= 0, f"data.{key} must be >= 0, got {getattr(data, key)}")
+    require(0.0 <= data.hue <= 0.5, f"data.hue must be in [0, 0.5], got {data.hue}")
+    for key in ("grayscale_prob", "blur_prob", "solarize_prob"):
+        require(
+            0.0 <= getattr(data, key) <= 1.0, f"data.{key} must be a probability in [0, 1], got {getattr(data, key)}"
+        )
     for f in dataclasses.fields(cfg.method):
         section = getattr(cfg.method, f.name)
         if hasattr(section, "check"):
@@ -253,6 +281,7 @@ def validate(cfg: Config) -> Config:
     require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     require(0.0 <= o.warmup < 1.0, f"optim.warmup must be a fraction of training in [0, 1), got {o.warmup}")
     require(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
+    require(t.epochs is None or t.epochs > 0, f"train.epochs must be > 0 or null, got {t.epochs}")
     require(t.time_budget is None or t.time_budget > 0, f"train.time_budget must be > 0 minutes, got {t.time_budget}")
     require(t.log_every >= 1 and t.ckpt_every >= 1, "train.log_every and train.ckpt_every must be >= 1")
     require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")

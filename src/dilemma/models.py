@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import timm
@@ -37,6 +37,18 @@ class ModelConfig:
     depth: Optional[int] = 6  # override the model's depth (null: keep timm's)
     pos_embed: str = "sincos"  # sincos (fixed 2D, MoCo v3) or learned (timm's)
     drop_path_rate: float = 0.0
+    # The input contract, as timm's pretrained_cfg states it (and the export writes it):
+    mean: list[float] = field(default_factory=lambda: [0.5])  # per channel (one value: every channel)
+    std: list[float] = field(default_factory=lambda: [0.5])
+    crop_pct: float = 1.0  # evaluation: short side resized to img_size / crop_pct, centre crop (files)
+    pretrained: str = ""  # start from: a run folder, a .safetensors / .pth file, or a timm name with local weights
+
+
+def normalize(images: torch.Tensor, mean=(0.5,), std=(0.5,)) -> torch.Tensor:
+    """uint8 ``(..., C, H, W)`` -> float ``(x / 255 - mean) / std`` per channel (one value: every channel)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return (images.float() / 255.0 - mean_t) / std_t
 
 
 def sincos_pos_embed_2d(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -64,10 +76,11 @@ class ViTEncoder(nn.Module):
     Prefix tokens (class, registers) are never dropped or corrupted; where the ViT has a PE row
     for them they keep their own. The class embedding is pooled as the timm model pools (``pool``).
     Images of another size (e.g. DINO's local crops) get the patch PE resampled to their grid,
-    as DINO does; indices then refer to that grid.
+    as DINO does; indices then refer to that grid. ``normalize`` turns uint8 images into its input
+    (``model.mean`` / ``model.std``).
     """
 
-    def __init__(self, vit: VisionTransformer):
+    def __init__(self, vit: VisionTransformer, mean=(0.5,), std=(0.5,)):
         super().__init__()
         if not isinstance(vit, VisionTransformer):
             raise DilemmaError(f"expected a timm VisionTransformer, got {type(vit).__name__}")
@@ -85,6 +98,17 @@ class ViTEncoder(nn.Module):
         self.img_size = tuple(vit.patch_embed.img_size)
         self.in_chans = vit.patch_embed.proj.in_channels
         self.embed_dim = vit.embed_dim
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> this encoder's input."""
+        return normalize(images, self.mean, self.std)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """This encoder's input -> pixels in [0, 1] (for pictures)."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return (x * std + mean).clamp(0, 1)
 
     def grid_of(self, image_size: tuple[int, int]) -> tuple[int, int]:
         patch = self.vit.patch_embed.patch_size
@@ -184,6 +208,8 @@ def create_encoder(
     patch_size: int = 4,
     in_chans: int = 1,
     pos_embed: str = "sincos",
+    mean=(0.5,),
+    std=(0.5,),
     **model_kwargs,
 ) -> ViTEncoder:
     """``timm.create_model(name, img_size=..., patch_size=..., in_chans=...)`` wrapped as a ``ViTEncoder``.
@@ -212,7 +238,7 @@ def create_encoder(
         )
     except TypeError as err:
         raise DilemmaError(f"timm model {name!r} rejected its arguments: {err}") from None
-    encoder = ViTEncoder(vit)
+    encoder = ViTEncoder(vit, mean, std)
     if pos_embed == "sincos":
         with torch.no_grad():
             pe = vit.pos_embed
@@ -240,5 +266,44 @@ def build_encoder(model_cfg: ModelConfig, **overrides) -> ViTEncoder:
     """``create_encoder`` from a ``ModelConfig``; ``overrides`` replace its fields (e.g. ``drop_path_rate``)."""
     model_cfg = dataclasses.replace(model_cfg, **overrides)
     return create_encoder(
-        model_cfg.name, pos_embed=model_cfg.pos_embed, drop_path_rate=model_cfg.drop_path_rate, **timm_kwargs(model_cfg)
+        model_cfg.name,
+        pos_embed=model_cfg.pos_embed,
+        mean=model_cfg.mean,
+        std=model_cfg.std,
+        drop_path_rate=model_cfg.drop_path_rate,
+        **timm_kwargs(model_cfg),
     )
+
+
+def load_backbone(encoder: ViTEncoder, state: dict, source: str) -> str:
+    """Copy pretrained ViT weights (timm's names, or any layout timm's ViT checkpoint filter reads)
+    into ``encoder``: positional embedding and patch kernel resampled to this model's grid, an RGB
+    patch embedding adapted to 1 channel, the classifier dropped, a sin-cos PE kept fixed.
+    Returns a one-line summary; weights that do not fit the model are an error."""
+    from timm.models import adapt_input_conv
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    vit, state = encoder.vit, dict(state)
+    conv = state.get("patch_embed.proj.weight")
+    if conv is not None and conv.ndim == 4 and conv.shape[1] != encoder.in_chans:
+        state["patch_embed.proj.weight"] = adapt_input_conv(encoder.in_chans, conv.float())
+    try:
+        state = checkpoint_filter_fn(state, vit)
+    except Exception as err:  # noqa: BLE001 - a layout timm cannot convert
+        raise DilemmaError(f"{source}: not a ViT state dict timm can read ({err})") from None
+    state = {k: v for k, v in state.items() if not k.startswith("head")}  # the classifier is not the backbone
+    fixed_pe = not vit.pos_embed.requires_grad  # sin-cos: keep ours
+    if fixed_pe:
+        state.pop("pos_embed", None)
+    try:
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise DilemmaError(f"{source} does not fit model {vit.__class__.__name__} as configured: {detail}") from None
+    missing = [k for k in missing if not k.startswith("head") and not (fixed_pe and k == "pos_embed")]
+    if missing or unexpected:
+        raise DilemmaError(
+            f"{source} does not fit the configured model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    kept = " (positional embedding: fixed sin-cos, not loaded)" if fixed_pe else ""
+    return f"pretrained: {len(state)} tensors from {source}{kept}"

@@ -1,6 +1,7 @@
 """A run folder and the checkpoints in it: the one place that knows the layout.
 
     RUN/config.yaml             the resolved config
+    RUN/provenance.jsonl        one line per start or resume: command, versions, git commit, device
     RUN/metrics.jsonl           one JSON object per logged step, and a last one with the results
     RUN/checkpoints/step_*.pt   the newest ``train.keep_checkpoints`` checkpoints
     RUN/checkpoints/last.pt     the newest one (a hard link when the file system allows)
@@ -17,6 +18,7 @@ its optimiser) and ``rng`` (``train.seeding.rng_state``; the data order is a fun
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -41,9 +43,18 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.config = self.path / "config.yaml"
+        self.provenance = self.path / "provenance.jsonl"
         self.metrics = self.path / "metrics.jsonl"
         self.checkpoints = self.path / "checkpoints"
         self.last = self.checkpoints / LAST
+
+    def record_provenance(self, record: dict) -> None:
+        """Append one line (a single ``write`` of a whole line: a reader skips a torn last line)."""
+        try:
+            with open(self.provenance, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise DilemmaError(f"cannot write {str(self.provenance)!r}: {err}") from None
 
     def holds_run(self) -> bool:
         return self.checkpoints.exists()
@@ -70,6 +81,54 @@ class RunDir:
             probe.unlink()
         except OSError as err:
             raise DilemmaError(f"cannot write to output folder {str(self.path)!r}: {err}") from None
+
+
+def provenance(device, processes: int) -> dict:
+    """Where a number came from: the command, library versions, the git commit of this package's
+    checkout (when it runs from one), the machine, device and process count."""
+    import platform
+    import subprocess
+    import sys
+    import time
+    from importlib import metadata
+
+    import timm
+    import torchvision
+
+    try:
+        version = metadata.version("dilemma")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = "not installed"
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv,
+        "versions": {
+            "dilemma": version,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "timm": timm.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "host": platform.node(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if torch.device(device).type == "cuda"
+        else platform.processor(),
+        "processes": processes,
+    }
+    source = Path(__file__).resolve().parent
+    try:
+        git = ["git", "-C", str(source)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            dirty = subprocess.run(
+                [*git, "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=5
+            )
+            record["git"] = {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git, or not a checkout
+    return record
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -207,3 +266,51 @@ def detection_head_from_checkpoint(path: str | Path, embed_dim: int) -> Detectio
     head = DetectionHead(embed_dim)
     _load_part(head, ckpt["model"], HEAD_PREFIX, path, "detection head")
     return head.eval()
+
+
+def pretrained_state(spec: str) -> tuple[dict, str]:
+    """``model.pretrained`` -> ``(ViT state dict, where from)``: a run folder or dilemma checkpoint
+    (its evaluated backbone), a ``.safetensors`` / ``.pth`` / ``.bin`` state dict, or a timm model
+    name whose weights are already on this machine (nothing is downloaded by choice: a missing
+    file is an error that says how to provide it)."""
+    path = Path(spec).expanduser()
+    if path.is_dir() or (path.is_file() and _is_dilemma_checkpoint(path)):
+        encoder, _ = encoder_from_checkpoint(path)
+        return encoder.vit.state_dict(), f"run {str(path)!r}"
+    if path.is_file():
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                return load_file(str(path)), f"file {str(path)!r}"
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - unreadable or unsafe: say which
+            raise DilemmaError(f"model.pretrained: cannot read {str(path)!r} as weights ({err})") from None
+        if not isinstance(state, dict):
+            raise DilemmaError(f"model.pretrained: {str(path)!r} holds no state dict")
+        return state, f"file {str(path)!r}"
+    if os.sep in spec or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        raise DilemmaError(f"model.pretrained: {spec!r} does not exist")
+    import timm
+
+    if not timm.is_model(spec.split(".")[0]):
+        raise DilemmaError(f"model.pretrained: {spec!r} is neither a file, a run folder, nor a timm model name")
+    try:
+        vit = timm.create_model(spec, pretrained=True, num_classes=0)
+    except Exception as err:  # noqa: BLE001 - offline, no such tag, ...
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DilemmaError(
+            f"model.pretrained: timm weights {spec!r} are not available on this machine ({first}). "
+            "Download them where there is internet (timm.create_model(name, pretrained=True) fills the "
+            "Hugging Face cache), or point model.pretrained at a .safetensors file"
+        ) from None
+    return vit.state_dict(), f"timm {spec!r}"
+
+
+def _is_dilemma_checkpoint(path: Path) -> bool:
+    if path.suffix != ".pt" or not zipfile.is_zipfile(path):
+        return False
+    try:
+        return load_checkpoint(path) is not None
+    except DilemmaError:
+        return False

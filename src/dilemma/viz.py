@@ -153,7 +153,7 @@ def inspect_detection(
     n = images.shape[0]
     fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 4), squeeze=False)
     for i in range(n):
-        image = (images[i].float() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        image = encoder.denormalize(images[i].float()).permute(1, 2, 0).cpu().numpy()
         visible = torch.zeros(grid_h * grid_w)
         visible[sample.keep[i].cpu()] = 1.0
         dim = visible.reshape(grid_h, grid_w).repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)

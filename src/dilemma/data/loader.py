@@ -7,19 +7,25 @@ replays exactly the batches an uninterrupted run would have seen, with any numbe
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from dilemma.data.augment import normalize
-from dilemma.data.sources import ImageSet
+from dilemma.data.sets import ImageSet
 from dilemma.errors import DilemmaError
 
 
+class Batch(NamedTuple):
+    views: tuple[torch.Tensor, ...]  # the method's views, each (n, C, S', S') float, normalised
+    labels: torch.Tensor  # (n,)
+    problems: list[str]  # bad image files met (and replaced) in this batch: "path: reason"
+
+
 class PretrainBatches(Dataset):
-    """``dataset[step]`` -> ``(views, labels)``: the method's views (a tuple of batches) for global
-    step ``step`` (drop-last epochs).
+    """``dataset[step]`` -> ``Batch``: the method's views (a tuple of batches) for global step
+    ``step`` (drop-last epochs), decoded and augmented where this runs (a DataLoader worker).
 
     With ``world_size > 1`` each rank takes its share ``rank::world_size`` of the global batch.
     """
@@ -58,12 +64,11 @@ class PretrainBatches(Dataset):
     def __len__(self) -> int:
         return 2**62  # an endless stream of steps; the sampler decides which ones
 
-    def __getitem__(self, step: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        indices = self.indices(step)
-        images = self.images.load(indices)
+    def __getitem__(self, step: int) -> Batch:
+        images, labels, problems = self.images.raw(self.indices(step))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.rank)
-            return self.views(images), self.images.labels[indices]
+            return Batch(self.views(images), labels, problems)
 
 
 def pretrain_loader(
@@ -90,8 +95,20 @@ def spread_over_classes(labels: torch.Tensor, n: int) -> list[int]:
     return order[:n]
 
 
-def eval_batches(images: ImageSet, batch_size: int):
-    """Yield ``(normalised images, labels)`` in order, without augmentation."""
-    for start in range(0, len(images), batch_size):
-        indices = list(range(start, min(start + batch_size, len(images))))
-        yield normalize(images.load(indices)), images.labels[start : start + len(indices)]
+class _EvalBatches(Dataset):
+    def __init__(self, images: ImageSet, batch_size: int):
+        self.images, self.batch_size = images, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images.load_eval(range(b * self.batch_size, min((b + 1) * self.batch_size, len(self.images))))
+
+
+def eval_batches(images: ImageSet, batch_size: int, *, num_workers: int = 0, desc: str | None = None):
+    """Yield ``(uint8 images (n, C, S, S), labels)`` in order, without augmentation, decoded by
+    ``num_workers`` processes; a progress bar when ``desc`` names it."""
+    batches = _EvalBatches(images, batch_size)
+    loader = DataLoader(batches, batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None)
+    yield from tqdm(loader, desc=desc, disable=desc is None, unit="batch", leave=False, dynamic_ncols=True)

@@ -1,24 +1,34 @@
-"""Where images come from: the embedded Animal-MNIST, MNIST-IDX folders, and image folders.
+"""Where images come from: the embedded Animal-MNIST, MNIST-IDX folders (held in memory at the
+model's size), and image folders or file lists (streamed from disk, ``folders.py``).
 
-Every source becomes a ``Splits`` of two ``ImageSet``s (train, val) that return uint8 image
-tensors ``(n, C, S, S)`` at the model's size and channel count, plus integer labels (-1 when
+Every source becomes a ``Splits`` of two ``ImageSet``s (train, val) with integer labels (-1 when
 the source is unlabelled).
 """
 
 from __future__ import annotations
 
-import abc
 import gzip
 import hashlib
 import importlib.resources
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dilemma.data.folders import (
+    IMAGE_SUFFIXES,
+    LIST_SUFFIXES,
+    VAL_FOLDERS,
+    FileImageSet,
+    Listing,
+    PathTable,
+    fingerprint,
+    list_classes,
+    read_file_list,
+)
+from dilemma.data.sets import Splits, TensorImageSet
 from dilemma.errors import DilemmaError
 
 EMBEDDED = {
@@ -28,65 +38,6 @@ EMBEDDED = {
         "classes": ["Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"],
     },
 }
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-MIN_IMAGE_SIDE = 4  # pixels; anything smaller is not an image worth resizing
-
-
-class ImageSet(abc.ABC):
-    """Indexable images with labels; ``load(indices)`` gives a uint8 batch ``(n, C, S, S)``."""
-
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @abc.abstractmethod
-    def load(self, indices) -> torch.Tensor:
-        """uint8 images ``(len(indices), C, S, S)``."""
-
-
-class TensorImageSet(ImageSet):
-    """Images already decoded in memory (IDX sources)."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
-
-    def load(self, indices) -> torch.Tensor:
-        return self.images[torch.as_tensor(indices, dtype=torch.long)]
-
-
-class FileImageSet(ImageSet):
-    """Image files decoded on demand, centre-cropped to square and resized."""
-
-    def __init__(self, paths: list[Path], labels: torch.Tensor, img_size: int, in_chans: int):
-        self.paths, self.labels = paths, labels
-        self.img_size, self.mode = img_size, "L" if in_chans == 1 else "RGB"
-
-    def read(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as img:
-                img = ImageOps.fit(img.convert(self.mode), (self.img_size, self.img_size), Image.BILINEAR)
-                array = np.asarray(img, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-            raise DilemmaError(f"cannot read image {str(path)!r}: {err}. Remove or replace the file.") from None
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        return torch.from_numpy(array.copy())
-
-    def load(self, indices) -> torch.Tensor:
-        return torch.stack([self.read(int(i)) for i in indices])
-
-
-@dataclass
-class Splits:
-    name: str
-    train: ImageSet
-    val: ImageSet
-    classes: list[str]
-
-    @property
-    def labelled(self) -> bool:
-        return bool(self.classes)
 
 
 def read_idx(path) -> np.ndarray:
@@ -119,10 +70,11 @@ def to_model_size(images: np.ndarray, img_size: int, in_chans: int) -> torch.Ten
     return x.contiguous()
 
 
-def split_train_val(images: np.ndarray | list[bytes], labels: np.ndarray, val_fraction: float, seed: int):
-    """Seeded, stratified split. Exact duplicates never go to val: each image that has a twin
-    stays in train, so no val image has a copy in train. Returns (train_idx, val_idx)."""
-    digests = [hashlib.sha1(bytes(item) if isinstance(item, bytes) else item.tobytes()).digest() for item in images]
+def split_train_val(keys: Sequence[bytes], labels: np.ndarray, val_fraction: float, seed: int):
+    """Seeded, stratified split. ``keys`` are equal for exact duplicates (content or a fingerprint
+    of it), which never go to val: each image that has a twin stays in train, so no val image has a
+    copy in train. Returns (train_idx, val_idx)."""
+    digests = [hashlib.sha1(key).digest() for key in keys]
     counts: dict[bytes, int] = {}
     for d in digests:
         counts[d] = counts.get(d, 0) + 1
@@ -139,7 +91,7 @@ def split_train_val(images: np.ndarray | list[bytes], labels: np.ndarray, val_fr
 
 
 def _tensor_splits(name, images, labels, classes, img_size, in_chans, val_fraction, seed) -> Splits:
-    train_idx, val_idx = split_train_val(images, labels, val_fraction, seed)
+    train_idx, val_idx = split_train_val([image.tobytes() for image in images], labels, val_fraction, seed)
     return _tensor_splits_from(
         name, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], classes, img_size, in_chans
     )
@@ -205,104 +157,99 @@ def load_idx_folder(folder: Path, img_size: int, in_chans: int, val_fraction: fl
     return _tensor_splits(folder.name, x, y, classes, img_size, in_chans, val_fraction, seed)
 
 
-def image_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be used as a training image (None if it decodes fine)."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty (0-byte) file"
-        with Image.open(path) as img:
-            if min(img.size) < MIN_IMAGE_SIDE:
-                return f"{img.size[0]}x{img.size[1]} px, smaller than {MIN_IMAGE_SIDE} px"
-            img.load()
-    except Image.DecompressionBombError:
-        return f"too large (over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels)"
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        return f"unreadable ({err})"
-    return None
+def _split(listing: Listing, val_fraction: float, seed: int) -> tuple[Listing, Listing]:
+    keys = [fingerprint(p) for p in listing.paths]
+    train_idx, val_idx = split_train_val(keys, np.array(listing.labels), val_fraction, seed)
+
+    def part(idx):
+        return Listing([listing.paths[i] for i in idx], [listing.labels[i] for i in idx], listing.classes)
+
+    return part(train_idx), part(val_idx)
 
 
-def check_images(files: list[Path], skip_bad: bool) -> list[Path]:
-    """Decode every file once; fail listing the bad ones, or drop them with ``skip_bad`` (and say how many)."""
-    bad = [(f, problem) for f in files if (problem := image_problem(f)) is not None]
-    if bad and not skip_bad:
-        shown = "; ".join(f"{f}: {problem}" for f, problem in bad[:5])
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise DilemmaError(
-            f"{len(bad)} of {len(files)} images cannot be used: {shown}{more}. "
-            "Remove them, or set data.skip_bad_images=true to skip them"
-        )
-    if bad:
-        import sys
-
-        print(
-            f"skipping {len(bad)} of {len(files)} images that cannot be used (data.skip_bad_images=true)",
-            file=sys.stderr,
-        )
-        bad_set = {f for f, _ in bad}
-        files = [f for f in files if f not in bad_set]
-        if not files:
-            raise DilemmaError("every image was skipped as unusable: nothing left to train on")
-    return files
+def _with_classes(listing: Listing, classes: list[str], where: str) -> Listing:
+    """``listing`` (a val folder) relabelled by the train split's class names."""
+    unknown = sorted(set(listing.classes) - set(classes))
+    if unknown:
+        raise DilemmaError(f"{where} has class folders that train/ lacks: {unknown[:5]}")
+    index = {c: classes.index(c) for c in listing.classes}
+    return Listing(listing.paths, [index[listing.classes[y]] for y in listing.labels], classes)
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def _labelled_files(folder: Path, skip_bad: bool) -> tuple[list[Path], list[int], list[str]]:
-    """``class/xxx.png`` layout (every image one folder down) or a flat, unlabelled folder."""
-    files = _list_images(folder)
-    if not files:
-        raise DilemmaError(
-            f"no images found in {str(folder)!r} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
-            "point data.source at a folder of images or of class sub-folders"
-        )
-    files = check_images(files, skip_bad)
-    if all(len(f.relative_to(folder).parts) == 2 for f in files):
-        classes = sorted({f.parent.name for f in files})
-        return files, [classes.index(f.parent.name) for f in files], classes
-    return files, [-1] * len(files), []
-
-
-def load_image_folder(
-    folder: Path, img_size: int, in_chans: int, val_fraction: float, seed: int, skip_bad: bool = False
-) -> Splits:
-    """Every file is decoded once up front, so a bad image stops the run before it starts."""
-    if (folder / "train").is_dir() and (folder / "val").is_dir():
-        train_files, train_y, classes = _labelled_files(folder / "train", skip_bad)
-        val_files, val_y, val_classes = _labelled_files(folder / "val", skip_bad)
-        if val_classes != classes:
-            raise DilemmaError(f"{str(folder)!r}: train/ and val/ have different class folders")
+def list_image_source(source: Path, val_fraction: float, seed: int) -> tuple[Listing, Listing, list[str]]:
+    """``(train, val, notes)`` of an image folder or a file list (layouts: ``folders.py``)."""
+    notes = []
+    if source.is_file():
+        if source.suffix.lower() not in LIST_SUFFIXES:
+            kinds = ", ".join(sorted(LIST_SUFFIXES))
+            raise DilemmaError(f"data source {str(source)!r} is a file; point it at a folder or a file list ({kinds})")
+        listing, split = read_file_list(source), True
+        notes.append("file list")
+    elif (source / "train").is_dir():
+        listing = list_classes(source / "train")
+        val_dir = next((source / v for v in VAL_FOLDERS if (source / v).is_dir()), None)
+        split = val_dir is None
+        notes.append("train/ split by data.val_fraction" if split else f"train/ + {val_dir.name}/")
+        if not split:
+            val = list_classes(val_dir)
+            if listing.classes and not val.classes and val.paths:
+                raise DilemmaError(
+                    f"{str(val_dir)!r} holds images but no class folders: sort them into class folders "
+                    "like train/'s (for ImageNet, its valprep.sh does this)"
+                )
+            if listing.classes:
+                val = _with_classes(val, listing.classes, str(val_dir))
     else:
-        files, labels, classes = _labelled_files(folder, skip_bad)
-        y = np.array(labels)
-        train_idx, val_idx = split_train_val([f.read_bytes() for f in files], y, val_fraction, seed)
-        train_files, train_y = [files[i] for i in train_idx], y[train_idx].tolist()
-        val_files, val_y = [files[i] for i in val_idx], y[val_idx].tolist()
-    if not val_files:
+        listing, split = list_classes(source), True
+        notes.append("class folders" if listing.classes else "flat folder, unlabelled")
+    if not listing.paths:
         raise DilemmaError(
-            f"{str(folder)!r} is too small to hold out a val split: add images or raise data.val_fraction"
+            f"no images found in {str(source)!r} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
+            "point data.source at a folder of images, of class folders, or of train/ and val/"
         )
+    if listing.ignored:
+        notes.append(f"{listing.ignored} image files beside the class folders ignored")
+    train, val = _split(listing, val_fraction, seed) if split else (listing, val)
+    if not val.paths:
+        raise DilemmaError(
+            f"{str(source)!r} is too small to hold out a val split: add images or raise data.val_fraction"
+        )
+    return train, val, notes
 
-    def make(files, ys):
-        return FileImageSet(files, torch.tensor(ys, dtype=torch.long), img_size, in_chans)
 
-    return Splits(folder.name, make(train_files, train_y), make(val_files, val_y), classes)
+def load_image_source(
+    source: Path, img_size: int, in_chans: int, crop_pct: float, val_fraction: float, seed: int, skip_bad: bool
+) -> Splits:
+    """Files listed now, decoded when read (``FileImageSet``)."""
+    train, val, notes = list_image_source(source, val_fraction, seed)
+
+    def make(listing: Listing) -> FileImageSet:
+        labels = torch.tensor(listing.labels, dtype=torch.long)
+        return FileImageSet(PathTable(listing.paths), labels, img_size, in_chans, crop_pct, skip_bad)
+
+    name = source.stem if source.is_file() else source.name
+    return Splits(name, make(train), make(val), train.classes, notes)
 
 
 def load_source(
-    source: str, *, img_size: int, in_chans: int, val_fraction: float = 0.2, seed: int = 0, skip_bad: bool = False
+    source: str,
+    *,
+    img_size: int,
+    in_chans: int,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    skip_bad: bool = False,
+    crop_pct: float = 1.0,
 ) -> Splits:
-    """Resolve ``data.source``: an embedded name, an MNIST-IDX folder, or an image folder."""
+    """Resolve ``data.source``: an embedded name, an MNIST-IDX folder, an image folder or a file list."""
     if source in EMBEDDED:
         return load_embedded(source, img_size, in_chans, val_fraction, seed)
-    folder = Path(source).expanduser()
-    if not folder.exists():
+    path = Path(source).expanduser()
+    if not path.exists():
         raise DilemmaError(
-            f"data source {source!r} is neither an embedded dataset ({', '.join(EMBEDDED)}) nor an existing folder"
+            f"data source {source!r} is neither an embedded dataset ({', '.join(EMBEDDED)}) "
+            "nor an existing folder or file list"
         )
-    if not folder.is_dir():
-        raise DilemmaError(f"data source {source!r} is a file; point it at a folder")
-    if _find_idx(folder):
-        return load_idx_folder(folder, img_size, in_chans, val_fraction, seed)
-    return load_image_folder(folder, img_size, in_chans, val_fraction, seed, skip_bad)
+    if path.is_dir() and _find_idx(path):
+        return load_idx_folder(path, img_size, in_chans, val_fraction, seed)
+    return load_image_source(path, img_size, in_chans, crop_pct, val_fraction, seed, skip_bad)

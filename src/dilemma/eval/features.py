@@ -34,19 +34,23 @@ def extract_features(
     normalize: bool = True,
     keep_fraction: float = 1.0,
     seed: int = 0,
+    num_workers: int = 0,
+    desc: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features (N, D), labels (N,))`` on the CPU; L2-normalised when ``normalize``.
 
     ``keep_fraction < 1`` occludes each image: only a random ``round(f * L)`` of its tokens enter
-    the encoder, each with its own (true) position; the draw is fixed by ``seed``.
+    the encoder, each with its own (true) position; the draw is fixed by ``seed``. ``num_workers``
+    processes decode the images; ``desc`` names a progress bar.
     """
     was_training = encoder.training
     encoder.eval()
     generator = torch.Generator().manual_seed(seed)
     feats, labels = [], []
-    for x, y in eval_batches(images, batch_size):
+    for x, y in eval_batches(images, batch_size, num_workers=num_workers, desc=desc):
         keep = occlusion_keep(x.shape[0], encoder.num_patches, keep_fraction, generator)
-        cls, _ = encoder(x.to(device, non_blocking=True), keep=None if keep is None else keep.to(device))
+        x = encoder.normalize(x.to(device, non_blocking=True))
+        cls, _ = encoder(x, keep=None if keep is None else keep.to(device))
         feats.append(cls.float().cpu())
         labels.append(y)
     encoder.train(was_training)

@@ -1,9 +1,11 @@
-"""End-to-end fine-tuning (the MAE / BEiT protocol, scaled down).
+"""End-to-end fine-tuning (the MAE / BEiT protocol, through timm's own pieces).
 
 All weights train: timm's ViT gets a fresh linear head (``reset_classifier``), AdamW with
 layer-wise lr decay (timm's ``param_groups_layer_decay``: block i's lr is scaled by
-``decay ** (depth + 1 - i)``), warm-up + cosine, drop-path, label smoothing, random resized crop
-+ flip; top-1 on the val split with a dense, centre (un-augmented) forward.
+``decay ** (depth + 1 - i)``), warm-up + cosine, drop-path, label smoothing, timm's training
+transform (random resized crop + flip, optionally RandAugment and random erasing) and Mixup /
+CutMix; top-1 on the val split with a dense, centre (un-augmented) forward. ``dilemma eval
+finetune --protocol mae`` sets MAE's values; the default is a short protocol for small data.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from timm.data import Mixup, create_transform
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2.functional import to_pil_image
 from tqdm import tqdm
 
-from dilemma.data import Splits, eval_batches, normalize, view_transform
+from dilemma.data import Splits, eval_batches
 from dilemma.models import ViTEncoder
 from dilemma.schedules import cosine, warmup_factor
 
@@ -32,12 +38,47 @@ class FinetuneResult:
 
 
 @torch.no_grad()
-def classify_top1(vit, images, batch_size: int, device) -> float:
-    vit.eval()
-    correct = 0
+def classify_top1(encoder: ViTEncoder, images, batch_size: int, device) -> float:
+    """Top-1 of ``encoder.vit`` (with its classifier head) on un-augmented images."""
+    encoder.vit.eval()
+    correct = total = 0
     for x, y in eval_batches(images, batch_size):
-        correct += (vit(x.to(device)).argmax(1).cpu() == y).sum().item()
-    return correct / len(images) * 100
+        correct += (encoder.vit(encoder.normalize(x.to(device))).argmax(1).cpu() == y).sum().item()
+        total += len(y)
+    return correct / max(1, total) * 100
+
+
+class _TrainImages(Dataset):
+    """Index -> (augmented, normalised image, label), decoded and augmented in a loader worker."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        raw, labels, _ = self.images.raw([index])  # crops come from the full-resolution image
+        image = raw[0] if isinstance(raw[0], Image.Image) else to_pil_image(raw[0])
+        return self.transform(image), labels[0]
+
+
+def train_transform(encoder: ViTEncoder, crop_min_scale: float, auto_augment: str | None, re_prob: float):
+    """timm's training transform: random resized crop (bicubic) + flip [+ RandAugment] + normalise
+    [+ random erasing]; no colour jitter (MAE's fine-tuning)."""
+    return create_transform(
+        encoder.img_size[0],
+        is_training=True,
+        scale=(crop_min_scale, 1.0),
+        hflip=0.5,
+        color_jitter=None,
+        auto_augment=auto_augment,
+        interpolation="bicubic",
+        mean=encoder.mean,
+        std=encoder.std,
+        re_prob=re_prob,
+        re_mode="pixel",
+    )
 
 
 def finetune(
@@ -52,11 +93,18 @@ def finetune(
     warmup_epochs: float = 1.0,
     batch_size: int = 128,
     crop_min_scale: float = 0.35,
+    auto_augment: str | None = None,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
+    re_prob: float = 0.0,
     seed: int = 0,
     device="cpu",
+    num_workers: int = 0,
     progress: bool = True,
 ) -> FinetuneResult:
-    """Fine-tune ``encoder`` (built with the drop-path rate wanted) on ``splits``; returns val top-1."""
+    """Fine-tune ``encoder`` (built with the drop-path rate wanted) on ``splits``; returns val top-1.
+    ``auto_augment`` (e.g. ``rand-m9-mstd0.5-inc1``), ``mixup`` / ``cutmix`` (alphas) and
+    ``re_prob`` (random erasing) are timm's; MAE uses 0.8 / 1.0 / 0.25."""
     torch.manual_seed(seed)
     vit = encoder.vit
     vit.reset_classifier(len(splits.classes))
@@ -65,22 +113,30 @@ def finetune(
         vit, weight_decay, no_weight_decay_list=vit.no_weight_decay(), layer_decay=layer_decay
     )
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    augment = view_transform(
-        encoder.img_size[0], crop_min_scale=crop_min_scale, hflip=True, color_jitter=0.0, blur_prob=0.0
+    images = _TrainImages(splits.train, train_transform(encoder, crop_min_scale, auto_augment, re_prob))
+    loader = DataLoader(
+        images,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0,
     )
-    steps_per_epoch = len(splits.train) // batch_size
+    mix = (
+        Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=len(splits.classes))
+        if mixup > 0 or cutmix > 0
+        else None
+    )
+    steps_per_epoch = len(loader)
     total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
     history, step = [], 0
     bar = tqdm(total=total, disable=not progress, unit="step", desc="fine-tune")
     for epoch in range(epochs):
         vit.train()
-        order = torch.randperm(len(splits.train), generator=generator)
         running = 0.0
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            images = normalize(torch.stack([augment(img) for img in splits.train.load(idx)])).to(device)
-            labels = splits.train.labels[idx].to(device)
+        for x, labels in loader:
+            x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             # linear warm-up, then a cosine to 0 over the remaining steps
             scale = (
                 warmup_factor(step, warmup)
@@ -89,7 +145,11 @@ def finetune(
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale * group.get("lr_scale", 1.0)
-            loss = F.cross_entropy(vit(images), labels, label_smoothing=label_smoothing)
+            if mix is not None:  # soft targets (label smoothing included)
+                x, targets = mix(x, labels)
+                loss = torch.sum(-targets * F.log_softmax(vit(x), dim=-1), dim=-1).mean()
+            else:
+                loss = F.cross_entropy(vit(x), labels, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -99,17 +159,21 @@ def finetune(
         history.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": running / steps_per_epoch,
-                "val_top1": classify_top1(vit, splits.val, 256, device),
+                "train_loss": running / max(1, steps_per_epoch),
+                "val_top1": classify_top1(encoder, splits.val, 256, device),
             }
         )
         bar.set_postfix(val_top1=f"{history[-1]['val_top1']:.2f}")
     bar.close()
+    extras = [f"RandAugment {auto_augment}"] if auto_augment else []
+    extras += [f"mixup {mixup} / cutmix {cutmix}"] if mix is not None else []
+    extras += [f"random erasing {re_prob}"] if re_prob else []
     protocol = (
         f"fine-tune: all weights, AdamW lr {lr} (batch {batch_size}), layer decay {layer_decay}, weight decay "
         f"{weight_decay}, warm-up {warmup_epochs} epoch + cosine, {epochs} epochs, drop-path "
-        f"{_drop_path_rate(vit):g}, label smoothing {label_smoothing}, random resized crop + flip; "
-        f"top-1 on {splits.name} val ({len(splits.val)}), dense un-augmented images"
+        f"{_drop_path_rate(vit):g}, label smoothing {label_smoothing}, random resized crop + flip"
+        + "".join(f", {e}" for e in extras)
+        + f"; top-1 on {splits.name} val ({len(splits.val)}), dense un-augmented images"
     )
     return FinetuneResult(history[-1]["val_top1"] if history else float("nan"), history, protocol)
 

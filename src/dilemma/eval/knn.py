@@ -80,11 +80,22 @@ def knn_protocol(k: int, temperature: float, splits: Splits) -> str:
 
 
 def knn_eval(
-    encoder: ViTEncoder, splits: Splits, *, k: int = 20, temperature: float = 0.07, batch_size: int = 256, device="cpu"
+    encoder: ViTEncoder,
+    splits: Splits,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 256,
+    device="cpu",
+    num_workers: int = 0,
+    progress: bool = False,
 ) -> KNNResult:
     require_labels(splits, "kNN")
-    train_f, train_y = extract_features(encoder, splits.train, batch_size=batch_size, device=device)
-    val_f, val_y = extract_features(encoder, splits.val, batch_size=batch_size, device=device)
+    loading = {"batch_size": batch_size, "device": device, "num_workers": num_workers}
+    train_f, train_y = extract_features(
+        encoder, splits.train, **loading, desc="kNN: train features" if progress else None
+    )
+    val_f, val_y = extract_features(encoder, splits.val, **loading, desc="kNN: val features" if progress else None)
     top1, top5 = knn_accuracy(
         train_f, train_y, val_f, val_y, k=k, temperature=temperature, num_classes=len(splits.classes)
     )

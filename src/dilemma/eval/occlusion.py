@@ -39,23 +39,19 @@ def occlusion_curve(
     batch_size: int = 256,
     seed: int = 0,
     device="cpu",
+    num_workers: int = 0,
+    progress: bool = False,
 ) -> OcclusionCurve:
     require_labels(splits, "occlusion")
     num_classes = len(splits.classes)
-    train_f, train_y = extract_features(encoder, splits.train, batch_size=batch_size, device=device, normalize=False)
+    loading = {"batch_size": batch_size, "device": device, "num_workers": num_workers, "normalize": False}
+    train_f, train_y = extract_features(encoder, splits.train, **loading, desc="train features" if progress else None)
     probe = train_linear_probe(train_f, train_y, num_classes, epochs=probe_epochs, lr=probe_lr, seed=seed)
     bank = F.normalize(train_f, dim=1)
     points = []
     for fraction in fractions:
-        val_f, val_y = extract_features(
-            encoder,
-            splits.val,
-            batch_size=batch_size,
-            device=device,
-            normalize=False,
-            keep_fraction=fraction,
-            seed=seed,
-        )
+        desc = f"val features, {fraction:.0%} of tokens" if progress else None
+        val_f, val_y = extract_features(encoder, splits.val, **loading, keep_fraction=fraction, seed=seed, desc=desc)
         knn_top1, _ = knn_accuracy(
             bank, train_y, F.normalize(val_f, dim=1), val_y, k=k, temperature=temperature, num_classes=num_classes
         )

@@ -30,7 +30,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from dilemma.data.augment import TwoViews, ViewSettings
+from dilemma.data.augment import ViewSettings, two_views
 from dilemma.models import ViTEncoder
 from dilemma.pretext import Dilemma, TokenDraws
 from dilemma.schedules import momentum_at
@@ -62,7 +62,7 @@ class Method(nn.Module):
     @classmethod
     def views(cls, cfg: Any, settings: ViewSettings) -> Views:
         """Two independently augmented views (SimCLR / MoCo v3 style)."""
-        return TwoViews(settings.transform())
+        return two_views(settings)
 
     def forward(
         self,

@@ -85,7 +85,7 @@ class MAE(Method):
     @classmethod
     def views(cls, cfg: MAEConfig, settings: ViewSettings):
         """One view: random resized crop and flip only, as MAE."""
-        return MultiViews(settings.transform(color_jitter=0.0, blur_prob=0.0))
+        return MultiViews(settings.crop_and_flip())
 
     def decoder_tokens(self, cls: torch.Tensor, patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``(B, 1 + L, Dd)``: each encoded token at its TRUE position ``keep`` (whatever PE the encoder
@@ -144,7 +144,7 @@ class MAE(Method):
         channels, grid = images.shape[1], self.encoder.grid_size
         masked_input = unpatchify(target * visible, self.patch_size, channels, grid)  # masked patches grey
         pasted = unpatchify(target * visible + pred * (1 - visible), self.patch_size, channels, grid)
-        rows = torch.cat([images, masked_input, pasted]).clamp(-1, 1) * 0.5 + 0.5
+        rows = self.encoder.denormalize(torch.cat([images, masked_input, pasted]))
         rows = nn.functional.interpolate(rows, scale_factor=4, mode="nearest")
         path = Path(out_dir) / "mae_reconstruction.png"
         save_image(rows, path, nrow=images.shape[0], padding=2, pad_value=1.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dilemma.build import build_method, build_views, load_splits
 from dilemma.config import Config
-from dilemma.data import PretrainBatches, Splits, eval_batches, pretrain_loader
+from dilemma.data import Batch, PretrainBatches, Splits, eval_batches, pretrain_loader
 from dilemma.distributed import (
     fail_together,
     init_from_env,
@@ -33,7 +33,7 @@ from dilemma.distributed import (
 from dilemma.errors import DilemmaError
 from dilemma.eval.knn import knn_eval
 from dilemma.methods import Method
-from dilemma.rundir import FORMAT, CheckpointDir, RunDir, load_checkpoint
+from dilemma.rundir import FORMAT, CheckpointDir, RunDir, load_checkpoint, pretrained_state, provenance
 from dilemma.schedules import learning_rate, progress
 from dilemma.train.metrics import MetricsLog, as_json
 from dilemma.train.probe import OnlineProbe
@@ -74,6 +74,47 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def total_steps(cfg: Config, batches: PretrainBatches) -> int:
+    """``train.max_steps``, or ``train.epochs`` of the training split."""
+    epochs = cfg.train.epochs
+    return cfg.train.max_steps if epochs is None else max(1, round(epochs * batches.steps_per_epoch))
+
+
+def peak_lr(cfg: Config) -> tuple[float, float]:
+    """``(lr, min_lr)``, scaled by batch / 256 with ``optim.scale_lr_with_batch``."""
+    scale = cfg.data.batch_size / 256 if cfg.optim.scale_lr_with_batch else 1.0
+    return cfg.optim.lr * scale, cfg.optim.min_lr * scale
+
+
+def start_line(cfg: Config, run_dir: RunDir, splits: Splits, method: Method, device, steps: int) -> str:
+    """What was understood: data (layout, classes, images, size, channels), model, schedule, device."""
+    m, t = cfg.model, cfg.train
+    classes = f"{len(splits.classes)} classes" if splits.labelled else "unlabelled"
+    notes = "".join(f"; {note}" for note in splits.notes)
+    params = sum(p.numel() for p in method.encoder.parameters()) / 1e6
+    length = f"{steps} steps" + (f" ({t.epochs:g} epochs)" if t.epochs is not None else "")
+    budget = f" or {t.time_budget:g} min" if t.time_budget else ""
+    pretrained = f", from {m.pretrained}" if m.pretrained else ""
+    return (
+        f"run folder: {run_dir.path}  ({splits.name}: {len(splits.train)} train / {len(splits.val)} val, "
+        f"{classes}{notes}; {m.img_size} px x {m.in_chans} channel(s); {cfg.method.name} on {m.name} "
+        f"({params:.2f}M-parameter encoder{pretrained}), p={cfg.dilemma.misplace_prob:g} r={cfg.dilemma.drop_rate:g}; "
+        f"{length}{budget}, batch {cfg.data.batch_size}, lr {peak_lr(cfg)[0]:.3g}; "
+        f"device {device}, {world_size()} process(es), {t.precision})"
+    )
+
+
+def bad_images(batch: Batch, skip: bool) -> list[str]:
+    """The batch's unreadable files; an error unless ``data.skip_bad_images``."""
+    if batch.problems and not skip:
+        more = f" (and {len(batch.problems) - 1} more in this batch)" if len(batch.problems) > 1 else ""
+        raise DilemmaError(
+            f"cannot read image {batch.problems[0]}{more}. Remove or replace it, or set data.skip_bad_images=true "
+            "to train on without it (dilemma check-data DIR lists every bad file)"
+        )
+    return batch.problems
+
+
 @dataclass
 class Run:
     """Everything a training run holds; ``step``, ``elapsed`` and ``skipped`` advance as it trains."""
@@ -89,9 +130,11 @@ class Run:
     batches: PretrainBatches
     checkpoints: CheckpointDir
     metrics: MetricsLog
+    total_steps: int = 0  # train.max_steps or train.epochs in steps
     step: int = 0
     elapsed: float = 0.0  # seconds of training so far (across resumes): the clock of the schedules
     skipped: int = 0  # optimiser steps skipped for a non-finite loss
+    bad_images: set = field(default_factory=set)  # unreadable files met (and replaced), "path: reason"
 
     def state(self) -> dict:
         return {
@@ -155,7 +198,8 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
     d, t = cfg.data, cfg.train
 
     splits = load_splits(cfg)
-    method = build_method(cfg)
+    pretrained = pretrained_state(cfg.model.pretrained) if cfg.model.pretrained and ckpt is None else None
+    method = build_method(cfg, pretrained, log=_stderr if is_main() else None)
     method.encoder.vit.set_grad_checkpointing(t.grad_checkpointing)
     method.to(device)
     if d.batch_size % world_size():
@@ -163,18 +207,16 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
     batches = PretrainBatches(splits.train, d.batch_size, build_views(cfg), t.seed, rank(), world_size())
     problem = None
     try:
-        batches[0]  # decode one batch now: unreadable images fail here, before a run folder exists
+        bad_images(
+            batches[0], d.skip_bad_images
+        )  # decode one batch now: a wrong source fails before a run folder exists
         if not resume and is_main():
             run_dir.create()
     except DilemmaError as err:
         problem = err
     fail_together(problem)  # every process stops, or none does
     if is_main():
-        encoder_params = sum(p.numel() for p in method.encoder.parameters()) / 1e6
-        _stderr(
-            f"run folder: {run_dir.path}  ({splits.name}: {len(splits.train)} train / {len(splits.val)} val, "
-            f"{encoder_params:.2f}M-parameter encoder, device {device}, {world_size()} process(es), {t.precision})"
-        )
+        _stderr(start_line(cfg, run_dir, splits, method, device, total_steps(cfg, batches)))
 
     optimizer = torch.optim.AdamW(param_groups(method, cfg.optim.weight_decay), lr=cfg.optim.lr)
     probe = (
@@ -202,12 +244,14 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
         cfg, run_dir, device, splits, method, optimizer, stepper, probe, batches,
         checkpoints=CheckpointDir(run_dir.path, t.keep_checkpoints),
         metrics=MetricsLog(run_dir.path, enabled=is_main()),
+        total_steps=total_steps(cfg, batches),
     )  # fmt: skip
     if ckpt is not None:
         run.restore(ckpt)
         run.metrics.truncate_after(run.step)  # steps logged after the checkpoint will be run (and logged) again
     if is_main():
         run_dir.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        run_dir.record_provenance({**provenance(device, world_size()), "resumed_at_step": run.step})
     return run
 
 
@@ -240,32 +284,47 @@ def _nonfinite(run: Run, loss: float) -> None:
     _stderr(f"warning: loss became {loss} at step {run.step}; step skipped ({run.skipped} so far)")
 
 
+def _read_problems(run: Run, batch: Batch) -> DilemmaError | None:
+    """Warn once per unreadable file the batch replaced, or return the error that stops the run."""
+    try:
+        problems = bad_images(batch, run.cfg.data.skip_bad_images)
+    except DilemmaError as err:
+        return err
+    for problem in problems:
+        if problem not in run.bad_images:
+            run.bad_images.add(problem)
+            _stderr(f"warning: skipped unreadable image {problem} ({len(run.bad_images)} so far)")
+    return None
+
+
 def train(run: Run) -> str:
-    """Step until ``max_steps`` or the time budget; returns what stopped it."""
+    """Step until the last step or the time budget; returns what stopped it."""
     cfg, t = run.cfg, run.cfg.train
     budget = t.time_budget * 60 if t.time_budget else None
-    loader = pretrain_loader(
-        run.batches, run.step, t.max_steps, cfg.data.num_workers, pin_memory=run.device.type == "cuda"
-    )
-    bar = tqdm(
-        total=t.max_steps, initial=run.step, disable=not (t.progress and is_main()), unit="step", dynamic_ncols=True
-    )
+    end, (peak, floor) = run.total_steps, peak_lr(cfg)
+    loader = pretrain_loader(run.batches, run.step, end, cfg.data.num_workers, pin_memory=run.device.type == "cuda")
+    bar = tqdm(total=end, initial=run.step, disable=not (t.progress and is_main()), unit="step", dynamic_ncols=True)
     resume_hint = f"Continue with: dilemma pretrain --out {run.dir.path} --resume"
     run.method.train()
     start = time.perf_counter() - run.elapsed  # the clock continues from the checkpoint's
     window_start, window_images = time.perf_counter(), 0  # throughput since the last log line
     with stop_on_signals() as stop_request:
         try:
-            for views, labels in loader:
-                _, run.elapsed = _agree(False, run.elapsed, run.device)
+            for batch in loader:
+                error = _read_problems(run, batch)
+                failed, run.elapsed = _agree(error is not None, run.elapsed, run.device)
+                if failed:  # an unreadable image (in any process) without data.skip_bad_images
+                    run.save()
+                    raise error or DilemmaError("another process met an unreadable image (see its error)")
                 if budget and run.elapsed >= budget:
                     return "time_budget"
-                train_progress = progress(run.step, t.max_steps, run.elapsed, budget)
-                lr = learning_rate(train_progress, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup=cfg.optim.warmup)
+                train_progress = progress(run.step, end, run.elapsed, budget)
+                lr = learning_rate(train_progress, lr=peak, min_lr=floor, warmup=cfg.optim.warmup)
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
                 with_metrics = (run.step + 1) % t.log_every == 0
-                views = tuple(v.to(run.device, non_blocking=True) for v in views)
+                # uint8 views travel to the device, where they become the encoder's input
+                views = tuple(run.method.encoder.normalize(v.to(run.device, non_blocking=True)) for v in batch.views)
                 result = run.stepper.step(views, train_progress, run.step, with_metrics)
                 if result.skipped:
                     _nonfinite(run, result.loss.item())
@@ -273,7 +332,7 @@ def train(run: Run) -> str:
                     run.elapsed = time.perf_counter() - start
                     continue
                 if run.probe is not None:
-                    run.probe.step(result.probe_features, labels.to(run.device, non_blocking=True))
+                    run.probe.step(result.probe_features, batch.labels.to(run.device, non_blocking=True))
                 run.step += 1
                 run.elapsed = time.perf_counter() - start
                 window_images += cfg.data.batch_size
@@ -290,6 +349,8 @@ def train(run: Run) -> str:
                     }
                     if run.probe is not None:
                         record["probe_acc"] = run.probe.window_accuracy()
+                    if run.bad_images:
+                        record["bad_images"] = len(run.bad_images)
                     window_start, window_images = now, 0
                     run.metrics.write(record)
                     bar.set_postfix(
@@ -297,7 +358,7 @@ def train(run: Run) -> str:
                     )
                 if run.step % t.ckpt_every == 0:
                     run.save()
-                run.save_snapshots(progress(run.step, t.max_steps, run.elapsed, budget))
+                run.save_snapshots(progress(run.step, end, run.elapsed, budget))
                 if _agree(bool(stop_request), 0.0, run.device)[0]:
                     run.save()
                     bar.close()
@@ -326,7 +387,8 @@ def finish(run: Run, stopped_by: str, log) -> dict:
     }
     e = run.cfg.eval
     if is_main():
-        pictures = run.method.pictures(next(eval_batches(run.splits.val, 8))[0].to(run.device), run.dir.path)
+        images = run.method.encoder.normalize(next(eval_batches(run.splits.val, 8))[0].to(run.device))
+        pictures = run.method.pictures(images, run.dir.path)
         final.update({"pictures": [str(p) for p in pictures]} if pictures else {})
         if e.knn_at_end and run.splits.labelled:
             knn = knn_eval(
@@ -336,6 +398,7 @@ def finish(run: Run, stopped_by: str, log) -> dict:
                 temperature=e.knn_temperature,
                 batch_size=e.batch_size,
                 device=run.device,
+                num_workers=run.cfg.data.num_workers,
             )
             final.update(knn_top1=knn.top1, knn_top5=knn.top5, knn_protocol=knn.protocol)
             log(knn.line())

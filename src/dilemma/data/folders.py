@@ -1,0 +1,323 @@
+"""Image files streamed from disk: folder layouts and file lists, decoded lazily.
+
+A folder is listed once (paths and labels, O(files) memory, nothing written anywhere); images
+are decoded only when a batch needs them, in the DataLoader workers. Training views crop the
+full-resolution image (``raw``); evaluation resizes the short side to ``img_size / crop_pct`` and
+takes the centre (``load``), as timm's eval transform does.
+
+Layouts (``describe`` says which one was found, for the start line):
+- ``ROOT/train/<class>/...`` with ``ROOT/val/<class>/...`` (or ``test/``, ``validation/``):
+  ImageNet, ImageNet-100, Imagenette; ``ROOT/train`` alone is split by ``data.val_fraction``.
+- ``ROOT/<class>/...``: class folders (images at any depth below them), split by ``val_fraction``;
+  image files directly in ``ROOT`` beside class folders are ignored and counted.
+- ``ROOT/*.jpg``: a flat, unlabelled folder.
+- a text / CSV file list: one ``path[,label]`` per line (paths relative to the list's folder).
+Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) are never read.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dilemma.data.sets import ImageSet
+from dilemma.errors import DilemmaError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+LIST_SUFFIXES = {".txt", ".csv", ".tsv"}
+VAL_FOLDERS = ("val", "validation", "test")
+MIN_IMAGE_SIDE = 4  # pixels; anything smaller is not an image worth resizing
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+DECODE_MARGIN = (
+    4  # JPEGs are decoded at a reduced scale (PIL draft) only while the short side stays >= 4x the model size
+)
+
+
+class BadImage(Exception):
+    """An image file that cannot be used (``reason`` says why)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class PathTable:
+    """Many file paths in two numpy arrays (utf-8 bytes and offsets), not a list of ``str``: a
+    DataLoader worker reading a Python list touches every object's refcount, so each worker would
+    end up with its own copy of a 1.28 M-path list."""
+
+    def __init__(self, paths: list[str]):
+        encoded = [p.encode() for p in paths]
+        self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> str:
+        start = int(self._ends[i - 1]) if i else 0
+        return self._bytes[start : int(self._ends[i])].tobytes().decode()
+
+    def take(self, indices) -> PathTable:
+        return PathTable([self[int(i)] for i in indices])
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError):  # a broken EXIF block: keep the pixels as stored
+        return img
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` as 8-bit ``L`` or ``RGB``: 16/32-bit greyscale scaled (not clipped) to 0-255,
+    transparency (RGBA, LA, palette with a transparent colour) composited on ``BACKGROUND``,
+    CMYK / YCbCr / palette converted by PIL."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise ValueError("floating-point image (mode F): its value range is unknown")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        img = Image.alpha_composite(background, rgba)
+    return img if img.mode == mode else img.convert(mode)
+
+
+def decode(path: str, mode: str, min_side: int = 0) -> Image.Image:
+    """The image at ``path`` upright (EXIF orientation applied) in ``mode``; raises ``BadImage``.
+    ``min_side``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale while its short side stays >= this."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage(path, "empty (0-byte) file")
+        with Image.open(path) as img:
+            if min(img.size) < MIN_IMAGE_SIDE:
+                raise BadImage(path, f"{img.size[0]}x{img.size[1]} px, smaller than {MIN_IMAGE_SIDE} px")
+            if min_side and img.format == "JPEG":
+                img.draft(img.mode if img.mode in ("L", "RGB") else None, (min_side, min_side))
+            img.load()
+            return _to_mode(_exif_upright(img), mode)
+    except BadImage:
+        raise
+    except FileNotFoundError:
+        raise BadImage(path, "file not found") from None
+    except Image.DecompressionBombError:
+        raise BadImage(
+            path, f"too large (over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels)"
+        ) from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as err:
+        raise BadImage(path, f"unreadable ({err})") from None
+
+
+def centre_view(img: Image.Image, size: int, crop_pct: float) -> Image.Image:
+    """Short side to ``round(size / crop_pct)`` (bicubic), then the centre ``size x size``."""
+    scale = round(size / crop_pct) / min(img.size)
+    w, h = max(size, round(img.size[0] * scale)), max(size, round(img.size[1] * scale))
+    img = img.resize((w, h), Image.BICUBIC, reducing_gap=None)
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """PIL ``L`` / ``RGB`` -> uint8 ``(C, H, W)``."""
+    array = np.asarray(img, dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(array.copy())
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def list_images(root: Path) -> list[str]:
+    """Image files below ``root`` (relative, sorted, hidden files and folders skipped)."""
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        rel = os.path.relpath(folder, root)
+        found += [
+            os.path.normpath(os.path.join(rel, f))
+            for f in files
+            if not _hidden(f) and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES
+        ]
+    return sorted(found)
+
+
+@dataclass
+class Listing:
+    """What a folder or list holds: absolute paths, labels (-1: unlabelled), class names, what was ignored."""
+
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]
+    ignored: int = 0  # image files outside the layout (beside class folders)
+    notes: list[str] = field(default_factory=list)
+
+
+def list_classes(root: Path) -> Listing:
+    """Class folders if ``root`` has sub-folders holding images (loose files beside them ignored),
+    else a flat, unlabelled folder."""
+    files = list_images(root)
+    nested = [f for f in files if os.sep in f]
+    if nested:
+        classes = sorted({f.split(os.sep, 1)[0] for f in nested})
+        index = {c: i for i, c in enumerate(classes)}
+        return Listing(
+            [str(root / f) for f in nested],
+            [index[f.split(os.sep, 1)[0]] for f in nested],
+            classes,
+            ignored=len(files) - len(nested),
+        )
+    return Listing([str(root / f) for f in files], [-1] * len(files), [])
+
+
+def read_file_list(path: Path) -> Listing:
+    """``path[,label]`` lines (comma, tab or space separated; ``#`` comments; an optional header);
+    labels are integers or class names; relative paths are relative to the list's folder."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DilemmaError(f"cannot read file list {str(path)!r}: {err}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "," in line or "\t" in line:
+            fields = next(csv.reader([line], delimiter="," if "," in line else "\t"))
+        else:
+            fields = line.rsplit(None, 1) if " " in line else [line]
+        fields = [f.strip() for f in fields]
+        if number == 1 and fields[0].lower() in ("path", "file", "filename", "image"):
+            continue  # a header
+        if len(fields) > 2:
+            raise DilemmaError(f"{str(path)!r} line {number}: expected 'path' or 'path,label', got {line!r}")
+        rows.append((fields[0], fields[1] if len(fields) == 2 else None))
+    if not rows:
+        raise DilemmaError(f"file list {str(path)!r} names no images")
+    labelled = [label is not None for _, label in rows]
+    if any(labelled) and not all(labelled):
+        raise DilemmaError(f"file list {str(path)!r}: give a label on every line or on none")
+    paths = [str(p if (p := Path(name).expanduser()).is_absolute() else path.parent / p) for name, _ in rows]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise DilemmaError(f"file list {str(path)!r} names {len(missing)} missing files: {missing[:3]}{more}")
+    if not all(labelled):
+        return Listing(paths, [-1] * len(paths), [])
+    names = [label for _, label in rows]
+    if all(n.lstrip("-").isdigit() for n in names):
+        ints = [int(n) for n in names]
+        if min(ints) < 0:
+            raise DilemmaError(f"file list {str(path)!r}: labels must be >= 0")
+        return Listing(paths, ints, [str(c) for c in range(max(ints) + 1)])
+    classes = sorted(set(names))
+    return Listing(paths, [classes.index(n) for n in names], classes)
+
+
+def fingerprint(path: str) -> bytes:
+    """Size + the first and last 4 KiB: equal for exact duplicates, read in O(1) per file."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(len(head), size - 4096))
+        tail = f.read(4096)
+    return hashlib.sha1(size.to_bytes(8, "little") + head + tail).digest()
+
+
+class FileImageSet(ImageSet):
+    """Image files on disk, decoded on demand (see the module docstring)."""
+
+    def __init__(
+        self, paths: PathTable, labels: torch.Tensor, img_size: int, in_chans: int, crop_pct: float, skip_bad: bool
+    ):
+        self.paths, self.labels, self.skip_bad = paths, labels, skip_bad
+        self.img_size, self.in_chans, self.crop_pct = img_size, in_chans, crop_pct
+        self.mode = "L" if in_chans == 1 else "RGB"
+
+    def decode(self, index: int, min_side: int = 0) -> Image.Image:
+        return decode(self.paths[index], self.mode, min_side)
+
+    def load_eval(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """The evaluation views (short side to S / crop_pct, centre crop) and labels. A bad image
+        fails, or with ``skip_bad`` is left out (with a warning on stderr)."""
+        images, labels = [], []
+        for i in indices:
+            try:
+                img = centre_view(self.decode(int(i), self.img_size), self.img_size, self.crop_pct)
+            except BadImage as bad:
+                if not self.skip_bad:
+                    raise DilemmaError(
+                        f"cannot read image {bad}. Remove or replace it, or set data.skip_bad_images=true "
+                        "(dilemma check-data lists every bad file)"
+                    ) from None
+                print(f"warning: left out of evaluation: {bad}", file=sys.stderr)
+                continue
+            images.append(pil_to_uint8(img))
+            labels.append(int(self.labels[int(i)]))
+        if not images:  # every image of the batch was unreadable
+            empty = torch.empty((0, self.in_chans, self.img_size, self.img_size), dtype=torch.uint8)
+            return empty, torch.empty(0, dtype=torch.long)
+        return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+    def raw(self, indices) -> tuple[list[Image.Image], torch.Tensor, list[str]]:
+        """``(images, labels, problems)`` for training views: each image at full resolution (a JPEG
+        at most reduced to ``DECODE_MARGIN`` x the model size). A bad image is replaced by another
+        one (the same one on every run) and reported in ``problems``."""
+        images, labels, problems = [], [], []
+        for i in indices:
+            i = int(i)
+            for attempt in range(16):
+                j = (i + attempt * 7919) % len(self)  # deterministic stand-ins for a bad file
+                try:
+                    images.append(self.decode(j, DECODE_MARGIN * self.img_size))
+                    labels.append(int(self.labels[j]))
+                    break
+                except BadImage as bad:
+                    problems.append(f"{bad.path}: {bad.reason}")
+            else:
+                raise DilemmaError(f"16 images in a row could not be read, the last: {problems[-1]}")
+        return images, torch.tensor(labels, dtype=torch.long), problems
+
+
+def inspect_file(path: str) -> tuple[str, str | None, tuple[int, int] | None, str | None]:
+    """``(path, problem or None, (width, height), stored mode)``: one file fully decoded."""
+    try:
+        size = decode(path, "RGB").size
+        with Image.open(path) as img:
+            return path, None, size, img.mode
+    except BadImage as bad:
+        return path, bad.reason, None, None
+    except OSError as err:
+        return path, f"unreadable ({err})", None, None
+
+
+def scan_files(paths: list[str], workers: int, progress: bool = True):
+    """Decode every file (``workers`` processes); yields ``inspect_file`` results in order."""
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(paths), disable=not progress, unit="img", desc="decoding", dynamic_ncols=True)
+    if workers <= 1:
+        for path in paths:
+            bar.update(1)
+            yield inspect_file(path)
+    else:
+        with get_context("spawn").Pool(workers) as pool:
+            for result in pool.imap(inspect_file, paths, chunksize=64):
+                bar.update(1)
+                yield result
+    bar.close()
