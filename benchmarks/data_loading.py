@@ -75,18 +75,18 @@ RESULT = dict(files=len(splits.train) + len(splits.val), import_s=t1 - t0, list_
 """)
 
 
-def decode_rss(folder: Path, batches: int = 20) -> dict:
+def decode_rss(folder: Path, batches: int = 20, batch: int = 32) -> dict:
     return in_subprocess(f"""
 from dilemma.build import build_views, load_splits
 from dilemma.config import load_config
 from dilemma.data import PretrainBatches
 recipe = {str(ROOT / "configs" / "paper_mocov3_vits16.yaml")!r}
-cfg = load_config(recipe, ["data.source={folder}", "data.batch_size=32", "data.val_fraction=0.2"])
+cfg = load_config(recipe, ["data.source={folder}", "data.batch_size={batch}", "data.val_fraction=0.2"])
 splits = load_splits(cfg)
-b = PretrainBatches(splits.train, 32, build_views(cfg), seed=0)
+b = PretrainBatches(splits.train, {batch}, build_views(cfg), seed=0)
 for step in range({batches}):
     b[step]
-RESULT = dict(files=len(splits.train) + len(splits.val), batches={batches})
+RESULT = dict(files=len(splits.train) + len(splits.val), batches={batches}, batch={batch})
 """)
 
 
@@ -175,13 +175,16 @@ def main() -> None:
     generate(folder, args.files, args.classes)
 
     results = {
-        "command": " ".join(sys.argv),
+        "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
     }
     results["startup"] = [
         startup(folder if f == 1 else subset(folder, f), "paper_mocov3_vits16") for f in (0.25, 0.5, 1.0)
     ]
-    results["rss"] = {"folder": decode_rss(folder), "big_files": decode_rss(big_files(folder, folder), batches=2)}
+    results["rss"] = {
+        "folder": decode_rss(folder),
+        "big_files": decode_rss(big_files(folder, folder), batches=2, batch=4),
+    }
     results["loader"] = [loader_rate(folder, r, args.loader_steps) for r in RECIPES]
     results["model"] = model_rate(args.device, args.model_batch, steps=3 if args.device == "cpu" else 20)
     Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
@@ -211,8 +214,9 @@ def report(r: dict) -> str:
         "",
         "## Peak memory",
         "",
-        f"- {folder['files']} files, list + split + {folder['batches']} batches of 32: {folder['peak_rss_mb']:.0f} MB",
-        f"- 12 JPEGs with 300 MB appended to each, list + split + {big['batches']} batches: "
+        f"- {folder['files']} files, list + split + {folder['batches']} batches of {folder['batch']}: "
+        f"{folder['peak_rss_mb']:.0f} MB",
+        f"- 12 JPEGs with 300 MB appended to each, list + split + {big['batches']} batches of {big['batch']}: "
         f"{big['peak_rss_mb']:.0f} MB",
         "",
         "## Loader: decoded + augmented images per second in one process (= one DataLoader worker)",

@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The cores this process may use (not the machine's), as torch's default in the subprocesses some
+# tests start: equal thread counts keep in-process and subprocess runs bitwise comparable.
+torch.set_num_threads(min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 # A small, fast model for tests: ViT-Tiny widths, 2 blocks, 28 px images in 4 px patches (L = 49, odd).

@@ -183,7 +183,7 @@ def test_compare_trains_each_variant_and_seed_reads_them_out_and_reuses_finished
     variants = ["--variant", "plain=dilemma.misplace_prob=0,dilemma.drop_rate=0", "--variant", "dilemma="]
     budget = ["--seeds", "0", "1", "--max-steps", "4", "--time-budget", "10", "--probe-epochs", "1"]
     argv = ["compare", *variants, *budget, "--curve-points", "2", "--out", str(out)]
-    argv += _sets(f"data.source={data}", "data.batch_size=8")
+    argv += _sets(f"data.source={data}", "data.batch_size=8", "train.log_every=1")
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert [(r["variant"], r["seed"]) for r in results] == [("plain", 0), ("dilemma", 0), ("plain", 1), ("dilemma", 1)]
@@ -198,6 +198,7 @@ def test_compare_trains_each_variant_and_seed_reads_them_out_and_reuses_finished
     mean, half = compare_module.mean_ci95([d - p for d, p in zip(dilemma, plain, strict=True)])
     assert f"| dilemma | kNN | 2 | {mean:+.2f} ± {half:.2f} |" in summary  # paired by seed, with a 95 % CI
     assert (out / "occlusion.png").stat().st_size > 1000 and (out / "over_time.png").stat().st_size > 1000
+    assert (out / "detection.png").stat().st_size > 1000  # the detection AUROC over time of the detecting arm
     first = (out / "dilemma" / "seed_1" / "result.json").stat().st_mtime_ns
     assert main(argv) == 0  # a finished run is read back, not trained again
     assert (out / "dilemma" / "seed_1" / "result.json").stat().st_mtime_ns == first

@@ -188,13 +188,13 @@ def inspect_detection(
     return out
 
 
-def _band(ax, x, series: list[list[float]], label: str):
+def _band(ax, x, series: list[list[float]], label: str, style: str = "o-"):
     """Mean over seeds as a line, mean ± std as a band (no band for one seed)."""
     import numpy as np
 
     values = np.array(series, dtype=float)  # (seeds, points)
     mean = values.mean(axis=0)
-    line = ax.plot(x, mean, "o-", label=f"{label} (n={len(series)})")[0]
+    line = ax.plot(x, mean, style, label=f"{label} (n={len(series)})")[0]
     if len(series) > 1:
         std = values.std(axis=0, ddof=1)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
@@ -220,8 +220,8 @@ def _accuracy_panels(plt, draw, subtitle: str, xlabel: str, chance: float, title
 
 def plot_comparison(results: list[dict], out_dir: str | Path) -> list[Path]:
     """``dilemma compare``'s pictures, mean ± std over seeds per variant and the chance level:
-    ``occlusion.png`` (accuracy vs tokens kept) and, with snapshots, ``over_time.png`` (accuracy vs
-    training seconds)."""
+    ``occlusion.png`` (accuracy vs tokens kept), with snapshots ``over_time.png`` (accuracy vs
+    training seconds), and for variants that detect, ``detection.png`` (AUROC vs training seconds)."""
     plt = _pyplot()
     out_dir = Path(out_dir)
     variants = list(dict.fromkeys(r["variant"] for r in results))
@@ -259,4 +259,19 @@ def plot_comparison(results: list[dict], out_dir: str | Path) -> list[Path]:
                 plt, over_time, "during training", "training seconds", chance, title, out_dir / "over_time.png"
             )
         )
+    detecting = [name for name in variants if any(r["variant"] == name and r.get("det_auroc_curve") for r in results)]
+    if detecting:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for name in detecting:
+            curves = [r["det_auroc_curve"] for r in results if r["variant"] == name and r.get("det_auroc_curve")]
+            length = min(len(c) for c in curves)  # logged every train.log_every steps: align by log index
+            seconds = [sum(c[i][0] for c in curves) / len(curves) for i in range(length)]
+            _band(ax, seconds, [[point[1] for point in c[:length]] for c in curves], name, style="-")
+        ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance 0.5")
+        ax.set(title=f"{title}\ndetection AUROC on the training batches", xlabel="training seconds", ylabel="AUROC")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "detection.png", dpi=110)
+        plt.close(fig)
+        written.append(out_dir / "detection.png")
     return written

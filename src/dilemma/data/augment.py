@@ -16,7 +16,26 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from PIL import Image, ImageFilter
 from torchvision.transforms import v2
+
+
+class GaussianBlur:
+    """Blur with sigma drawn from ``sigma`` (torch's RNG): PIL's own filter for PIL images (as
+    MoCo v3 and DINO; 30-60x faster at 224 px than a 2D convolution), torchvision's kernel of
+    ``kernel_size`` for tensors (the in-memory sets)."""
+
+    def __init__(self, kernel_size: int, sigma: tuple[float, float] = (0.1, 2.0)):
+        self.kernel_size, self.sigma = kernel_size, sigma
+
+    def __call__(self, img):
+        sigma = torch.empty(1).uniform_(*self.sigma).item()
+        if isinstance(img, Image.Image):
+            return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+        return v2.functional.gaussian_blur(img, [self.kernel_size] * 2, [sigma, sigma])
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(kernel_size={self.kernel_size}, sigma={self.sigma})"
 
 
 def view_transform(
@@ -51,7 +70,7 @@ def view_transform(
         steps.append(v2.RandomGrayscale(p=grayscale_prob))
     if blur_prob > 0:
         kernel = max(3, (img_size // 10) | 1)  # ~10 % of the side, odd (SimCLR)
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob))
+        steps.append(v2.RandomApply([GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob))
     if solarize_prob > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_prob))
     steps.append(v2.PILToTensor())  # PIL images (files) -> uint8 tensor; tensors pass unchanged
