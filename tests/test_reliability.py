@@ -280,3 +280,58 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(tmp_path, sig):
     assert "Traceback" not in err and f"stopped by {signal.Signals(sig).name} at step" in err and "--resume" in err
     last_logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert load_checkpoint(out)["step"] == last_logged
+
+
+# ---- one writer per run folder ----------------------------------------------------------------
+
+
+def test_a_running_folder_refuses_a_second_writer_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = _train_process(out, 10_000)  # a real second process, holding the folder
+    try:
+        _wait_for_step(out, proc, 1)
+        assert main(["pretrain", *TINY_SETS, "--out", str(out)]) == 2
+        assert f"is in use by another dilemma process (pid {proc.pid})" in capsys.readouterr().err
+        assert main(["pretrain", *TINY_SETS, "--out", str(out), "--resume"]) == 2
+        assert f"(pid {proc.pid})" in capsys.readouterr().err
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    steps = load_checkpoint(out)["step"]
+    assert main(["pretrain", *TINY_SETS, "--out", str(out), "--resume", "--set", f"train.max_steps={steps + 1}"]) == 0
+
+
+def test_a_start_that_never_checkpointed_is_moved_aside_not_appended_to(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    (out / "config.yaml").write_text("stale: true\n")
+    assert main(["pretrain", *TINY_SETS, "--out", str(out), "--set", "train.max_steps=2"]) == 0
+    assert "left no checkpoint; its files moved to" in capsys.readouterr().err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2]  # two logged steps and the final record; nothing of the earlier start
+    (aside,) = out.glob("unfinished-*")
+    assert (aside / "metrics.jsonl").read_text().count("\n") == 2 and "stale" in (aside / "config.yaml").read_text()
+
+
+def test_resume_survives_a_torn_last_metrics_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = [*TINY_SETS, "--out", str(out), "--set", "train.ckpt_every=1"]
+    assert main(["pretrain", *common, "--set", "train.max_steps=2"]) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a write cut by a full disk or a crash
+    assert main(["pretrain", *common, "--resume", "--set", "train.max_steps=3"]) == 0
+    assert capsys.readouterr().err.count("dropped a torn last line") == 1
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3]
+
+
+def test_default_run_folders_of_simultaneous_starts_differ(tmp_path):
+    cmd = [sys.executable, "-m", "dilemma.cli", "pretrain", *TINY_SETS, "--set", "train.max_steps=2"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    for run in runs:
+        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 2]

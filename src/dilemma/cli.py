@@ -34,7 +34,9 @@ def _pretrain(args) -> None:
     ]:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    # a default name no other start can take: the time, and the pid (torchrun's, shared by its ranks)
+    launcher = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
+    out = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{launcher}"
     base = None
     if args.resume:
         if not args.out:

@@ -29,6 +29,7 @@ from dilemma.errors import DilemmaError
 from dilemma.eval.occlusion import FRACTIONS, occlusion_curve
 from dilemma.rundir import CheckpointDir, RunDir, encoder_from_checkpoint, load_checkpoint
 from dilemma.train.loop import pretrain
+from dilemma.train.metrics import read_records
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -64,7 +65,7 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str], probe_epochs: i
         return json.loads(done.read_text())
     run = RunDir(run_dir)
     final = pretrain(cfg, run_dir, resume=run.holds_run(), log=lambda _: None)  # resumes an interrupted run
-    records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    records = read_records(run.metrics)
     det = [r for r in records if r.get("det_bce") is not None]
     splits = load_splits(cfg)
     occlusion = _readout(run.last, cfg, splits, probe_epochs, fractions=FRACTIONS)

@@ -2,6 +2,7 @@
 
     RUN/config.yaml             the resolved config
     RUN/provenance.jsonl        one line per start or resume: command, versions, git commit, device
+    RUN/.lock                   held by the one process writing the run (its pid inside)
     RUN/metrics.jsonl           one JSON object per logged step, and a last one with the results
     RUN/checkpoints/step_*.pt   the newest ``train.keep_checkpoints`` checkpoints
     RUN/checkpoints/last.pt     the newest one (a hard link when the file system allows)
@@ -21,10 +22,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
+import time
 import zipfile
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
 
 from dilemma.config import Config, config_from_dict
 from dilemma.errors import DilemmaError
@@ -34,6 +42,7 @@ from dilemma.pretext import DetectionHead
 
 FORMAT = "dilemma-checkpoint-v1"
 LAST = "last.pt"
+LOCK = ".lock"  # held (flock) by the process writing the run
 HEAD_PREFIX = "dilemma.head."  # the detection head's
 
 
@@ -47,6 +56,7 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.checkpoints = self.path / "checkpoints"
         self.last = self.checkpoints / LAST
+        self._lock_fd: int | None = None
 
     def record_provenance(self, record: dict) -> None:
         """Append one line (a single ``write`` of a whole line: a reader skips a torn last line)."""
@@ -69,8 +79,12 @@ class RunDir:
         return self.last
 
     def create(self) -> None:
-        """Make the folder for a new run, refusing one that already holds a run."""
+        """Make the folder for a new run and take its lock, refusing one that already holds a run.
+        Files of an earlier start that never checkpointed are moved aside (said in one line), so a
+        new run never appends to them."""
         if self.checkpoints.exists():
+            self.lock()  # a run still writing here is named as such (not "add --resume")
+            self.unlock()
             raise DilemmaError(
                 f"{str(self.path)!r} already holds a run: add --resume to continue it, or choose another --out"
             )
@@ -81,6 +95,41 @@ class RunDir:
             probe.unlink()
         except OSError as err:
             raise DilemmaError(f"cannot write to output folder {str(self.path)!r}: {err}") from None
+        self.lock()
+        leftovers = [p for p in (self.metrics, self.config, self.provenance, self.path / "tensorboard") if p.exists()]
+        if leftovers and not self.checkpoints.exists():
+            aside = self.path / f"unfinished-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            aside.mkdir()
+            for p in leftovers:
+                p.rename(aside / p.name)
+            print(
+                f"note: an earlier start in {self.path} left no checkpoint; its files moved to {aside}", file=sys.stderr
+            )
+
+    def lock(self) -> None:
+        """Hold the folder's lock while this process runs (the OS releases it when the process dies,
+        so a killed run leaves no stale lock); a second writer is refused, with the holder's pid."""
+        if self._lock_fd is not None or fcntl is None:  # held already, or no flock (Windows)
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DilemmaError(
+                f"{str(self.path)!r} is in use by another dilemma process (pid {holder}): one writer per run "
+                "folder. Choose another --out, or wait for that run to end"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def provenance(device, processes: int) -> dict:

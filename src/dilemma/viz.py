@@ -7,7 +7,6 @@ tokens that were misplaced (truth) next to the detection head's P(misplaced) per
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 import yaml
 
 from dilemma.errors import DilemmaError
+from dilemma.train.metrics import read_records
 
 
 def _pyplot():
@@ -34,12 +34,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DilemmaError(f"{str(run_dir)!r} is not a run folder: {path} does not exist")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise DilemmaError(f"{path}:{number} is not a JSON line") from None
+    records = read_records(path)
     if not records:
         raise DilemmaError(f"{path} is empty: the run logged no step yet")
     return records

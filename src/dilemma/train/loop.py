@@ -182,18 +182,24 @@ class Run:
 
 
 def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) -> dict:
-    """Train ``cfg`` into ``out_dir``; returns the final metrics record (with ``knn_top1``)."""
-    run = setup(cfg, RunDir(out_dir), resume)
-    stopped_by = train(run)
-    return finish(run, stopped_by, log)
+    """Train ``cfg`` into ``out_dir``; returns the final metrics record (with ``knn_top1``). The run
+    folder is locked for the whole run: one writer per folder."""
+    run_dir = RunDir(out_dir)
+    try:
+        run = setup(cfg, run_dir, resume)
+        return finish(run, train(run), log)
+    finally:
+        run_dir.unlock()
 
 
 def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
+    device = init_from_env(cfg.train.device) or resolve_device(cfg.train.device)
     ckpt = None
     if resume:
+        if is_main():
+            run_dir.lock()  # before reading: a second resume of a running folder is refused
         ckpt = load_checkpoint(run_dir.require_checkpoint())
         check_resume_config(ckpt["config"], cfg)
-    device = init_from_env(cfg.train.device) or resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed + rank())
     d, t = cfg.data, cfg.train
 

@@ -5,9 +5,27 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
+
+from dilemma.errors import DilemmaError
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``. A torn last line (a write cut by a crash or a full disk)
+    is dropped with one warning; a bad line before the last is an error (the file was edited)."""
+    lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise DilemmaError(f"{path}:{number} is not a JSON line (was the file edited?)") from None
+            print(f"warning: {path}: dropped a torn last line (a write was cut short)", file=sys.stderr)
+    return records
 
 
 def as_json(record: dict) -> dict:
@@ -36,13 +54,9 @@ class MetricsLog:
         """Drop records of steps after ``step`` (a resumed run logs them again)."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step and "stopped_by" not in json.loads(line)
-        ]
+        kept = [r for r in read_records(self.path) if r.get("step", 0) <= step and "stopped_by" not in r]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.path)
 
     def write(self, record: dict) -> None:
