@@ -141,6 +141,29 @@ CASES = [
         "does not match its own model config",
     ),
     ("detection picture from a model without DILEMMA", ["inspect", "{baseline_ckpt}"], "has no detection head"),
+    # numbers that would reach torch as a traceback or train / report something meaningless
+    ("negative gradient clip", ["pretrain", "--set", "optim.grad_clip=-1"], "optim.grad_clip must be > 0 or null"),
+    ("negative weight decay", ["pretrain", "--set", "optim.weight_decay=-0.1"], "weight_decay must be >= 0"),
+    ("min lr above lr", ["pretrain", "--set", "optim.min_lr=1"], "optim.min_lr must be in [0, optim.lr"),
+    ("lr nan", ["pretrain", "--set", "optim.lr=nan"], "needs a finite number"),
+    ("lr infinite", ["pretrain", "--set", "optim.lr=.inf"], "needs a finite number"),
+    ("zero depth", ["pretrain", "--set", "model.depth=0"], "model.depth must be >= 1"),
+    ("drop-path of 1.5", ["pretrain", "--set", "model.drop_path_rate=1.5"], "drop_path_rate must be in [0, 1)"),
+    ("seed past 2^31", ["pretrain", "--seed", "99999999999999999999"], "train.seed must be in [0, 2^31)"),
+    ("eval batch size 0", ["pretrain", "--set", "eval.batch_size=0"], "eval.batch_size must be >= 1"),
+    ("kNN with k = 0", ["eval", "knn", "--checkpoint", "{ckpt}", "--k", "0"], "--k must be >= 1"),
+    ("linear probe lr nan", ["eval", "linear", "--checkpoint", "{ckpt}", "--lr", "nan"], "--lr must be a finite"),
+    ("fine-tune 0 epochs", ["eval", "finetune", "--checkpoint", "{ckpt}", "--epochs", "0"], "--epochs must be >= 1"),
+    ("occlusion fraction 0", ["eval", "occlusion", "--checkpoint", "{ckpt}", "--fractions", "0"], "must be in (0, 1]"),
+    ("negative workers", ["eval", "knn", "--checkpoint", "{ckpt}", "--workers", "-1"], "--workers must be >= 0"),
+    ("compare with a seed twice", ["compare", "--variant", "a=", "--seeds", "0", "0", "--out", "{out}"], "seed twice"),
+    ("compare variant named like a path", ["compare", "--variant", "../x=", "--out", "{out}"], "must be a plain name"),
+    (
+        "fine-tune batch larger than the data",
+        ["eval", "finetune", "--checkpoint", "{ckpt}", "--data", "{corrupt}", "--batch-size", "64"],
+        "fewer than one batch of 64",
+    ),
+    ("compare with no time", ["compare", "--variant", "a=", "--time-budget", "0", "--out", "{out}"], "must be > 0"),
 ]
 
 

@@ -335,3 +335,32 @@ def test_default_run_folders_of_simultaneous_starts_differ(tmp_path):
     assert len(runs) == 2
     for run in runs:
         assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 2]
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = [*TINY_SETS, "--out", str(out), "--set", "train.ckpt_every=1", "--set", "train.keep_checkpoints=3"]
+    assert main(["pretrain", *common, "--set", "train.max_steps=3"]) == 0
+    last = out / "checkpoints" / "last.pt"
+    newest = out / "checkpoints" / "step_0000003.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn; last.pt is a hard link to it, torn too
+    assert main(["pretrain", *common, "--resume", "--set", "train.max_steps=4"]) == 0
+    assert "note: resuming from step_0000002.pt" in capsys.readouterr().err
+    last.unlink()  # missing: the step files still serve, instead of a "start without --resume" loop
+    assert main(["pretrain", *common, "--resume", "--set", "train.max_steps=5"]) == 0
+    assert "note: resuming from step_0000004.pt (last.pt is missing)" in capsys.readouterr().err
+    assert load_checkpoint(out)["step"] == 5
+
+
+def test_compare_knows_its_runs_by_their_config(tmp_path, capsys):
+    """Rerunning a comparison with other settings under the same variant name is refused, not
+    silently answered with the old runs."""
+    data = _first_batch_bad(tmp_path, "imgs", {f"{i}.png": _png() for i in range(6)})  # 7 train images, all good
+    out = tmp_path / "cmp"
+    argv = ["compare", "--variant", "a=", "--seeds", "0", "--max-steps", "1", "--probe-epochs", "1",
+            "--curve-points", "1", "--out", str(out), *TINY_SETS, "--set", f"data.source={data}",
+            "--set", "data.batch_size=2"]  # fmt: skip
+    assert main(argv) == 0
+    assert main(argv) == 0  # the same comparison: read back
+    assert main([*argv, "--set", "optim.lr=5e-4"]) == 2
+    assert "holds a finished run of another configuration" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ from dilemma.errors import DilemmaError
 def _pretrain(args) -> None:
     from dilemma.config import load_config
     from dilemma.distributed import is_distributed
-    from dilemma.rundir import RunDir, load_checkpoint
+    from dilemma.rundir import RunDir
     from dilemma.train.loop import pretrain
 
     overrides = list(args.set)
@@ -41,7 +42,7 @@ def _pretrain(args) -> None:
     if args.resume:
         if not args.out:
             raise DilemmaError("--resume needs --out DIR: the run folder to continue")
-        base = load_checkpoint(RunDir(out).require_checkpoint())["config"]
+        base = RunDir(out).resume_checkpoint(say=False)[1]["config"]
     cfg = load_config(args.config, overrides, base=base)
     try:
         pretrain(cfg, out, resume=args.resume)
@@ -73,8 +74,14 @@ def _checkpoints(args, drop_path_rate: float | None = None):
         yield str(path), encoder.to(device), cfg, splits, device
 
 
-def _loading(args, device) -> dict:
-    return {"batch_size": args.batch_size, "device": device, "num_workers": args.workers}
+def _loading(args, device, splits) -> dict:
+    """Batch size, device and decoding processes (default: up to 8 for image files, none for data in memory)."""
+    from dilemma.data import FileImageSet
+
+    workers = args.workers
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if isinstance(splits.train, FileImageSet) else 0
+    return {"batch_size": args.batch_size, "device": device, "num_workers": workers}
 
 
 def _progress(args) -> bool:
@@ -87,7 +94,12 @@ def _eval_knn(args) -> None:
     results = []
     for path, encoder, _, splits, device in _checkpoints(args):
         result = knn_eval(
-            encoder, splits, k=args.k, temperature=args.temperature, **_loading(args, device), progress=_progress(args)
+            encoder,
+            splits,
+            k=args.k,
+            temperature=args.temperature,
+            **_loading(args, device, splits),
+            progress=_progress(args),
         )
         print(f"{path}: {result.line()}")
         results.append(
@@ -112,9 +124,11 @@ def _eval_linear(args) -> None:
         require_labels(splits, "the linear probe")
         bars = ("train features", "val features") if _progress(args) else (None, None)
         train_f, train_y = extract_features(
-            encoder, splits.train, **_loading(args, device), normalize=False, desc=bars[0]
+            encoder, splits.train, **_loading(args, device, splits), normalize=False, desc=bars[0]
         )
-        val_f, val_y = extract_features(encoder, splits.val, **_loading(args, device), normalize=False, desc=bars[1])
+        val_f, val_y = extract_features(
+            encoder, splits.val, **_loading(args, device, splits), normalize=False, desc=bars[1]
+        )
         probe = train_linear_probe(
             train_f, train_y, len(splits.classes), epochs=args.epochs, lr=args.lr, seed=args.seed
         )
@@ -141,7 +155,7 @@ def _eval_occlusion(args) -> None:
             temperature=args.temperature,
             probe_epochs=args.epochs,
             seed=args.seed,
-            **_loading(args, device),
+            **_loading(args, device, splits),
             progress=_progress(args),
         )
         print(f"{path}: occlusion  [{curve.protocol}]")
@@ -192,7 +206,7 @@ def _eval_finetune(args) -> None:
             re_prob=settings["reprob"],
             seed=args.seed,
             device=device,
-            num_workers=args.workers,
+            num_workers=_loading(args, device, splits)["num_workers"],
             progress=not args.no_progress,
         )
         print(f"{path}: fine-tune top-1 {result.top1:.2f}%  [{result.protocol}]")
@@ -308,7 +322,7 @@ def _eval_parser(ev, name: str, help: str, run) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding images")
+    p.add_argument("--workers", type=int, help="processes decoding images (default: up to 8 for image files)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", help="also write the results and protocol to this JSON file")
     p.set_defaults(run=run)
@@ -432,9 +446,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Command-line numbers: (bound, strict). Checked for every sub-command that has the argument.
+ARG_BOUNDS = {
+    "k": (1, False),
+    "epochs": (1, False),
+    "batch_size": (1, False),
+    "workers": (0, False),
+    "probe_epochs": (1, False),
+    "curve_points": (1, False),
+    "max_steps": (1, False),
+    "num_images": (1, False),
+    "time_budget": (0, True),
+    "lr": (0, True),
+    "temperature": (0, True),
+}
+
+
+def check_args(args) -> None:
+    """Ranges and finiteness of numeric arguments, so no value reaches torch as a traceback or a
+    meaningless result; compare's seeds and variant names."""
+    for name, (bound, strict) in ARG_BOUNDS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DilemmaError(f"{flag} must be a finite number, got {value}")
+        if value < bound or (strict and value == bound):
+            raise DilemmaError(f"{flag} must be {'>' if strict else '>='} {bound}, got {value}")
+    for fraction in getattr(args, "fractions", None) or []:
+        if not 0.0 < fraction <= 1.0:
+            raise DilemmaError(f"--fractions must be in (0, 1], got {fraction}")
+    seeds = getattr(args, "seeds", None)
+    if seeds is not None:
+        if len(set(seeds)) != len(seeds):
+            raise DilemmaError(f"--seeds lists a seed twice: {seeds}")
+        if any(not 0 <= seed < 2**31 for seed in seeds):
+            raise DilemmaError(f"--seeds must be in [0, 2^31), got {seeds}")
+    for variant in getattr(args, "variant", None) or []:
+        name = variant.partition("=")[0]
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise DilemmaError(f"--variant name {name!r} must be a plain name (it becomes a folder)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         args.run(args)
     except DilemmaError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,6 +13,7 @@ comparison continues where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import statistics
@@ -21,15 +22,17 @@ from pathlib import Path
 
 import timm
 import torch
+import yaml
 
 from dilemma.build import load_splits
-from dilemma.config import load_config
+from dilemma.config import config_from_dict, load_config
 from dilemma.distributed import resolve_device
 from dilemma.errors import DilemmaError
 from dilemma.eval.occlusion import FRACTIONS, occlusion_curve
 from dilemma.rundir import CheckpointDir, RunDir, encoder_from_checkpoint, load_checkpoint
 from dilemma.train.loop import pretrain
 from dilemma.train.metrics import read_records
+from dilemma.train.signals import Interrupted
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -57,14 +60,32 @@ def _readout(path: Path, cfg, splits, probe_epochs: int, fractions=(1.0,)):
     )
 
 
+_elsewhere = "use another --out, or remove that folder to run it again"
+
+
+def config_sha1(cfg) -> str:
+    """A run's identity: its resolved config, less what cannot change training (eval, progress bars)."""
+    data = cfg.to_dict()
+    data.pop("eval", None)
+    data["train"] = {k: v for k, v in data["train"].items() if k != "progress"}
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def run_one(name: str, cfg, run_dir: Path, overrides: list[str], probe_epochs: int) -> dict:
     """Pretrain ``cfg`` into ``run_dir`` (or continue it, or reuse its result) and read it out: the
     occlusion curve of the final backbone and kNN / linear of every snapshot (the curve over time)."""
-    done = run_dir / "result.json"
+    done, run, identity = run_dir / "result.json", RunDir(run_dir), config_sha1(cfg)
     if done.exists():
-        return json.loads(done.read_text())
-    run = RunDir(run_dir)
-    final = pretrain(cfg, run_dir, resume=run.holds_run(), log=lambda _: None)  # resumes an interrupted run
+        result = json.loads(done.read_text())
+        if result.get("config_sha1", identity) != identity or result.get("overrides") != overrides:
+            raise DilemmaError(f"{run_dir} holds a finished run of another configuration: {_elsewhere}")
+        return result
+    if run.config.exists() and config_sha1(config_from_dict(yaml.safe_load(run.config.read_text()))) != identity:
+        raise DilemmaError(f"{run_dir} holds an interrupted run of another configuration: {_elsewhere}")
+    try:
+        final = pretrain(cfg, run_dir, resume=run.holds_run(), log=lambda _: None)  # resumes an interrupted run
+    except Interrupted as stop:
+        raise Interrupted(stop.message, stop.signum, "Rerun the same dilemma compare command to continue.") from None
     records = read_records(run.metrics)
     det = [r for r in records if r.get("det_bce") is not None]
     splits = load_splits(cfg)
@@ -76,6 +97,7 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str], probe_epochs: i
         over_time.append({"step": ckpt["step"], "elapsed_s": ckpt["elapsed"], **_accuracies(point)})
     over_time.append({"step": final["step"], "elapsed_s": final["elapsed_s"], **_accuracies(occlusion.points[0])})
     result = {
+        "config_sha1": identity,
         "variant": name,
         "seed": cfg.train.seed,
         "overrides": overrides,

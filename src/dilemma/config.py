@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,13 +170,15 @@ def _coerce(value, kind, key: str):
         return value
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if kind is float and isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise DilemmaError(f"config key {key!r} needs a finite number, got {value!r}")
+        return float(value)
     if kind is str and isinstance(value, str):
         return value
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -253,6 +256,8 @@ def validate(cfg: Config) -> Config:
         f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}",
     )
     require(m.in_chans in (1, 3), f"model.in_chans must be 1 or 3, got {m.in_chans}")
+    require(m.depth is None or m.depth >= 1, f"model.depth must be >= 1 or null, got {m.depth}")
+    require(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
     for key in ("mean", "std"):
         values = getattr(m, key)
         require(
@@ -279,6 +284,11 @@ def validate(cfg: Config) -> Config:
         if hasattr(section, "check"):
             section.check()
     require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    require(0.0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr = {o.lr}], got {o.min_lr}")
+    require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    require(
+        o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0 or null (no clipping), got {o.grad_clip}"
+    )
     require(0.0 <= o.warmup < 1.0, f"optim.warmup must be a fraction of training in [0, 1), got {o.warmup}")
     require(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
     require(t.epochs is None or t.epochs > 0, f"train.epochs must be > 0 or null, got {t.epochs}")
@@ -297,6 +307,9 @@ def validate(cfg: Config) -> Config:
         f"train.accum_steps must be >= 1 and divide data.batch_size {data.batch_size}, got {t.accum_steps}",
     )
     require(e.knn_k >= 1, f"eval.knn_k must be >= 1, got {e.knn_k}")
+    require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    for key, seed in (("train.seed", t.seed), ("data.split_seed", data.split_seed)):
+        require(0 <= seed < 2**31, f"{key} must be in [0, 2^31), got {seed}")
     require(e.knn_temperature > 0, f"eval.knn_temperature must be > 0, got {e.knn_temperature}")
     return cfg
 

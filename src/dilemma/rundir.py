@@ -69,14 +69,30 @@ class RunDir:
     def holds_run(self) -> bool:
         return self.checkpoints.exists()
 
-    def require_checkpoint(self) -> Path:
-        """``checkpoints/last.pt``, which ``--resume`` continues from."""
-        if not self.last.exists():
-            raise DilemmaError(
-                f"--resume: no checkpoint in {str(self.path)!r} (expected checkpoints/last.pt); "
-                "start without --resume or point --out at an earlier run"
-            )
-        return self.last
+    def resume_checkpoint(self, say: bool = True) -> tuple[Path, dict]:
+        """The newest readable checkpoint ``--resume`` continues from: ``last.pt``, else (missing or
+        damaged, e.g. a torn write; it is a hard link to the newest step file) the newest
+        ``step_*.pt`` that loads, said in one line."""
+        candidates = [self.last, *sorted(self.checkpoints.glob("step_*.pt"), reverse=True)]
+        problems = []
+        for path in candidates:
+            if not path.exists():
+                continue
+            try:
+                ckpt = load_checkpoint(path)
+            except DilemmaError as err:
+                problems.append(str(err))
+                continue
+            if say and (path != self.last or problems):
+                why = "; ".join(problems) if problems else f"{LAST} is missing"
+                print(f"note: resuming from {path.name} ({why})", file=sys.stderr)
+            return path, ckpt
+        if problems:
+            raise DilemmaError(f"--resume: no readable checkpoint in {str(self.checkpoints)!r} ({problems[0]})")
+        raise DilemmaError(
+            f"--resume: no checkpoint in {str(self.path)!r} (expected checkpoints/last.pt); "
+            "start without --resume or point --out at an earlier run"
+        )
 
     def create(self) -> None:
         """Make the folder for a new run and take its lock, refusing one that already holds a run.

@@ -21,6 +21,7 @@ from torchvision.transforms.v2.functional import to_pil_image
 from tqdm import tqdm
 
 from dilemma.data import Splits, eval_batches
+from dilemma.errors import DilemmaError
 from dilemma.models import ViTEncoder
 from dilemma.schedules import cosine, warmup_factor
 
@@ -129,6 +130,10 @@ def finetune(
         else None
     )
     steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise DilemmaError(
+            f"the training split has {len(images)} images, fewer than one batch of {batch_size}: lower --batch-size"
+        )
     total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
     history, step = [], 0
     bar = tqdm(total=total, disable=not progress, unit="step", desc="fine-tune")

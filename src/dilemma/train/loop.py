@@ -33,7 +33,7 @@ from dilemma.distributed import (
 from dilemma.errors import DilemmaError
 from dilemma.eval.knn import knn_eval
 from dilemma.methods import Method
-from dilemma.rundir import FORMAT, CheckpointDir, RunDir, load_checkpoint, pretrained_state, provenance
+from dilemma.rundir import FORMAT, CheckpointDir, RunDir, pretrained_state, provenance
 from dilemma.schedules import learning_rate, progress
 from dilemma.train.metrics import MetricsLog, as_json
 from dilemma.train.probe import OnlineProbe
@@ -198,7 +198,7 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
     if resume:
         if is_main():
             run_dir.lock()  # before reading: a second resume of a running folder is refused
-        ckpt = load_checkpoint(run_dir.require_checkpoint())
+        ckpt = run_dir.resume_checkpoint(say=is_main())[1]
         check_resume_config(ckpt["config"], cfg)
     seed_everything(cfg.train.seed + rank())
     d, t = cfg.data, cfg.train
@@ -372,11 +372,11 @@ def train(run: Run) -> str:
                         torch.distributed.barrier()
                     signum = stop_request.signum or 15  # another process was signalled: stop as for SIGTERM
                     name = stop_request.name or "SIGTERM"
-                    raise Interrupted(f"stopped by {name} at step {run.step}; checkpoint saved. {resume_hint}", signum)
+                    raise Interrupted(f"stopped by {name} at step {run.step}; checkpoint saved.", signum, resume_hint)
         except KeyboardInterrupt:  # a second Ctrl-C
             run.save()
             bar.close()
-            raise Interrupted(f"interrupted at step {run.step}; checkpoint saved. {resume_hint}", 2) from None
+            raise Interrupted(f"interrupted at step {run.step}; checkpoint saved.", 2, resume_hint) from None
         finally:
             bar.close()
     return "max_steps"

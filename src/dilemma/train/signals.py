@@ -16,9 +16,9 @@ from dilemma.errors import DilemmaError
 class Interrupted(DilemmaError):
     """Training stopped by a signal after saving; the exit status is 128 + the signal number."""
 
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
+    def __init__(self, message: str, signum: int, hint: str = ""):
+        super().__init__(f"{message} {hint}".strip())
+        self.message, self.signum, self.exit_code = message, signum, 128 + signum
 
 
 class StopRequest:
