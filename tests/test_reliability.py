@@ -16,6 +16,7 @@ import torch
 
 from dilemma import rundir as checkpoint_module
 from dilemma.cli import main
+from dilemma.errors import DilemmaError
 from dilemma.rundir import CheckpointDir, load_checkpoint
 from tests.bad_inputs import CASES, TINY_SETS, _first_batch_bad, _png, argv_for, make_fixtures
 
@@ -364,3 +365,31 @@ def test_compare_knows_its_runs_by_their_config(tmp_path, capsys):
     assert main(argv) == 0  # the same comparison: read back
     assert main([*argv, "--set", "optim.lr=5e-4"]) == 2
     assert "holds a finished run of another configuration" in capsys.readouterr().err
+
+
+def test_real_disk_full_and_torchs_own_write_error_keep_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A real ENOSPC (the temp file opened on /dev/full) and the RuntimeError torch's zip writer
+    raises on a short write: one clear error, no temp file left, the previous checkpoint intact."""
+    import builtins
+
+    ckpt_dir = CheckpointDir(tmp_path, keep=2)
+    ckpt_dir.save({"step": 1, "w": torch.ones(3)}, 1)
+    real_open = builtins.open
+    if os.path.exists("/dev/full"):
+        monkeypatch.setattr(
+            checkpoint_module, "open", lambda p, *a, **k: real_open("/dev/full", *a, **k), raising=False
+        )
+        with pytest.raises(DilemmaError, match=r"No space left on device; the previous checkpoint is intact"):
+            ckpt_dir.save({"step": 2, "w": torch.zeros(10_000)}, 2)
+        monkeypatch.undo()
+
+    def short_write(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", short_write)
+    with pytest.raises(DilemmaError, match=r"could not be written \(disk full\?\); the previous checkpoint is intact"):
+        ckpt_dir.save({"step": 2}, 2)
+    monkeypatch.undo()
+    assert not list((tmp_path / "checkpoints").glob(".*tmp*"))
+    assert torch.load(ckpt_dir.last, weights_only=True)["step"] == 1

@@ -19,6 +19,7 @@ its optimiser) and ``rng`` (``train.seeding.rng_state``; the data order is a fun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -215,10 +216,15 @@ def atomic_save(obj, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError) as err:
+        # torch's zip writer reports a short write on a full disk as a RuntimeError ("inline_container")
+        if isinstance(err, RuntimeError) and not any(m in str(err) for m in ("inline_container", "StreamWriter")):
+            raise
+        with contextlib.suppress(OSError):  # a read-only folder must not hide the first error
+            tmp.unlink(missing_ok=True)
+        reason = str(err).splitlines()[0] if isinstance(err, OSError) else "the file could not be written (disk full?)"
         raise DilemmaError(
-            f"could not write checkpoint {str(path)!r}: {err}; the previous checkpoint is intact"
+            f"could not write checkpoint {str(path)!r}: {reason}; the previous checkpoint is intact"
         ) from None
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
