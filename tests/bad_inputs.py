@@ -66,6 +66,8 @@ def make_fixtures(root: Path) -> dict[str, str]:
         "{not_ckpt}": root / "random.pt",
         "{evil}": root / "evil.pt",
         "{blocked}": root / "a_file.txt" / "run",
+        "{png_under_file}": root / "a_file.bin" / "curves.png",
+        "{under_file}": root / "a_file.bin" / "exported",
         "{unlabelled}": root / "unlabelled",
         "{missing}": root / "no.yaml",
         "{out}": root / "out",
@@ -163,6 +165,10 @@ CASES = [
         ["eval", "finetune", "--checkpoint", "{ckpt}", "--data", "{corrupt}", "--batch-size", "64"],
         "fewer than one batch of 64",
     ),
+    ("plot to a name that is not .png", ["plot", "{ckpt}", "--out", "curves.pngg"], "give a name ending in .png"),
+    ("plot into a path under a file", ["plot", "{ckpt}", "--out", "{png_under_file}"], "is not an existing folder"),
+    ("export under a file", ["export", "{ckpt}", "--out", "{under_file}"], "cannot write"),
+    ("export over an existing folder", ["export", "{ckpt}", "--out", "{empty}"], "already exists"),
     ("compare with no time", ["compare", "--variant", "a=", "--time-budget", "0", "--out", "{out}"], "must be > 0"),
 ]
 

@@ -393,3 +393,19 @@ def test_real_disk_full_and_torchs_own_write_error_keep_the_previous_checkpoint(
     monkeypatch.undo()
     assert not list((tmp_path / "checkpoints").glob(".*tmp*"))
     assert torch.load(ckpt_dir.last, weights_only=True)["step"] == 1
+
+
+def test_an_internal_error_is_one_line_and_a_saved_traceback(tmp_path, capsys, monkeypatch):
+    import dilemma.train.loop as loop
+
+    def broken(*args, **kwargs):
+        raise ValueError("something we did not foresee")
+
+    monkeypatch.setattr(loop, "train", broken)
+    assert main(["pretrain", *TINY_SETS, "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("run folder:")  # the start line, then one error line
+    assert err[1].startswith("error: internal error (ValueError: something we did not foresee); traceback saved to")
+    saved = Path(err[1].rsplit(" ", 1)[-1])
+    assert "Traceback" in saved.read_text() and "something we did not foresee" in saved.read_text()
+    saved.unlink()

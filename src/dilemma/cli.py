@@ -474,6 +474,13 @@ def check_args(args) -> None:
             raise DilemmaError(f"{flag} must be a finite number, got {value}")
         if value < bound or (strict and value == bound):
             raise DilemmaError(f"{flag} must be {'>' if strict else '>='} {bound}, got {value}")
+    picture = {_plot: "out", _inspect: "out", _eval_occlusion: "plot"}.get(getattr(args, "run", None))
+    value = getattr(args, picture, None) if picture else None
+    if value:  # checked before any work is done
+        if Path(value).suffix.lower() != ".png":
+            raise DilemmaError(f"--{picture} {value!r}: pictures are PNG files; give a name ending in .png")
+        if not Path(value).parent.is_dir():
+            raise DilemmaError(f"cannot write {value!r}: {str(Path(value).parent)!r} is not an existing folder")
     for fraction in getattr(args, "fractions", None) or []:
         if not 0.0 < fraction <= 1.0:
             raise DilemmaError(f"--fractions must be in (0, 1], got {fraction}")
@@ -500,6 +507,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug of ours: one line, the traceback kept for the report
+        import tempfile
+        import traceback
+
+        fd, path = tempfile.mkstemp(prefix="dilemma-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(" ".join(sys.argv) + "\n\n" + traceback.format_exc())
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"error: internal error ({type(err).__name__}: {first}); traceback saved to {path}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,11 +14,13 @@ teacher), under timm's own parameter names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from dilemma.errors import DilemmaError
@@ -75,7 +77,7 @@ def save_timm_folder(vit, model_cfg, out: str | Path, readme: str, label_names: 
         (tmp / CONFIG).write_text(json.dumps(timm_config(model_cfg, vit, label_names), indent=2) + "\n")
         (tmp / "README.md").write_text(readme)
         os.replace(tmp, out)  # the folder appears complete or not at all
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # read-only, full disk
         shutil.rmtree(tmp, ignore_errors=True)
         raise DilemmaError(f"cannot write {str(out)!r}: {err}") from None
     return f'import timm\nvit = timm.create_model("local-dir:{out}", pretrained=True)'
@@ -118,7 +120,9 @@ def _export_file(tensors: dict, cfg, out: Path) -> str:
         }
         save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(out)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # read-only, full disk
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise DilemmaError(f"cannot write {str(out)!r}: {err}") from None
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     return (

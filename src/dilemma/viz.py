@@ -7,6 +7,8 @@ tokens that were misplaced (truth) next to the detection head's P(misplaced) per
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +30,21 @@ def _pyplot():
             "pictures need matplotlib: pip install 'dilemma[plots]' (or pip install matplotlib)"
         ) from None
     return plt
+
+
+def _save(fig, path, **kwargs) -> None:
+    """A PNG written whole (temp file, then rename) or a clear error (read-only folder, full disk, no extension)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise DilemmaError(f"{str(path)!r}: pictures are PNG files; give a name ending in .png")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=110, **kwargs)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DilemmaError(f"cannot write {str(path)!r}: {err.strerror or err}") from None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -107,7 +124,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     ax_knn.set_xticks([])
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=110)
+    _save(fig, out)
     plt.close(fig)
     return out
 
@@ -127,7 +144,7 @@ def plot_occlusion(results: list[dict], out: str | Path) -> Path:
         ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=110)
+    _save(fig, out)
     plt.close(fig)
     return out
 
@@ -178,7 +195,7 @@ def inspect_detection(
     if title:
         fig.suptitle(title, fontsize=9)
     out = Path(out)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    _save(fig, out, bbox_inches="tight")
     plt.close(fig)
     return out
 
@@ -208,7 +225,7 @@ def _accuracy_panels(plt, draw, subtitle: str, xlabel: str, chance: float, title
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -266,7 +283,7 @@ def plot_comparison(results: list[dict], out_dir: str | Path) -> list[Path]:
         ax.set(title=f"{title}\ndetection AUROC on the training batches", xlabel="training seconds", ylabel="AUROC")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out_dir / "detection.png", dpi=110)
+        _save(fig, out_dir / "detection.png")
         plt.close(fig)
         written.append(out_dir / "detection.png")
     return written
