@@ -67,6 +67,7 @@ def make_fixtures(root: Path) -> dict[str, str]:
         "{evil}": root / "evil.pt",
         "{blocked}": root / "a_file.txt" / "run",
         "{png_under_file}": root / "a_file.bin" / "curves.png",
+        "{latin1}": root / "latin1.yaml",
         "{under_file}": root / "a_file.bin" / "exported",
         "{unlabelled}": root / "unlabelled",
         "{missing}": root / "no.yaml",
@@ -74,6 +75,7 @@ def make_fixtures(root: Path) -> dict[str, str]:
     }
     (root / "a_file.txt").write_text("not a folder")
     (root / "a_file.bin").write_bytes(b"not a folder")
+    (root / "latin1.yaml").write_bytes("optim:\n  lr: 0.001  # r\xe9glage\n".encode("latin-1"))
     (root / "bad.yaml").write_text("optim:\n  lr: [1e-3\n")
     (root / "list.yaml").write_text("- optim\n- lr\n")
     (root / "random.pt").write_bytes(np.random.default_rng(0).bytes(1000))
@@ -169,6 +171,41 @@ CASES = [
     ("plot into a path under a file", ["plot", "{ckpt}", "--out", "{png_under_file}"], "is not an existing folder"),
     ("export under a file", ["export", "{ckpt}", "--out", "{under_file}"], "cannot write"),
     ("export over an existing folder", ["export", "{ckpt}", "--out", "{empty}"], "already exists"),
+    ("YAML file in Latin-1", ["pretrain", "--config", "{latin1}"], "is not UTF-8"),
+    ("resume on other data", ["pretrain", "--out", "{ckpt}", "--resume", "--data", "{unlabelled}"], "data.source"),
+    ("device that does not exist", ["pretrain", "--device", "mps:7"], "train.device"),
+    ("batch size 0", ["pretrain", "--set", "data.batch_size=0"], "data.batch_size must be >= 2"),
+    ("negative loader workers", ["pretrain", "--set", "data.num_workers=-1"], "data.num_workers must be >= 0"),
+    ("val fraction above 1", ["pretrain", "--set", "data.val_fraction=1.5"], "data.val_fraction must be in (0, 1)"),
+    ("crop scale 0", ["pretrain", "--set", "data.crop_min_scale=0"], "data.crop_min_scale must be in (0, 1]"),
+    ("hue above 0.5", ["pretrain", "--set", "data.hue=0.7"], "data.hue must be in [0, 0.5]"),
+    ("blur probability 2", ["pretrain", "--set", "data.blur_prob=2"], "data.blur_prob must be a probability"),
+    ("two input channels", ["pretrain", "--set", "model.in_chans=2"], "model.in_chans must be 1 or 3"),
+    ("three means for one channel", ["pretrain", "--set", "model.mean=[0.1,0.2,0.3]"], "model.mean needs 1 or"),
+    ("zero std", ["pretrain", "--set", "model.std=[0]"], "model.std values must be > 0"),
+    ("crop fraction 0", ["pretrain", "--set", "model.crop_pct=0"], "model.crop_pct must be in (0, 1]"),
+    ("unknown positional embedding", ["pretrain", "--set", "model.pos_embed=rope"], "model.pos_embed must be one of"),
+    ("pretrained weights that do not exist", ["pretrain", "--set", "model.pretrained=/no/such.pt"], "does not exist"),
+    ("zero steps", ["pretrain", "--set", "train.max_steps=0"], "train.max_steps must be >= 1"),
+    ("negative epochs", ["pretrain", "--set", "train.epochs=-1"], "train.epochs must be > 0"),
+    ("zero time budget", ["pretrain", "--set", "train.time_budget=0"], "train.time_budget must be > 0"),
+    ("log every 0 steps", ["pretrain", "--set", "train.log_every=0"], "must be >= 1"),
+    ("keep no checkpoint", ["pretrain", "--set", "train.keep_checkpoints=0"], "train.keep_checkpoints must be >= 1"),
+    ("snapshot every whole run", ["pretrain", "--set", "train.snapshot_every=1"], "train.snapshot_every must be"),
+    ("unknown non-finite policy", ["pretrain", "--set", "train.on_nonfinite=maybe"], "must be stop or skip"),
+    ("unknown precision", ["pretrain", "--set", "train.precision=fp8"], "train.precision must be"),
+    ("accumulation not dividing the batch", ["pretrain", "--set", "train.accum_steps=3"], "train.accum_steps"),
+    ("warm-up over the whole run", ["pretrain", "--set", "optim.warmup=1"], "optim.warmup must be a fraction"),
+    ("zero lr", ["pretrain", "--set", "optim.lr=0"], "optim.lr must be > 0"),
+    ("kNN k 0 in the config", ["pretrain", "--set", "eval.knn_k=0"], "eval.knn_k must be >= 1"),
+    ("kNN temperature 0", ["pretrain", "--set", "eval.knn_temperature=0"], "eval.knn_temperature must be > 0"),
+    ("kNN temperature 0 on the CLI", ["eval", "knn", "--checkpoint", "{ckpt}", "--temperature", "0"], "must be > 0"),
+    ("eval batch size 0 on the CLI", ["eval", "knn", "--checkpoint", "{ckpt}", "--batch-size", "0"], "must be >= 1"),
+    ("inspect no image", ["inspect", "{ckpt}", "--num-images", "0"], "--num-images must be >= 1"),
+    ("compare read out at no point", ["compare", "--variant", "a=", "--curve-points", "0", "--out", "{out}"], ">= 1"),
+    ("check-data on a missing folder", ["check-data", "/nonexistent/images"], "does not exist"),
+    ("export a missing checkpoint", ["export", "/nonexistent/run", "--out", "{out}"], "does not exist"),
+    ("plot a folder that is not a run", ["plot", "{empty}"], "is not a run folder"),
     ("compare with no time", ["compare", "--variant", "a=", "--time-budget", "0", "--out", "{out}"], "must be > 0"),
 ]
 

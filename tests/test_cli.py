@@ -102,7 +102,7 @@ def test_resume_refuses_another_model(tmp_path, capsys):
     assert main(["pretrain", "--out", str(out), "--max-steps", "1", *_sets("eval.knn_at_end=false")]) == 0
     capsys.readouterr()
     assert main(["pretrain", "--out", str(out), "--resume", *_sets("model.depth=3")]) == 2
-    assert "another model/method config" in capsys.readouterr().err
+    assert "another model, method or data config" in capsys.readouterr().err
 
 
 def test_real_process_exits_nonzero_without_traceback(tmp_path):

@@ -231,7 +231,9 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise DilemmaError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DilemmaError(f"config file {str(path)!r} is not UTF-8 (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -21,9 +21,16 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DilemmaError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise DilemmaError(f"train.device={name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+        device = None
+    mps = getattr(torch.backends, "mps", None)
+    usable = {"cpu": True, "cuda": True, "mps": mps is not None and mps.is_available()}
+    if device is None or not usable.get(device.type, False):
+        raise DilemmaError(f"train.device={name!r} is not a device here (auto, cpu, cuda, cuda:N)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DilemmaError(f"train.device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def is_distributed() -> bool:

@@ -41,8 +41,10 @@ from dilemma.train.seeding import rng_state, seed_everything, set_rng_state
 from dilemma.train.signals import Interrupted, stop_on_signals
 from dilemma.train.step import Stepper
 
-# Parts of the config that fix the shapes of the saved state: a resume must not change them.
+# Parts of the config that fix the shapes of the saved state, and the data it trains on: a resume
+# must not change them.
 FROZEN_ON_RESUME = ("model", "method", "dilemma")
+FROZEN_DATA_KEYS = ("source", "val_fraction", "split_seed")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -64,9 +66,16 @@ def check_resume_config(saved: dict, cfg: Config) -> None:
         for key in saved[section]
         if saved[section][key] != current[section][key]
     ]
+    changed += [
+        f"data.{key}: {saved['data'][key]!r} -> {current['data'][key]!r}"
+        for key in FROZEN_DATA_KEYS
+        if key in saved.get("data", {}) and saved["data"][key] != current["data"][key]
+    ]
     if changed:
         raise DilemmaError(
-            "cannot resume: the checkpoint was made with another model/method config (" + "; ".join(changed) + ")"
+            "cannot resume: the checkpoint was made with another model, method or data config ("
+            + "; ".join(changed)
+            + ")"
         )
 
 
