@@ -409,3 +409,19 @@ def test_an_internal_error_is_one_line_and_a_saved_traceback(tmp_path, capsys, m
     saved = Path(err[1].rsplit(" ", 1)[-1])
     assert "Traceback" in saved.read_text() and "something we did not foresee" in saved.read_text()
     saved.unlink()
+
+
+def test_files_are_written_whole(tmp_path, monkeypatch):
+    """A write cut short (here: the rename fails as on a full disk) leaves the old file and no temp file."""
+    from dilemma import files
+
+    target = tmp_path / "summary.md"
+    files.atomic_write_text(target, "old\n")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", full)
+    with pytest.raises(DilemmaError, match="No space left on device"):
+        files.atomic_write_text(target, "new\n")
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["summary.md"]

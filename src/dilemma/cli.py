@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from dilemma.errors import DilemmaError
+from dilemma.files import atomic_write_text
 
 
 def _pretrain(args) -> None:
@@ -55,10 +56,7 @@ def _pretrain(args) -> None:
 
 def _write_json(path: str | None, results: list[dict]) -> None:
     if path:
-        try:
-            Path(path).write_text(json.dumps(results, indent=2) + "\n")
-        except OSError as err:
-            raise DilemmaError(f"cannot write {path!r}: {err}") from None
+        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 def _checkpoints(args, drop_path_rate: float | None = None):

@@ -29,6 +29,7 @@ from dilemma.config import config_from_dict, load_config
 from dilemma.distributed import resolve_device
 from dilemma.errors import DilemmaError
 from dilemma.eval.occlusion import FRACTIONS, occlusion_curve
+from dilemma.files import atomic_write_text
 from dilemma.rundir import CheckpointDir, RunDir, encoder_from_checkpoint, load_checkpoint
 from dilemma.train.loop import pretrain
 from dilemma.train.metrics import read_records
@@ -117,7 +118,7 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str], probe_epochs: i
         "data": splits.name,
         "num_classes": len(splits.classes),
     }
-    done.write_text(json.dumps(result, indent=1))
+    atomic_write_text(done, json.dumps(result, indent=1))
     return result
 
 
@@ -279,9 +280,9 @@ def compare(
                 f"linear {r['linear_top1']:.2f}%  ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     summary = summarise(results, time_budget=time_budget, max_steps=max_steps, seeds=seeds)
-    (out / "summary.md").write_text(summary)
+    atomic_write_text(out / "summary.md", summary)
     pictures = plot(results, out)
     print(summary + "".join(f"\nwrote {path}" for path in pictures))
     return results

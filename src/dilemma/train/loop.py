@@ -32,6 +32,7 @@ from dilemma.distributed import (
 )
 from dilemma.errors import DilemmaError
 from dilemma.eval.knn import knn_eval
+from dilemma.files import atomic_write_text
 from dilemma.methods import Method
 from dilemma.rundir import FORMAT, CheckpointDir, RunDir, pretrained_state, provenance
 from dilemma.schedules import learning_rate, progress
@@ -265,7 +266,7 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
         run.restore(ckpt)
         run.metrics.truncate_after(run.step)  # steps logged after the checkpoint will be run (and logged) again
     if is_main():
-        run_dir.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(run_dir.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run_dir.record_provenance({**provenance(device, world_size()), "resumed_at_step": run.step})
     return run
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dilemma.errors import DilemmaError
+from dilemma.files import atomic_write_text
 
 
 def read_records(path: Path) -> list[dict]:
@@ -55,9 +56,7 @@ class MetricsLog:
         if not (self.enabled and self.path.exists()):
             return
         kept = [r for r in read_records(self.path) if r.get("step", 0) <= step and "stopped_by" not in r]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
