@@ -425,3 +425,24 @@ def test_files_are_written_whole(tmp_path, monkeypatch):
     with pytest.raises(DilemmaError, match="No space left on device"):
         files.atomic_write_text(target, "new\n")
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["summary.md"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs: a real full disk (skipped where mounting is not allowed, e.g. without root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_real_full_disk_stops_training_with_one_line_and_no_temp_files(small_disk, capsys):
+    out = small_disk / "run"
+    assert main(["pretrain", *TINY_SETS, "--out", str(out), "--set", "train.ckpt_every=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: could not write checkpoint") and "the previous checkpoint is intact" in err[-1]
+    assert "No space left on device" in err[-1] or "disk full" in err[-1]  # torch raises either, by write size
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # the partial checkpoint is gone
