@@ -427,16 +427,51 @@ def test_files_are_written_whole(tmp_path, monkeypatch):
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["summary.md"]
 
 
+def _mount_tmpfs(where: Path, size: str) -> Path:
+    where.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if made.returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    return where
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MB tmpfs: a real full disk (skipped where mounting is not allowed, e.g. without root)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True)
+    yield _mount_tmpfs(tmp_path / "small", "2m")
+    subprocess.run(["umount", str(tmp_path / "small")], capture_output=True)
+
+
+@pytest.fixture
+def read_only_run(tmp_path):
+    """A trained run on a tmpfs remounted read-only (root ignores permission bits; a read-only
+    mount it cannot)."""
+    mount = _mount_tmpfs(tmp_path / "ro", "64m")
+    try:
+        assert main(["pretrain", *TINY_SETS, "--out", str(mount / "run"), "--set", "train.log_every=1"]) == 0
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+        yield mount / "run"
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plot", "{run}"],
+        ["inspect", "{run}"],
+        ["export", "{run}", "--out", "{run}/exported"],
+        ["export", "{run}", "--out", "{run}/backbone.safetensors"],
+        ["eval", "knn", "--checkpoint", "{run}", "--json", "{run}/knn.json"],
+        ["pretrain", "--out", "{run}", "--resume", "--max-steps", "2"],
+    ],
+    ids=["plot", "inspect", "export folder", "export file", "eval json", "resume"],
+)
+def test_a_read_only_run_folder_gives_one_line(read_only_run, capsys, argv):
+    argv = [a.replace("{run}", str(read_only_run)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "Read-only file system" in err[-1] and "Traceback" not in "".join(err)
 
 
 def test_a_real_full_disk_stops_training_with_one_line_and_no_temp_files(small_disk, capsys):

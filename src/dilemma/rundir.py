@@ -128,8 +128,11 @@ class RunDir:
         so a killed run leaves no stale lock); a second writer is refused, with the holder's pid."""
         if self._lock_fd is not None or fcntl is None:  # held already, or no flock (Windows)
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise DilemmaError(f"cannot write to run folder {str(self.path)!r}: {err.strerror or err}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
