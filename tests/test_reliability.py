@@ -372,13 +372,13 @@ def test_real_disk_full_and_torchs_own_write_error_keep_the_previous_checkpoint(
     raises on a short write: one clear error, no temp file left, the previous checkpoint intact."""
     import builtins
 
+    from dilemma import files  # where checkpoints and every other file are written whole
+
     ckpt_dir = CheckpointDir(tmp_path, keep=2)
     ckpt_dir.save({"step": 1, "w": torch.ones(3)}, 1)
     real_open = builtins.open
     if os.path.exists("/dev/full"):
-        monkeypatch.setattr(
-            checkpoint_module, "open", lambda p, *a, **k: real_open("/dev/full", *a, **k), raising=False
-        )
+        monkeypatch.setattr(files, "open", lambda p, *a, **k: real_open("/dev/full", *a, **k), raising=False)
         with pytest.raises(DilemmaError, match=r"No space left on device; the previous checkpoint is intact"):
             ckpt_dir.save({"step": 2, "w": torch.zeros(10_000)}, 2)
         monkeypatch.undo()

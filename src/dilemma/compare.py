@@ -41,6 +41,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, overrides = text.partition("=")
     if not name:
         raise DilemmaError(f"--variant needs NAME=key=value,...; got {text!r}")
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise DilemmaError(f"--variant name {name!r} must be a plain name (it becomes a folder)")
     return name, [kv for kv in overrides.split(",") if kv]
 
 
@@ -256,10 +258,11 @@ def compare(
 ) -> list[dict]:
     """Each ``NAME=key=value,...`` variant x seed, trained for ``time_budget`` minutes and read out,
     also at ``curve_points - 1`` snapshots evenly spaced over training (the read-out over time)."""
-    out.mkdir(parents=True, exist_ok=True)
     parsed = [parse_variant(v) for v in variants]
     if len({name for name, _ in parsed}) != len(parsed):
         raise DilemmaError("--variant names must be different")
+    if len(set(seeds)) != len(seeds):
+        raise DilemmaError(f"--seeds lists a seed twice: {seeds}")
     fixed = [
         f"train.time_budget={time_budget}",
         f"train.max_steps={max_steps}",
@@ -268,18 +271,27 @@ def compare(
     ]
     if curve_points > 1:
         fixed.append(f"train.snapshot_every={1 / curve_points}")
+    runs = [  # every configuration checked (seeds, overrides) before the first run starts
+        (
+            seed,
+            name,
+            variant_overrides,
+            load_config(config, [*overrides, *variant_overrides, f"train.seed={seed}", *fixed]),
+        )
+        for seed in seeds
+        for name, variant_overrides in parsed
+    ]
+    out.mkdir(parents=True, exist_ok=True)
     results = []
-    for seed in seeds:
-        for name, variant_overrides in parsed:
-            start = time.perf_counter()
-            cfg = load_config(config, [*overrides, *variant_overrides, f"train.seed={seed}", *fixed])
-            results.append(run_one(name, cfg, out / name / f"seed_{seed}", variant_overrides, probe_epochs))
-            r = results[-1]
-            print(
-                f"{name} seed {seed}: {r['steps']} steps, {r['epochs']:.2f} epochs, kNN {r['knn_top1']:.2f}%, "
-                f"linear {r['linear_top1']:.2f}%  ({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
+    for seed, name, variant_overrides, cfg in runs:
+        start = time.perf_counter()
+        results.append(run_one(name, cfg, out / name / f"seed_{seed}", variant_overrides, probe_epochs))
+        r = results[-1]
+        print(
+            f"{name} seed {seed}: {r['steps']} steps, {r['epochs']:.2f} epochs, kNN {r['knn_top1']:.2f}%, "
+            f"linear {r['linear_top1']:.2f}%  ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     summary = summarise(results, time_budget=time_budget, max_steps=max_steps, seeds=seeds)
     atomic_write_text(out / "summary.md", summary)

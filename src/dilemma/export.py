@@ -14,20 +14,26 @@ teacher), under timm's own parameter names.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 from safetensors import SafetensorError
+from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
 from dilemma.errors import DilemmaError
+from dilemma.files import written_whole
 from dilemma.models import timm_kwargs
 from dilemma.rundir import encoder_from_checkpoint
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def _weights(vit) -> dict:
+    """The ViT's state dict as safetensors stores it: CPU, contiguous, no shared memory."""
+    return {name: t.detach().cpu().contiguous().clone() for name, t in vit.state_dict().items()}
 
 
 def pretrained_cfg(model_cfg, num_classes: int = 0) -> dict:
@@ -69,7 +75,7 @@ def save_timm_folder(vit, model_cfg, out: str | Path, readme: str, label_names: 
     out = Path(out)
     if out.exists():
         raise DilemmaError(f"{str(out)!r} already exists: choose a new folder for the export")
-    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in vit.state_dict().items()}
+    tensors = _weights(vit)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
@@ -102,27 +108,23 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> str:
     encoder, cfg = encoder_from_checkpoint(checkpoint)
     out = Path(out)
     if out.suffix == ".safetensors":
-        tensors = {name: t.detach().contiguous().clone() for name, t in encoder.vit.state_dict().items()}
-        return _export_file(tensors, cfg, out)
+        return _export_file(_weights(encoder.vit), cfg, out)
     return save_timm_folder(encoder.vit, cfg.model, out, model_card(cfg, str(checkpoint)))
 
 
 def _export_file(tensors: dict, cfg, out: Path) -> str:
     kwargs = timm_kwargs(cfg.model)
+    metadata = {
+        "timm_model": cfg.model.name,
+        "timm_kwargs": json.dumps(kwargs),
+        "pretrained_cfg": json.dumps(pretrained_cfg(cfg.model)),
+        "format": "dilemma-backbone-1",
+    }
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        metadata = {
-            "timm_model": cfg.model.name,
-            "timm_kwargs": json.dumps(kwargs),
-            "pretrained_cfg": json.dumps(pretrained_cfg(cfg.model)),
-            "format": "dilemma-backbone-1",
-        }
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(out)
+        with written_whole(out) as f:
+            f.write(safetensors_bytes(tensors, metadata=metadata))
     except (OSError, SafetensorError) as err:  # read-only, full disk
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise DilemmaError(f"cannot write {str(out)!r}: {err}") from None
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     return (

@@ -44,11 +44,16 @@ class ModelConfig:
     pretrained: str = ""  # start from: a run folder, a .safetensors / .pth file, or a timm name with local weights
 
 
+def _per_channel(values, like: torch.Tensor) -> torch.Tensor:
+    """``values`` (one per channel, or one for all) as a ``(C, 1, 1)`` float tensor beside ``like``."""
+    dtype = like.dtype if like.is_floating_point() else torch.float32
+    return torch.tensor(values, dtype=dtype, device=like.device).view(-1, 1, 1)
+
+
 def normalize(images: torch.Tensor, mean=(0.5,), std=(0.5,)) -> torch.Tensor:
     """uint8 ``(..., C, H, W)`` -> float ``(x / 255 - mean) / std`` per channel (one value: every channel)."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    return (images.float() / 255.0 - mean_t) / std_t
+    x = images.float()
+    return (x / 255.0 - _per_channel(mean, x)) / _per_channel(std, x)
 
 
 def sincos_pos_embed_2d(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -106,9 +111,7 @@ class ViTEncoder(nn.Module):
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """This encoder's input -> pixels in [0, 1] (for pictures)."""
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        return (x * std + mean).clamp(0, 1)
+        return (x * _per_channel(self.std, x) + _per_channel(self.mean, x)).clamp(0, 1)
 
     def grid_of(self, image_size: tuple[int, int]) -> tuple[int, int]:
         patch = self.vit.patch_embed.patch_size

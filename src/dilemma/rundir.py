@@ -19,7 +19,6 @@ its optimiser) and ``rng`` (``train.seeding.rng_state``; the data order is a fun
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -37,6 +36,7 @@ except ImportError:  # Windows: no advisory locks
 
 from dilemma.config import Config, config_from_dict
 from dilemma.errors import DilemmaError
+from dilemma.files import written_whole
 from dilemma.methods import method_class
 from dilemma.models import ViTEncoder, build_encoder
 from dilemma.pretext import DetectionHead
@@ -157,8 +157,6 @@ def provenance(device, processes: int) -> dict:
     checkout (when it runs from one), the machine, device and process count."""
     import platform
     import subprocess
-    import sys
-    import time
     from importlib import metadata
 
     import timm
@@ -210,21 +208,15 @@ def checkpoint_file(path: str | Path) -> Path:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    """``torch.save`` written whole (``files.written_whole``), and the rename made durable."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with written_whole(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         # torch's zip writer reports a short write on a full disk as a RuntimeError ("inline_container")
         if isinstance(err, RuntimeError) and not any(m in str(err) for m in ("inline_container", "StreamWriter")):
             raise
-        with contextlib.suppress(OSError):  # a read-only folder must not hide the first error
-            tmp.unlink(missing_ok=True)
         reason = str(err).splitlines()[0] if isinstance(err, OSError) else "the file could not be written (disk full?)"
         raise DilemmaError(
             f"could not write checkpoint {str(path)!r}: {reason}; the previous checkpoint is intact"
@@ -316,13 +308,14 @@ def _load_part(module, state: dict, prefix: str, path, what: str) -> None:
 
 
 def encoder_from_checkpoint(
-    path: str | Path, *, drop_path_rate: float | None = None, student: bool = False
+    path: str | Path, *, drop_path_rate: float | None = None, student: bool = False, ckpt: dict | None = None
 ) -> tuple[ViTEncoder, Config]:
     """The evaluated backbone of a checkpoint or run folder (``Method.eval_backbone``: the student,
     DINO's teacher; no projector, no detection head) and its config, in eval mode.
     ``student`` takes the student even where the teacher is evaluated (the detection head reads it);
-    ``drop_path_rate`` rebuilds it with stochastic depth for fine-tuning."""
-    ckpt = load_checkpoint(path)
+    ``drop_path_rate`` rebuilds it with stochastic depth for fine-tuning; ``ckpt``: the checkpoint,
+    when the caller has loaded it already."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
     encoder = build_encoder(cfg.model, **({} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}))
     prefix = ("encoder" if student else method_class(cfg.method.name).eval_backbone) + "."
@@ -348,8 +341,9 @@ def pretrained_state(spec: str) -> tuple[dict, str]:
     name whose weights are already on this machine (nothing is downloaded by choice: a missing
     file is an error that says how to provide it)."""
     path = Path(spec).expanduser()
-    if path.is_dir() or (path.is_file() and _is_dilemma_checkpoint(path)):
-        encoder, _ = encoder_from_checkpoint(path)
+    ckpt = _dilemma_checkpoint_or_none(path)
+    if path.is_dir() or ckpt is not None:
+        encoder, _ = encoder_from_checkpoint(path, ckpt=ckpt)
         return encoder.vit.state_dict(), f"run {str(path)!r}"
     if path.is_file():
         try:
@@ -381,10 +375,11 @@ def pretrained_state(spec: str) -> tuple[dict, str]:
     return vit.state_dict(), f"timm {spec!r}"
 
 
-def _is_dilemma_checkpoint(path: Path) -> bool:
-    if path.suffix != ".pt" or not zipfile.is_zipfile(path):
-        return False
+def _dilemma_checkpoint_or_none(path: Path) -> dict | None:
+    """The dilemma checkpoint a ``.pt`` file holds (loaded once), or None for any other file."""
+    if path.suffix != ".pt" or not path.is_file() or not zipfile.is_zipfile(path):
+        return None
     try:
-        return load_checkpoint(path) is not None
+        return load_checkpoint(path)
     except DilemmaError:
-        return False
+        return None

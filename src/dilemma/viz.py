@@ -7,8 +7,6 @@ tokens that were misplaced (truth) next to the detection head's P(misplaced) per
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 import yaml
 
 from dilemma.errors import DilemmaError
+from dilemma.files import written_whole
 from dilemma.train.metrics import read_records
 
 
@@ -33,17 +32,14 @@ def _pyplot():
 
 
 def _save(fig, path, **kwargs) -> None:
-    """A PNG written whole (temp file, then rename) or a clear error (read-only folder, full disk, no extension)."""
+    """A PNG written whole (``files.written_whole``) or a clear error (read-only folder, full disk, no extension)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise DilemmaError(f"{str(path)!r}: pictures are PNG files; give a name ending in .png")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=110, **kwargs)
-        os.replace(tmp, path)
+        with written_whole(path) as f:
+            fig.savefig(f, format="png", dpi=110, **kwargs)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise DilemmaError(f"cannot write {str(path)!r}: {err.strerror or err}") from None
 
 

@@ -3,9 +3,9 @@
 A folder is listed once (paths and labels, O(files) memory, nothing written anywhere); images
 are decoded only when a batch needs them, in the DataLoader workers. Training views crop the
 full-resolution image (``raw``); evaluation resizes the short side to ``img_size / crop_pct`` and
-takes the centre (``load``), as timm's eval transform does.
+takes the centre (``load_eval``), as timm's eval transform does.
 
-Layouts (``describe`` says which one was found, for the start line):
+Layouts (``sources.list_image_source`` notes which one was found, for the start line):
 - ``ROOT/train/<class>/...`` with ``ROOT/val/<class>/...`` (or ``test/``, ``validation/``):
   ImageNet, ImageNet-100, Imagenette; ``ROOT/train`` alone is split by ``data.val_fraction``.
 - ``ROOT/<class>/...``: class folders (images at any depth below them), split by ``val_fraction``;
@@ -21,7 +21,7 @@ import csv
 import hashlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +36,8 @@ LIST_SUFFIXES = {".txt", ".csv", ".tsv"}
 VAL_FOLDERS = ("val", "validation", "test")
 MIN_IMAGE_SIDE = 4  # pixels; anything smaller is not an image worth resizing
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
-DECODE_MARGIN = (
-    4  # JPEGs are decoded at a reduced scale (PIL draft) only while the short side stays >= 4x the model size
-)
+# JPEGs are decoded at a reduced scale (PIL draft) only while the short side stays >= this x the model size
+DECODE_MARGIN = 4
 
 
 class BadImage(Exception):
@@ -65,9 +64,6 @@ class PathTable:
     def __getitem__(self, i: int) -> str:
         start = int(self._ends[i - 1]) if i else 0
         return self._bytes[start : int(self._ends[i])].tobytes().decode()
-
-    def take(self, indices) -> PathTable:
-        return PathTable([self[int(i)] for i in indices])
 
 
 def _exif_upright(img: Image.Image) -> Image.Image:
@@ -163,7 +159,6 @@ class Listing:
     labels: list[int]
     classes: list[str]
     ignored: int = 0  # image files outside the layout (beside class folders)
-    notes: list[str] = field(default_factory=list)
 
 
 def list_classes(root: Path) -> Listing:
@@ -224,7 +219,8 @@ def read_file_list(path: Path) -> Listing:
             raise DilemmaError(f"file list {str(path)!r}: labels must be >= 0")
         return Listing(paths, ints, [str(c) for c in range(max(ints) + 1)])
     classes = sorted(set(names))
-    return Listing(paths, [classes.index(n) for n in names], classes)
+    index = {c: i for i, c in enumerate(classes)}
+    return Listing(paths, [index[n] for n in names], classes)
 
 
 def fingerprint(path: str) -> bytes:

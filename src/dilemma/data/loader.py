@@ -18,7 +18,7 @@ from dilemma.errors import DilemmaError
 
 
 class Batch(NamedTuple):
-    views: tuple[torch.Tensor, ...]  # the method's views, each (n, C, S', S') float, normalised
+    views: tuple[torch.Tensor, ...]  # the method's views, each uint8 (n, C, S', S'); the encoder normalises
     labels: torch.Tensor  # (n,)
     problems: list[str]  # bad image files met (and replaced) in this batch: "path: reason"
 

@@ -221,18 +221,18 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
     if d.batch_size % world_size():
         raise DilemmaError(f"data.batch_size {d.batch_size} is not divisible by the {world_size()} processes")
     batches = PretrainBatches(splits.train, d.batch_size, build_views(cfg), t.seed, rank(), world_size())
+    steps = total_steps(cfg, batches)
     problem = None
     try:
-        bad_images(
-            batches[0], d.skip_bad_images
-        )  # decode one batch now: a wrong source fails before a run folder exists
+        # decode one batch now: a wrong source fails before a run folder exists
+        bad_images(batches[0], d.skip_bad_images)
         if not resume and is_main():
             run_dir.create()
     except DilemmaError as err:
         problem = err
     fail_together(problem)  # every process stops, or none does
     if is_main():
-        _stderr(start_line(cfg, run_dir, splits, method, device, total_steps(cfg, batches)))
+        _stderr(start_line(cfg, run_dir, splits, method, device, steps))
 
     optimizer = torch.optim.AdamW(param_groups(method, cfg.optim.weight_decay), lr=cfg.optim.lr)
     probe = (
@@ -260,7 +260,7 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
         cfg, run_dir, device, splits, method, optimizer, stepper, probe, batches,
         checkpoints=CheckpointDir(run_dir.path, t.keep_checkpoints),
         metrics=MetricsLog(run_dir.path, enabled=is_main()),
-        total_steps=total_steps(cfg, batches),
+        total_steps=steps,
     )  # fmt: skip
     if ckpt is not None:
         run.restore(ckpt)
