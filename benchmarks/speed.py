@@ -1,20 +1,26 @@
 """Speed benchmarks: sparsity, training steps per method, FLOP/s against the matmul peak, loader.
 
     python benchmarks/speed.py                      # CPU, fp32 (+ bf16 FLOP/s)
+    python benchmarks/speed.py --baseline e3bcd03   # + the same steps of another commit, in the same run
     python benchmarks/speed.py --device cuda --precision bf16
 
 Writes ``benchmarks/results/speed-<device>-<precision>.md`` (and .json) with the machine, library versions and
 this command. Run it on an otherwise idle machine; each number is the median of timed repeats
-after warm-up.
+after warm-up. ``--baseline REF`` times every method's step (and the student step alone) with the
+code of git commit REF and with this checkout, in child processes that take turns (A B A B ...)
+so that drifts of the machine hit both alike; each side's number is the median over rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +34,18 @@ from dilemma.data import PretrainBatches
 from dilemma.methods import METHODS
 from dilemma.models import build_encoder, normalize
 from dilemma.pretext import DetectionHead, sample_tokens
+from dilemma.train import loop
 from dilemma.train.step import PRECISIONS, Stepper
 
+try:
+    from dilemma.allocator import keep_freed_memory  # what the dilemma command sets at start
+except ImportError:  # a baseline commit from before it
+    keep_freed_memory = None
+
 ROOT = Path(__file__).resolve().parents[1]
+# glibc's environment switches for what keep_freed_memory sets: a baseline commit measured with them
+# shows what the allocator setting alone buys
+KEEP_FREED_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**60)}
 
 
 def sync(device):
@@ -75,16 +90,66 @@ def student_step(cfg, device, keep_fraction: float, batch: int, precision: str):
     return step
 
 
-def training_step(cfg, device, precision: str, batch: int):
-    """One full ``Stepper`` step (views already made) and the views it consumes."""
+def training_step(cfg, device, precision: str, batch: int, compile: bool = False):
+    """One full ``Stepper`` step (views already made; the model compiled as ``train.compile`` does)
+    and the batches it reads its views from."""
     model = build_method(cfg).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if compile:
+        model.compile()
+    groups = loop.param_groups(model, cfg.optim.weight_decay)
+    if hasattr(loop, "adamw"):  # the optimiser the training loop makes
+        optimizer = loop.adamw(groups, 1e-4, use_scaler=precision == "fp16")
+    else:  # a baseline commit from before it
+        optimizer = torch.optim.AdamW(groups, lr=1e-4)
     stepper = Stepper(model, model, optimizer, device=device, precision=precision, grad_clip=3.0)
     batches = PretrainBatches(load_splits(cfg).train, batch, build_views(cfg), seed=0)
     views = batches[0].views
     views = tuple(normalize(v.to(device)) for v in views)
     counter = iter(range(10**9))
     return (lambda: stepper.step(views, 0.5, next(counter), False)), batches
+
+
+def step_rates(set_args: list[str], device, precision: str, batch: int, repeats: int) -> dict[str, float]:
+    """img/s of the student step alone (all tokens kept minus DILEMMA's drop: the default r and p)
+    and of every method's full step, plain and + DILEMMA, with whatever ``dilemma`` is imported."""
+    base = load_config(None, set_args)
+    rates = {}
+    keep = 1.0 - base.dilemma.drop_rate
+    rates["student step alone"] = batch / timed(student_step(base, device, keep, batch, precision), device, repeats)
+    for name, method in METHODS.items():
+        for variant, switches in (("plain", method.plain), ("dilemma", ())):
+            cfg = load_config(None, [*set_args, f"method.name={name}", *switches])
+            step, _ = training_step(cfg, device, precision, batch)
+            rates[f"{name} {variant}"] = batch / timed(step, device, repeats)
+    return rates
+
+
+def before_after(ref: str, args, rounds: int) -> dict:
+    """The step rates of commit ``ref`` (as it was, and with glibc's allocator set as the dilemma
+    command now sets it) and of this checkout, from child processes taking turns."""
+    child = [sys.executable, __file__, "--rates-only", "--device", args.device, "--precision", args.precision]
+    child += ["--batch", str(args.batch), "--repeats", str(args.repeats)] + [f"--set={s}" for s in args.set]
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        sides = {
+            "before": (Path(tmp) / "src", {}),
+            "before + allocator": (Path(tmp) / "src", KEEP_FREED_ENV),
+            "after": (ROOT / "src", {}),
+        }
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
+        for _ in range(rounds):
+            for side, (src, extra_env) in sides.items():
+                env = {**os.environ, **extra_env, "PYTHONPATH": str(src)}
+                done = subprocess.run(child, env=env, capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"error: the {side!r} child failed:\n{done.stderr}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                if not Path(result["dilemma"]).resolve().is_relative_to(src.resolve()):
+                    sys.exit(f"error: the {side!r} child imported dilemma from {result['dilemma']}, not {src}")
+                runs[side].append(result["rates"])
+    median = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
+    return {"ref": ref, "rounds": rounds, "median": median, "runs": runs}
 
 
 def main() -> None:
@@ -97,8 +162,17 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], help="config overrides for the model (e.g. model.depth=12)"
     )
+    parser.add_argument("--baseline", metavar="REF", help="also time the steps of git commit REF, taking turns")
+    parser.add_argument("--rounds", type=int, default=3, help="turns per side with --baseline")
+    parser.add_argument("--rates-only", action="store_true", help=argparse.SUPPRESS)  # a --baseline child
     args = parser.parse_args()
     device = torch.device(args.device)
+    if keep_freed_memory is not None:
+        keep_freed_memory()
+    if args.rates_only:
+        rates = step_rates(args.set, device, args.precision, args.batch, args.repeats)
+        print(json.dumps({"dilemma": str(Path(sys.modules["dilemma"].__file__).parent), "rates": rates}))
+        return
     base = load_config(None, args.set)
     rows: dict = {
         "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
@@ -148,6 +222,8 @@ def main() -> None:
                 }
             )
     rows["training_steps"] = steps
+    if args.baseline:
+        rows["before_after"] = before_after(args.baseline, args, args.rounds)
 
     out = ROOT / "benchmarks" / "results" / f"speed-{device.type}-{args.precision}.md"
     lines = [
@@ -184,6 +260,27 @@ def main() -> None:
         "Loader: one process decoding and augmenting a batch (`PretrainBatches[step]`, the method's views); "
         "FLOPs counted by `torch.utils.flop_counter` (matmuls and convolutions).",
     ]
+    if args.baseline:
+        ba = rows["before_after"]
+        lines += [
+            "",
+            f"## Before / after: commit {ba['ref']} vs this checkout",
+            "",
+            f"Child processes taking turns, {ba['rounds']} rounds per side; median img/s over rounds "
+            "(each round's number itself the median of the timed repeats). 'before + allocator': the "
+            "baseline's code with glibc's malloc set by its environment as `dilemma` now sets it "
+            "(`allocator.keep_freed_memory`); the rest of the speed-up is the code's. Student step alone: "
+            "encoder + detection head at the default drop rate.",
+            "",
+            "| step | before img/s | before + allocator | after img/s | speed-up |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        before, alloc, after = (ba["median"][side] for side in ("before", "before + allocator", "after"))
+        lines += [
+            f"| {k} | {before[k]:.0f} | {alloc[k]:.0f} ({alloc[k] / before[k]:.2f}x) | {after[k]:.0f} | "
+            f"{after[k] / before[k]:.2f}x |"
+            for k in after
+        ]
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))

@@ -111,8 +111,8 @@ def test_dino_detection_loss_is_the_mean_over_views():
     method = build_method(cfg)
     calls, real = [], method.dilemma.loss
 
-    def recording(patches, sample, with_metrics=False):
-        bce, logs = real(patches, sample, with_metrics)
+    def recording(patches, sample, with_metrics=False, views=1):
+        bce, logs = real(patches, sample, with_metrics, views)
         calls.append(bce.detach())
         return bce, logs
 

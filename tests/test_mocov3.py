@@ -25,15 +25,16 @@ def test_student_sparse_momentum_dense_and_no_teacher_gradient():
     counts = {}
 
     def record(name):
-        return lambda module, args: counts.setdefault(name, []).append(args[0].shape[1])
+        return lambda module, args: counts.setdefault(name, []).append(tuple(args[0].shape[:2]))
 
     method.encoder.vit.blocks[0].register_forward_pre_hook(record("student"))
     method.momentum_encoder.vit.blocks[0].register_forward_pre_hook(record("momentum"))
     out = method(_views(), 0.0, torch.Generator().manual_seed(0), True)
     loss, logs = out.loss, out.logs
     loss.backward()
-    assert counts["student"] == [1 + 12, 1 + 12]  # class token + K = floor(49 * 0.25)
-    assert counts["momentum"] == [1 + 49, 1 + 49]  # dense and clean
+    # each branch encodes both views (2 x 8 images) in one call
+    assert counts["student"] == [(16, 1 + 12)]  # class token + K = floor(49 * 0.25)
+    assert counts["momentum"] == [(16, 1 + 49)]  # dense and clean
     assert all(p.grad is None for p in [*method.momentum_encoder.parameters(), *method.momentum_projector.parameters()])
     assert (
         method.dilemma.head.proj.weight.grad is not None

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from dilemma.allocator import keep_freed_memory
 from dilemma.errors import DilemmaError
 from dilemma.files import atomic_write_text
 
@@ -483,6 +484,7 @@ def check_args(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # large tensors reuse freed memory instead of page-faulting fresh pages each step
     try:
         check_args(args)
         args.run(args)

@@ -183,37 +183,62 @@ class Dilemma(nn.Module):
         return self.misplace_prob == 0 and self.drop_rate == 0
 
     def sample(
-        self, batch_size: int, *, num_patches: int | None = None, generator: TokenDraws = None, device=None
+        self,
+        batch_size: int,
+        *,
+        num_patches: int | None = None,
+        generator: TokenDraws = None,
+        device=None,
+        views: int = 1,
     ) -> TokenSample | None:
-        """Token sample for a batch; ``num_patches`` overrides L for inputs of another size (local crops)."""
+        """Token sample for a batch; ``num_patches`` overrides L for inputs of another size (local crops).
+
+        The batch may stack ``views`` views of the same n images (``batch_size = views * n``, view by
+        view, as ``torch.cat(views)`` lays them out). Each view draws in turn, exactly as if it were
+        encoded alone, so encoding the views in one call changes nothing about the pretext."""
         if self.identity:
             return None
-        num_patches = self.num_patches if num_patches is None else num_patches
-        if not isinstance(generator, GlobalBatchRows):
-            return sample_tokens(
-                batch_size, num_patches, self.drop_rate, self.misplace_prob, generator=generator, device=device
+        n = batch_size // views
+        if batch_size % views or (isinstance(generator, GlobalBatchRows) and n != len(generator.rows)):
+            raise DilemmaError(
+                f"a batch of {batch_size} is not {views} stacked view(s) of the micro-batch's images: "
+                "pass views= (the number of views stacked with torch.cat) to Method.student / Dilemma.sample"
             )
-        # The batch may stack several crops of the same n images (DINO's concatenated global crops):
-        # ``blocks`` crops x n images. Draw for blocks x total rows (crop b of global image i is row
-        # b * total + i) and keep this micro-batch's rows of every block, in the batch's own order.
-        n = len(generator.rows)
-        blocks, rows = batch_size // n, generator.rows.to(device)
-        full = sample_tokens(
-            blocks * generator.total,
-            num_patches,
-            self.drop_rate,
-            self.misplace_prob,
-            generator=generator.generator,
-            device=device,
-        )
-        index = torch.cat([rows + b * generator.total for b in range(blocks)])  # (blocks * n,)
-        return TokenSample(full.keep[index], full.positions[index], full.misplaced[index])
+        num_patches = self.num_patches if num_patches is None else num_patches
 
-    def loss(self, patch_tokens: torch.Tensor, sample: TokenSample | None, with_metrics: bool = False):
-        """``(BCE, metrics)`` for one student view, or ``(None, {})`` when there is nothing to detect.
+        def draw(rows: int, gen: torch.Generator | None) -> TokenSample:
+            return sample_tokens(rows, num_patches, self.drop_rate, self.misplace_prob, generator=gen, device=device)
+
+        per_view = []
+        for _ in range(views):
+            if isinstance(generator, GlobalBatchRows):
+                # Draw for every image of the global batch and keep this micro-batch's rows.
+                full = draw(generator.total, generator.generator)
+                rows = generator.rows.to(full.keep.device)
+                per_view.append(TokenSample(full.keep[rows], full.positions[rows], full.misplaced[rows]))
+            else:
+                per_view.append(draw(n, generator))
+        if views == 1:
+            return per_view[0]
+        return TokenSample(
+            keep=torch.cat([s.keep for s in per_view]),
+            positions=torch.cat([s.positions for s in per_view]),
+            misplaced=torch.cat([s.misplaced for s in per_view]),
+        )
+
+    def loss(self, patch_tokens: torch.Tensor, sample: TokenSample | None, with_metrics: bool = False, views: int = 1):
+        """``(BCE, metrics)`` for the student's patch tokens, or ``(None, {})`` when there is nothing to
+        detect. With ``views`` stacked views (``sample``'s) the BCE is the mean over all their tokens,
+        which is the mean over views (each has n x K tokens), and each metric the mean of the views'.
         Metrics (accuracy, AUROC) cost a device sync, so they are computed only when asked for."""
         if self.head is None or sample is None:
             return None, {}
-        logits = self.head(patch_tokens)
+        logits = self.head(patch_tokens)  # (views * n, K)
         bce = detection_loss(logits, sample.misplaced)
-        return bce, detection_metrics(logits, sample.misplaced) if with_metrics else {}
+        if not with_metrics:
+            return bce, {}
+        per_view = [
+            detection_metrics(view_logits, view_labels)
+            for view_logits, view_labels in zip(logits.chunk(views), sample.misplaced.chunk(views), strict=True)
+        ]
+        return bce, {key: sum(m[key] for m in per_view) / views for key in per_view[0]}

@@ -75,21 +75,27 @@ class Method(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must define forward(views, progress, draws, with_metrics)")
 
     def student(
-        self, images: torch.Tensor, draws: TokenDraws, with_metrics: bool, corrupt: bool = True
+        self, images: torch.Tensor, draws: TokenDraws, with_metrics: bool, corrupt: bool = True, views: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
-        """Encode one student view, sparse and corrupted as configured (dense and clean when
-        ``corrupt`` is False): ``(cls (n, D), patches (n, K, D), det_bce | None, det_logs)``."""
+        """Encode student views, sparse and corrupted as configured (dense and clean when ``corrupt``
+        is False): ``(cls (B, D), patches (B, K, D), det_bce | None, det_logs)``.
+
+        ``images`` may stack ``views`` same-size views of the same n images (``torch.cat``, view by
+        view): one encoder call over all of them is faster than one per view and computes the same,
+        since the ViT has no batch statistics; each view draws its own tokens as it would alone and
+        ``det_bce`` is the mean over the views (``Dilemma.sample`` / ``Dilemma.loss``). Heads with
+        batch norm must still see each view on its own (split the outputs)."""
         sample = None
         if corrupt:
             grid = self.encoder.grid_of(tuple(images.shape[-2:]))
             sample = self.dilemma.sample(
-                images.shape[0], num_patches=grid[0] * grid[1], generator=draws, device=images.device
+                images.shape[0], num_patches=grid[0] * grid[1], generator=draws, device=images.device, views=views
             )
         if sample is None:
             cls, patches = self.encoder(images)
         else:
             cls, patches = self.encoder(images, keep=sample.keep, positions=sample.positions)
-        bce, logs = self.dilemma.loss(patches, sample, with_metrics=with_metrics)
+        bce, logs = self.dilemma.loss(patches, sample, with_metrics=with_metrics, views=views)
         return cls, patches, bce, logs
 
     def output(
@@ -100,7 +106,8 @@ class Method(nn.Module):
         ssl_name: str = "ssl_loss",
     ) -> MethodOutput:
         """Total = SSL loss + lambda * mean detection BCE over the corrupted views (``docs/method.md``,
-        step 7). ``detections`` holds ``(det_bce | None, det_logs)`` per student view (``student``'s)."""
+        step 7). ``detections`` holds ``(det_bce | None, det_logs)`` per student view (``student``'s;
+        a call over N stacked views gives one mean for all N: repeat its entry N times)."""
         logs: dict[str, Any] = {ssl_name: ssl_loss.detach()}
         detections = [(bce, view_logs) for bce, view_logs in detections if bce is not None]
         loss = ssl_loss
@@ -157,11 +164,11 @@ class EMATeacherMethod(Method):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """``teacher = momentum * teacher + (1 - momentum) * online`` for every pair, in one fused pass."""
+        """``teacher = momentum * teacher + (1 - momentum) * online`` for every pair: one fused
+        ``lerp`` over all parameters (``teacher += (1 - momentum) * (online - teacher)``)."""
         online = [p.detach() for pair_online, _ in self._ema_pairs for p in pair_online.parameters()]
         teacher = [p for _, pair_teacher in self._ema_pairs for p in pair_teacher.parameters()]
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, online, alpha=1.0 - momentum)
+        torch._foreach_lerp_(teacher, online, 1.0 - momentum)
 
     def before_step(self, progress: float) -> None:
         self.momentum = momentum_at(progress, self.cfg.momentum)

@@ -116,13 +116,13 @@ class DINO(EMATeacherMethod):
         global_crops, local_crops = views[:2], views[2:]
         n = global_crops[0].shape[0]
         # Global crops in one pass, local crops in another (as DINO's multi-resolution forward); each
-        # image draws its own token sample, so batching the crops changes nothing about the pretext.
-        cls, _, bce, det_logs = self.student(torch.cat(global_crops), draws, with_metrics)  # cls: (2n, D)
+        # crop draws its own token sample as it would alone, so batching changes nothing about the pretext.
+        cls, _, bce, det_logs = self.student(torch.cat(global_crops), draws, with_metrics, views=2)  # cls: (2n, D)
         student_out = list(self.head(cls).chunk(2))
         detections = [(bce, det_logs)] * 2  # one entry per view: the mean is over views
         if local_crops:
             cls_local, _, bce_local, logs_local = self.student(
-                torch.cat(local_crops), draws, with_metrics, corrupt=self.cfg.local_dilemma
+                torch.cat(local_crops), draws, with_metrics, corrupt=self.cfg.local_dilemma, views=len(local_crops)
             )
             student_out += list(self.head(cls_local).split(n))
             detections += [(bce_local, logs_local)] * len(local_crops)

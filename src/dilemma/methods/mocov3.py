@@ -52,16 +52,16 @@ class MoCoV3(EMATeacherMethod):
     def forward(
         self, views, progress: float = 0.0, draws: TokenDraws = None, with_metrics: bool = False
     ) -> MethodOutput:
-        x1, x2 = views
-        cls1, _, bce1, logs1 = self.student(x1, draws, with_metrics)
-        cls2, _, bce2, logs2 = self.student(x2, draws, with_metrics)
-        q1, q2 = self.predictor(self.projector(cls1)), self.predictor(self.projector(cls2))
+        n = views[0].shape[0]
+        both = torch.cat(views)  # (2n, C, H, W): each branch encodes the two views in one call
+        cls, _, bce, det_logs = self.student(both, draws, with_metrics, views=2)  # cls: (2n, D)
+        # the heads have batch norm: each view is its own batch, as in MoCo v3's per-view forwards
+        q1, q2 = (self.predictor(self.projector(view_cls)) for view_cls in cls.split(n))
 
         with torch.no_grad():  # keys: the momentum branch on the same views, dense and clean
-            k1 = self.momentum_projector(self.momentum_encoder(x1)[0])
-            k2 = self.momentum_projector(self.momentum_encoder(x2)[0])
+            k1, k2 = (self.momentum_projector(view_cls) for view_cls in self.momentum_encoder(both)[0].split(n))
 
         ssl = self.criterion(q1, k2) + self.criterion(q2, k1)
-        out = self.output(ssl, [(bce1, logs1), (bce2, logs2)], features=cls1)
+        out = self.output(ssl, [(bce, det_logs)] * 2, features=cls[:n])  # one entry per view
         out.logs["momentum"] = self.momentum
         return out

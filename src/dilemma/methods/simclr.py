@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from dilemma.errors import require
 from dilemma.heads import mlp
 from dilemma.losses import NTXentLoss
@@ -46,8 +48,15 @@ class SimCLR(Method):
     def forward(
         self, views, progress: float = 0.0, draws: TokenDraws = None, with_metrics: bool = False
     ) -> MethodOutput:
-        x1, x2 = views
-        cls1, _, bce1, logs1 = self.student(x1, draws, with_metrics)
-        cls2, _, bce2, logs2 = self.student(x2, draws, with_metrics, corrupt=not self.cfg.clean_view)
+        n = views[0].shape[0]
+        if self.cfg.clean_view:  # a sparse view and a dense one: two encoder calls
+            cls1, _, bce, det_logs = self.student(views[0], draws, with_metrics)
+            cls2, _, _, _ = self.student(views[1], draws, with_metrics, corrupt=False)
+            detections = [(bce, det_logs), (None, {})]
+        else:  # both views alike: one encoder call over both (same result, fewer, larger matmuls)
+            cls, _, bce, det_logs = self.student(torch.cat(views), draws, with_metrics, views=2)
+            cls1, cls2 = cls.split(n)
+            detections = [(bce, det_logs)] * 2  # one entry per view
+        # the projector has batch norm: each view is its own batch
         ssl = self.criterion(self.projector(cls1), self.projector(cls2))
-        return self.output(ssl, [(bce1, logs1), (bce2, logs2)], features=cls1)
+        return self.output(ssl, detections, features=cls1)

@@ -59,6 +59,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _torch_at_least(major: int, minor: int) -> bool:
+    return tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (major, minor)
+
+
+def adamw(groups: list[dict], lr: float, use_scaler: bool = False) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where it has one for the parameters' device (CUDA; CPU from
+    torch 2.4, not under the fp16 gradient scaler there): one pass over all parameters instead of a
+    dozen small ops per parameter, the same update to float round-off (tested). Elsewhere the
+    multi-tensor (foreach) implementation."""
+    first = next((p for group in groups for p in group["params"]), None)
+    device = first.device.type if first is not None else "cpu"
+    fused = device == "cuda" or (device == "cpu" and _torch_at_least(2, 4) and not use_scaler)
+    return torch.optim.AdamW(groups, lr=lr, fused=True) if fused else torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
 def check_resume_config(saved: dict, cfg: Config) -> None:
     current = cfg.to_dict()
     changed = [
@@ -178,7 +193,12 @@ class Run:
 
     def restore(self, ckpt: dict) -> None:
         self.method.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        # the saved groups carry their implementation (fused / foreach), which load_state_dict would
+        # restore: keep the one chosen for this device and torch (a checkpoint may come from another)
+        saved = {**ckpt["optimizer"], "param_groups": [dict(g) for g in ckpt["optimizer"]["param_groups"]]}
+        for group, current in zip(saved["param_groups"], self.optimizer.param_groups, strict=False):
+            group.update({key: current[key] for key in ("fused", "foreach") if key in current})
+        self.optimizer.load_state_dict(saved)
         if self.probe is not None and ckpt.get("probe"):
             self.probe.load_full_state(ckpt["probe"])
         set_rng_state(
@@ -234,7 +254,7 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
     if is_main():
         _stderr(start_line(cfg, run_dir, splits, method, device, steps))
 
-    optimizer = torch.optim.AdamW(param_groups(method, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    optimizer = adamw(param_groups(method, cfg.optim.weight_decay), cfg.optim.lr, use_scaler=t.precision == "fp16")
     probe = (
         OnlineProbe(method.encoder.embed_dim, len(splits.classes)).to(device)
         if t.online_probe and splits.labelled

@@ -1,0 +1,35 @@
+"""Freed host memory is reused: a large tensor allocated again does not page-fault its memory again."""
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+FAULTS = """
+import resource, sys, torch
+from dilemma.allocator import keep_freed_memory
+set_ = keep_freed_memory() if sys.argv[1] == "keep" else False
+def touch():  # 64 MB written once, then freed
+    torch.empty(16 * 2**20).fill_(1.0)
+touch()
+touch()  # glibc places the block for good on the second cycle
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    touch()
+print(set_, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_large_blocks_are_reused_instead_of_faulted_in_again():
+    def faults(mode: str) -> tuple[str, float]:
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+        was_set, per_touch = out.stdout.split()
+        return was_set, float(per_touch)
+
+    default, kept = faults("default"), faults("keep")
+    if default[1] < 1_000:
+        pytest.skip("this kernel backs large blocks with huge pages: few faults to save")
+    assert default[1] > 10_000  # 64 MB = 16,384 pages of 4 KB, faulted in again on every allocation
+    assert kept == ("True", pytest.approx(0, abs=100))  # the freed block is reused
