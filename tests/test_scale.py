@@ -186,13 +186,16 @@ def test_torchrun_two_cpu_processes_train_and_save_once(tmp_path):
 
 
 def _fail_worker(rank: int, port: int, out: str) -> None:
+    import datetime
+
     import torch.distributed as dist
 
     from dilemma.distributed import fail_together
     from dilemma.errors import DilemmaError
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a lost peer fails the test within a minute instead of hanging the suite
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
         fail_together(DilemmaError("no images found in 'x'") if rank == 1 else None)
     except DilemmaError as err:
