@@ -113,19 +113,25 @@ def test_one_encoder_call_over_the_views_equals_one_call_per_view(name, override
         assert torch.allclose(fast_grads[key], slow_grads[key], rtol=1e-4, atol=1e-6), key
 
 
+def _students_view_by_view(method, x1, x2):
+    """Each view drawn and encoded on its own, as the paper's pseudo-code writes it: the class
+    embeddings of both views and their mean detection BCE, with the draws the method makes."""
+    g = torch.Generator().manual_seed(0)
+    s1, s2 = method.dilemma.sample(8, generator=g), method.dilemma.sample(8, generator=g)
+    (c1, p1), (c2, p2) = (method.encoder(x, keep=s.keep, positions=s.positions) for x, s in ((x1, s1), (x2, s2)))
+    return c1, c2, (method.dilemma.loss(p1, s1)[0] + method.dilemma.loss(p2, s2)[0]) / 2
+
+
 def test_mocov3_is_its_per_view_definition():
     """MoCo v3's forward written out view by view, as in the paper's pseudo-code."""
     method = _method("mocov3")
     x1, x2 = _views([(8, 1, 28, 28)] * 2)
     out = method((x1, x2), 0.3, torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(0)
-    s1, s2 = method.dilemma.sample(8, generator=g), method.dilemma.sample(8, generator=g)
-    (c1, p1), (c2, p2) = (method.encoder(x, keep=s.keep, positions=s.positions) for x, s in ((x1, s1), (x2, s2)))
+    c1, c2, bce = _students_view_by_view(method, x1, x2)
     q1, q2 = method.predictor(method.projector(c1)), method.predictor(method.projector(c2))
     with torch.no_grad():
         k1 = method.momentum_projector(method.momentum_encoder(x1)[0])
         k2 = method.momentum_projector(method.momentum_encoder(x2)[0])
-    bce = (method.dilemma.loss(p1, s1)[0] + method.dilemma.loss(p2, s2)[0]) / 2
     expected = method.criterion(q1, k2) + method.criterion(q2, k1) + method.dilemma.weight * bce
     assert torch.allclose(out.loss, expected, rtol=1e-5)
 
@@ -147,10 +153,7 @@ def test_simclr_is_its_per_view_definition():
     method = _method("simclr")
     x1, x2 = _views([(8, 1, 28, 28)] * 2)
     out = method((x1, x2), 0.3, torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(0)
-    s1, s2 = method.dilemma.sample(8, generator=g), method.dilemma.sample(8, generator=g)
-    (c1, p1), (c2, p2) = (method.encoder(x, keep=s.keep, positions=s.positions) for x, s in ((x1, s1), (x2, s2)))
-    bce = (method.dilemma.loss(p1, s1)[0] + method.dilemma.loss(p2, s2)[0]) / 2
+    c1, c2, bce = _students_view_by_view(method, x1, x2)
     expected = method.criterion(method.projector(c1), method.projector(c2)) + method.dilemma.weight * bce
     assert torch.allclose(out.loss, expected, rtol=1e-5)
 
