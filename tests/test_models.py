@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from timm.models.vision_transformer import ResPostBlock
 
 from dilemma.errors import DilemmaError
 from dilemma.models import create_encoder, sincos_pos_embed_2d
@@ -45,6 +46,29 @@ def test_blocks_receive_kept_tokens_with_corrupted_positions(tiny_encoder, layou
         own = [t for t in (vit.cls_token, vit.reg_token) if t is not None]
         prefix_tokens = torch.cat(own, dim=1)[0] + (0 if vit.no_embed_class else pe[:prefix])
         assert torch.allclose(seen["x"][:, :prefix], prefix_tokens.expand(4, -1, -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, {"block_fn": ResPostBlock}])
+def test_embed_is_the_full_forwards_image_embedding(tiny_encoder, layout):
+    """``embed`` skips the last block's MLP for the patch tokens exactly where the embedding is the
+    class token of a pre-norm block, and gives ``forward``'s embedding, values and gradients."""
+    enc = tiny_encoder(**layout).double()  # float64: the two paths' round-off stays far below the tolerances
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    s = sample_tokens(3, enc.num_patches, 0.75, 0.5, generator=torch.Generator().manual_seed(0))
+    params = [p for p in enc.parameters() if p.requires_grad]
+    mlp_tokens = []
+    enc.vit.blocks[-1].mlp.register_forward_pre_hook(lambda module, args: mlp_tokens.append(args[0].shape[1]))
+    shortcut = enc.vit.has_class_token and "block_fn" not in layout
+    for keep, positions in ((None, None), (s.keep, s.positions)):
+        full = enc(x, keep, positions)[0]
+        full_grads = torch.autograd.grad(full.square().sum(), params, allow_unused=True)
+        embedded = enc.embed(x, keep, positions)
+        grads = torch.autograd.grad(embedded.square().sum(), params, allow_unused=True)
+        assert torch.allclose(embedded, full, rtol=1e-10, atol=1e-10)
+        for g, g_full in zip(grads, full_grads, strict=True):
+            assert (g is None) == (g_full is None) and (g is None or torch.allclose(g, g_full, rtol=1e-10, atol=1e-10))
+        tokens = enc.num_prefix_tokens + (enc.num_patches if keep is None else keep.shape[1])
+        assert mlp_tokens[-2:] == [tokens, 1 if shortcut else tokens]
 
 
 def test_one_changed_position_changes_the_output(tiny_encoder):

@@ -18,7 +18,7 @@ from typing import Optional
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from dilemma.errors import DilemmaError
@@ -77,6 +77,8 @@ class ViTEncoder(nn.Module):
 
     - ``keep`` ``(B, K)`` long: which patches of each image enter the encoder (None = all L).
     - ``positions`` ``(B, K)`` long: whose PE each kept token gets (None = its own, i.e. ``keep``).
+
+    ``embed`` (same arguments) returns the image embedding alone, and skips work nobody reads.
 
     Prefix tokens (class, registers) are never dropped or corrupted; where the ViT has a PE row
     for them they keep their own. The class embedding is pooled as the timm model pools (``pool``).
@@ -142,12 +144,10 @@ class ViTEncoder(nn.Module):
                 "set model.img_size / model.in_chans to match the data"
             )
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        keep: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(
+        self, images: torch.Tensor, keep: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The blocks' input ``(B, P + K, D)``: prefix tokens, then the kept patch tokens with their PE."""
         self.check_images(images)
         vit = self.vit
         x = vit.patch_embed(images)  # (B, L, D), patches in row-major order, no PE yet
@@ -177,14 +177,51 @@ class ViTEncoder(nn.Module):
             if prefix_pe is not None:
                 prefix = prefix + prefix_pe.unsqueeze(0)
             x = torch.cat([prefix, x], dim=1)  # (B, P + K, D)
-        x = vit.norm_pre(vit.pos_drop(x))
-        if vit.grad_checkpointing and self.training:
-            for block in vit.blocks:
+        return vit.norm_pre(vit.pos_drop(x))
+
+    def _run(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.vit.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for block in blocks:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-        else:
-            x = vit.blocks(x)
-        x = vit.norm(x)
+            return x
+        return blocks(x)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.vit.norm(self._run(self.vit.blocks, self.tokens(images, keep, positions)))
         return self.pool(x), x[:, self.num_prefix_tokens :]  # (B, D), (B, K, D)
+
+    def embed(
+        self, images: torch.Tensor, keep: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``forward(...)[0]``, the image embedding ``(B, D)``, for callers that read no patch output
+        (EMA teachers, evaluation features). Where the embedding is the class token and the last
+        block is timm's pre-norm ``Block``, that block's MLP runs for the class token alone: the
+        patch tokens' outputs are never read (11 % of a dense forward's FLOPs at depth 6, 5 % at depth 12)."""
+        x = self.tokens(images, keep, positions)
+        blocks = self.vit.blocks
+        if not self._class_token_pooled() or type(blocks[-1]).forward is not Block.forward:
+            return self.pool(self.vit.norm(self._run(blocks, x)))
+        last = blocks[-1]
+        x = self._run(blocks[:-1], x)
+        # Block.forward with the attention output cut to the class token: its keys and values still
+        # come from every token; everything after attention is per token.  (B, N, D) -> (B, 1, D)
+        x = x[:, :1] + last.drop_path1(last.ls1(last.attn(last.norm1(x))[:, :1]))
+        x = x + last.drop_path2(last.ls2(last.mlp(last.norm2(x))))
+        return self.vit.fc_norm(self.vit.norm(x)[:, 0])
+
+    def _class_token_pooled(self) -> bool:
+        """Whether ``pool`` reads the class token only (see there)."""
+        vit = self.vit
+        return (
+            getattr(vit, "attn_pool", None) is None
+            and vit.global_pool not in ("avg", "max", "avgmax")
+            and vit.has_class_token
+        )
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """The image embedding from all tokens ``(B, P + K, D)`` as timm's ``forward_head(...,

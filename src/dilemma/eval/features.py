@@ -50,7 +50,7 @@ def extract_features(
     for x, y in eval_batches(images, batch_size, num_workers=num_workers, desc=desc):
         keep = occlusion_keep(x.shape[0], encoder.num_patches, keep_fraction, generator)
         x = encoder.normalize(x.to(device, non_blocking=True))
-        cls, _ = encoder(x, keep=None if keep is None else keep.to(device))
+        cls = encoder.embed(x, keep=None if keep is None else keep.to(device))
         feats.append(cls.float().cpu())
         labels.append(y)
     encoder.train(was_training)

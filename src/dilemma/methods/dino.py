@@ -130,7 +130,7 @@ class DINO(EMATeacherMethod):
         c = self.cfg
         temp = teacher_temperature_at(progress, c.warmup_teacher_temp, c.teacher_temp, c.teacher_temp_warmup)
         with torch.no_grad():  # the teacher: global crops only, dense and clean
-            teacher_out = self.teacher_head(self.teacher_encoder(torch.cat(global_crops))[0])  # (2n, out_dim)
+            teacher_out = self.teacher_head(self.teacher_encoder.embed(torch.cat(global_crops)))  # (2n, out_dim)
         ssl = self.criterion(student_out, list(teacher_out.chunk(2)), self.center, temp)
         total = teacher_out.detach().float().sum(dim=0, keepdim=True)
         self._teacher_sum = total if self._teacher_sum is None else self._teacher_sum + total

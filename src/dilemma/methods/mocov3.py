@@ -59,7 +59,7 @@ class MoCoV3(EMATeacherMethod):
         q1, q2 = (self.predictor(self.projector(view_cls)) for view_cls in cls.split(n))
 
         with torch.no_grad():  # keys: the momentum branch on the same views, dense and clean
-            k1, k2 = (self.momentum_projector(view_cls) for view_cls in self.momentum_encoder(both)[0].split(n))
+            k1, k2 = (self.momentum_projector(view_cls) for view_cls in self.momentum_encoder.embed(both).split(n))
 
         ssl = self.criterion(q1, k2) + self.criterion(q2, k1)
         out = self.output(ssl, [(bce, det_logs)] * 2, features=cls[:n])  # one entry per view
