@@ -3,9 +3,10 @@
     python benchmarks/speed.py                      # CPU, fp32 (+ bf16 FLOP/s)
     python benchmarks/speed.py --baseline e3bcd03   # + the same steps of another commit, in the same run
     python benchmarks/speed.py --device cuda --precision bf16
+    python benchmarks/speed.py --baseline 2dbd42a --methods mocov3,dino --out results.md   # some methods, elsewhere
 
-Writes ``benchmarks/results/speed-<device>-<precision>.md`` (and .json) with the machine, library versions and
-this command. Run it on an otherwise idle machine; each number is the median of timed repeats
+Writes ``benchmarks/results/speed-<device>-<precision>.md`` (or ``--out``; and .json) with the machine,
+library versions and this command. Run it on an otherwise idle machine; each number is the median of timed repeats
 after warm-up. ``--baseline REF`` times every method's step (and the student step alone) with the
 code of git commit REF and with this checkout, in child processes that take turns (A B A B ...)
 so that drifts of the machine hit both alike; each side's number is the median over rounds.
@@ -90,6 +91,21 @@ def student_step(cfg, device, keep_fraction: float, batch: int, precision: str):
     return step
 
 
+def feature_step(cfg, device, batch: int, precision: str):
+    """What the kNN / linear read-outs run per batch: the image embedding of a dense forward, no gradient."""
+    encoder = build_encoder(cfg.model).to(device).eval()
+    images = torch.randn(batch, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size, device=device)
+    embed = getattr(encoder, "embed", None) or (lambda x: encoder(x)[0])  # a baseline commit from before embed
+    dtype = PRECISIONS[precision]
+
+    @torch.no_grad()
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            embed(images)
+
+    return step
+
+
 def training_step(cfg, device, precision: str, batch: int, compile: bool = False):
     """One full ``Stepper`` step (views already made; the model compiled as ``train.compile`` does)
     and the batches it reads its views from."""
@@ -109,15 +125,19 @@ def training_step(cfg, device, precision: str, batch: int, compile: bool = False
     return (lambda: stepper.step(views, 0.5, next(counter), False)), batches
 
 
-def step_rates(set_args: list[str], device, precision: str, batch: int, repeats: int) -> dict[str, float]:
+def step_rates(
+    set_args: list[str], device, precision: str, batch: int, repeats: int, methods: list[str]
+) -> dict[str, float]:
     """img/s of the student step alone (all tokens kept minus DILEMMA's drop: the default r and p)
-    and of every method's full step, plain and + DILEMMA, with whatever ``dilemma`` is imported."""
+    and of the evaluation features' forward, and of every method's full step, plain and + DILEMMA, with
+    whatever ``dilemma`` is imported."""
     base = load_config(None, set_args)
     rates = {}
     keep = 1.0 - base.dilemma.drop_rate
     rates["student step alone"] = batch / timed(student_step(base, device, keep, batch, precision), device, repeats)
-    for name, method in METHODS.items():
-        for variant, switches in (("plain", method.plain), ("dilemma", ())):
+    rates["evaluation features"] = batch / timed(feature_step(base, device, batch, precision), device, repeats)
+    for name in methods:
+        for variant, switches in (("plain", METHODS[name].plain), ("dilemma", ())):
             cfg = load_config(None, [*set_args, f"method.name={name}", *switches])
             step, _ = training_step(cfg, device, precision, batch)
             rates[f"{name} {variant}"] = batch / timed(step, device, repeats)
@@ -129,6 +149,7 @@ def before_after(ref: str, args, rounds: int) -> dict:
     command now sets it) and of this checkout, from child processes taking turns."""
     child = [sys.executable, __file__, "--rates-only", "--device", args.device, "--precision", args.precision]
     child += ["--batch", str(args.batch), "--repeats", str(args.repeats)] + [f"--set={s}" for s in args.set]
+    child += ["--methods", ",".join(args.methods)]
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
@@ -164,13 +185,18 @@ def main() -> None:
     )
     parser.add_argument("--baseline", metavar="REF", help="also time the steps of git commit REF, taking turns")
     parser.add_argument("--rounds", type=int, default=3, help="turns per side with --baseline")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, e.g. mocov3,dino")
+    parser.add_argument("--out", type=Path, default=None, help="results .md (default: see above)")
     parser.add_argument("--rates-only", action="store_true", help=argparse.SUPPRESS)  # a --baseline child
     args = parser.parse_args()
+    args.methods = args.methods.split(",")
+    if unknown := set(args.methods) - set(METHODS):
+        sys.exit(f"error: unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
     device = torch.device(args.device)
     if keep_freed_memory is not None:
         keep_freed_memory()
     if args.rates_only:
-        rates = step_rates(args.set, device, args.precision, args.batch, args.repeats)
+        rates = step_rates(args.set, device, args.precision, args.batch, args.repeats, args.methods)
         print(json.dumps({"dilemma": str(Path(sys.modules["dilemma"].__file__).parent), "rates": rates}))
         return
     base = load_config(None, args.set)
@@ -200,8 +226,8 @@ def main() -> None:
     }
     rows["matmul_peak_flops"] = peaks
     steps = []
-    for name, method in METHODS.items():
-        for variant, switches in (("plain", method.plain), ("dilemma", ())):
+    for name in args.methods:
+        for variant, switches in (("plain", METHODS[name].plain), ("dilemma", ())):
             cfg = load_config(None, [*args.set, f"method.name={name}", *switches])
             step, batches = training_step(cfg, device, args.precision, args.batch)
             seconds = timed(step, device, args.repeats)
@@ -225,7 +251,7 @@ def main() -> None:
     if args.baseline:
         rows["before_after"] = before_after(args.baseline, args, args.rounds)
 
-    out = ROOT / "benchmarks" / "results" / f"speed-{device.type}-{args.precision}.md"
+    out = args.out or ROOT / "benchmarks" / "results" / f"speed-{device.type}-{args.precision}.md"
     lines = [
         f"# Speed on {rows['cuda'] or rows['machine']} ({rows['threads']} threads)",
         "",
@@ -270,17 +296,22 @@ def main() -> None:
             "(each round's number itself the median of the timed repeats). 'before + allocator': the "
             "baseline's code with glibc's malloc set by its environment as `dilemma` now sets it "
             "(`allocator.keep_freed_memory`); the rest of the speed-up is the code's. Student step alone: "
-            "encoder + detection head at the default drop rate.",
+            "encoder + detection head at the default drop rate. Evaluation features: the dense, gradient-free "
+            "forward that kNN and the linear probe run.",
             "",
-            "| step | before img/s | before + allocator | after img/s | speed-up |",
-            "|---|---:|---:|---:|---:|",
+            "Speed-up per round: after / before of the same round (neighbours in time, so a slow spell of "
+            "the machine that hits one round shows as spread rather than as a gain); its median and range.",
+            "",
+            "| step | before img/s | before + allocator | after img/s | speed-up (median) | per round (min-max) |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         before, alloc, after = (ba["median"][side] for side in ("before", "before + allocator", "after"))
-        lines += [
-            f"| {k} | {before[k]:.0f} | {alloc[k]:.0f} ({alloc[k] / before[k]:.2f}x) | {after[k]:.0f} | "
-            f"{after[k] / before[k]:.2f}x |"
-            for k in after
-        ]
+        for k in after:
+            paired = [a[k] / b[k] for a, b in zip(ba["runs"]["after"], ba["runs"]["before"], strict=True)]
+            lines.append(
+                f"| {k} | {before[k]:.0f} | {alloc[k]:.0f} ({alloc[k] / before[k]:.2f}x) | {after[k]:.0f} | "
+                f"{statistics.median(paired):.2f}x | {min(paired):.2f}-{max(paired):.2f}x |"
+            )
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))

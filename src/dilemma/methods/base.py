@@ -75,10 +75,18 @@ class Method(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must define forward(views, progress, draws, with_metrics)")
 
     def student(
-        self, images: torch.Tensor, draws: TokenDraws, with_metrics: bool, corrupt: bool = True, views: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+        self,
+        images: torch.Tensor,
+        draws: TokenDraws,
+        with_metrics: bool,
+        corrupt: bool = True,
+        views: int = 1,
+        patches: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict]:
         """Encode student views, sparse and corrupted as configured (dense and clean when ``corrupt``
-        is False): ``(cls (B, D), patches (B, K, D), det_bce | None, det_logs)``.
+        is False): ``(cls (B, D), patches (B, K, D), det_bce | None, det_logs)``. ``patches=False``:
+        the caller reads no patch tokens, so where nothing is detected either (a clean view, no
+        misplacement) the encoder skips what only they need (``ViTEncoder.embed``) and returns None.
 
         ``images`` may stack ``views`` same-size views of the same n images (``torch.cat``, view by
         view): one encoder call over all of them is faster than one per view and computes the same,
@@ -91,12 +99,12 @@ class Method(nn.Module):
             sample = self.dilemma.sample(
                 images.shape[0], num_patches=grid[0] * grid[1], generator=draws, device=images.device, views=views
             )
-        if sample is None:
-            cls, patches = self.encoder(images)
-        else:
-            cls, patches = self.encoder(images, keep=sample.keep, positions=sample.positions)
-        bce, logs = self.dilemma.loss(patches, sample, with_metrics=with_metrics, views=views)
-        return cls, patches, bce, logs
+        keep, positions = (None, None) if sample is None else (sample.keep, sample.positions)
+        if not patches and (sample is None or self.dilemma.head is None):  # only the embedding is read
+            return self.encoder.embed(images, keep, positions), None, None, {}
+        cls, patch_tokens = self.encoder(images, keep, positions)
+        bce, logs = self.dilemma.loss(patch_tokens, sample, with_metrics=with_metrics, views=views)
+        return cls, patch_tokens, bce, logs
 
     def output(
         self,

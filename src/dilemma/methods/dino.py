@@ -117,12 +117,14 @@ class DINO(EMATeacherMethod):
         n = global_crops[0].shape[0]
         # Global crops in one pass, local crops in another (as DINO's multi-resolution forward); each
         # crop draws its own token sample as it would alone, so batching changes nothing about the pretext.
-        cls, _, bce, det_logs = self.student(torch.cat(global_crops), draws, with_metrics, views=2)  # cls: (2n, D)
+        global_views = torch.cat(global_crops)  # (2n, C, H, W)
+        cls, _, bce, det_logs = self.student(global_views, draws, with_metrics, views=2, patches=False)  # (2n, D)
         student_out = list(self.head(cls).chunk(2))
         detections = [(bce, det_logs)] * 2  # one entry per view: the mean is over views
         if local_crops:
+            local_views, local_dilemma = torch.cat(local_crops), self.cfg.local_dilemma
             cls_local, _, bce_local, logs_local = self.student(
-                torch.cat(local_crops), draws, with_metrics, corrupt=self.cfg.local_dilemma, views=len(local_crops)
+                local_views, draws, with_metrics, corrupt=local_dilemma, views=len(local_crops), patches=False
             )
             student_out += list(self.head(cls_local).split(n))
             detections += [(bce_local, logs_local)] * len(local_crops)
@@ -130,7 +132,7 @@ class DINO(EMATeacherMethod):
         c = self.cfg
         temp = teacher_temperature_at(progress, c.warmup_teacher_temp, c.teacher_temp, c.teacher_temp_warmup)
         with torch.no_grad():  # the teacher: global crops only, dense and clean
-            teacher_out = self.teacher_head(self.teacher_encoder.embed(torch.cat(global_crops)))  # (2n, out_dim)
+            teacher_out = self.teacher_head(self.teacher_encoder.embed(global_views))  # (2n, out_dim)
         ssl = self.criterion(student_out, list(teacher_out.chunk(2)), self.center, temp)
         total = teacher_out.detach().float().sum(dim=0, keepdim=True)
         self._teacher_sum = total if self._teacher_sum is None else self._teacher_sum + total

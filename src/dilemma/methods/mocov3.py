@@ -54,7 +54,7 @@ class MoCoV3(EMATeacherMethod):
     ) -> MethodOutput:
         n = views[0].shape[0]
         both = torch.cat(views)  # (2n, C, H, W): each branch encodes the two views in one call
-        cls, _, bce, det_logs = self.student(both, draws, with_metrics, views=2)  # cls: (2n, D)
+        cls, _, bce, det_logs = self.student(both, draws, with_metrics, views=2, patches=False)  # cls: (2n, D)
         # the heads have batch norm: each view is its own batch, as in MoCo v3's per-view forwards
         q1, q2 = (self.predictor(self.projector(view_cls)) for view_cls in cls.split(n))
 

@@ -50,11 +50,11 @@ class SimCLR(Method):
     ) -> MethodOutput:
         n = views[0].shape[0]
         if self.cfg.clean_view:  # a sparse view and a dense one: two encoder calls
-            cls1, _, bce, det_logs = self.student(views[0], draws, with_metrics)
-            cls2, _, _, _ = self.student(views[1], draws, with_metrics, corrupt=False)
+            cls1, _, bce, det_logs = self.student(views[0], draws, with_metrics, patches=False)
+            cls2, _, _, _ = self.student(views[1], draws, with_metrics, corrupt=False, patches=False)
             detections = [(bce, det_logs), (None, {})]
         else:  # both views alike: one encoder call over both (same result, fewer, larger matmuls)
-            cls, _, bce, det_logs = self.student(torch.cat(views), draws, with_metrics, views=2)
+            cls, _, bce, det_logs = self.student(torch.cat(views), draws, with_metrics, views=2, patches=False)
             cls1, cls2 = cls.split(n)
             detections = [(bce, det_logs)] * 2  # one entry per view
         # the projector has batch norm: each view is its own batch
