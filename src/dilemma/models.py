@@ -202,12 +202,11 @@ class ViTEncoder(nn.Module):
         (EMA teachers, evaluation features). Where the embedding is the class token and the last
         block is timm's pre-norm ``Block``, that block's MLP runs for the class token alone: the
         patch tokens' outputs are never read (11 % of a dense forward's FLOPs at depth 6, 5 % at depth 12)."""
-        x = self.tokens(images, keep, positions)
         blocks = self.vit.blocks
         if not self._class_token_pooled() or type(blocks[-1]).forward is not Block.forward:
-            return self.pool(self.vit.norm(self._run(blocks, x)))
+            return self(images, keep, positions)[0]
         last = blocks[-1]
-        x = self._run(blocks[:-1], x)
+        x = self._run(blocks[:-1], self.tokens(images, keep, positions))
         # Block.forward with the attention output cut to the class token: its keys and values still
         # come from every token; everything after attention is per token.  (B, N, D) -> (B, 1, D)
         x = x[:, :1] + last.drop_path1(last.ls1(last.attn(last.norm1(x))[:, :1]))

@@ -226,12 +226,16 @@ class Dilemma(nn.Module):
             misplaced=torch.cat([s.misplaced for s in per_view]),
         )
 
+    def detects(self, sample: TokenSample | None) -> bool:
+        """Whether ``loss`` has anything to detect in ``sample``'s tokens (a head, and a corrupted view)."""
+        return self.head is not None and sample is not None
+
     def loss(self, patch_tokens: torch.Tensor, sample: TokenSample | None, with_metrics: bool = False, views: int = 1):
         """``(BCE, metrics)`` for the student's patch tokens, or ``(None, {})`` when there is nothing to
         detect. With ``views`` stacked views (``sample``'s) the BCE is the mean over all their tokens,
         which is the mean over views (each has n x K tokens), and each metric the mean of the views'.
         Metrics (accuracy, AUROC) cost a device sync, so they are computed only when asked for."""
-        if self.head is None or sample is None:
+        if not self.detects(sample):
             return None, {}
         logits = self.head(patch_tokens)  # (views * n, K)
         bce = detection_loss(logits, sample.misplaced)

@@ -100,7 +100,7 @@ class Method(nn.Module):
                 images.shape[0], num_patches=grid[0] * grid[1], generator=draws, device=images.device, views=views
             )
         keep, positions = (None, None) if sample is None else (sample.keep, sample.positions)
-        if not patches and (sample is None or self.dilemma.head is None):  # only the embedding is read
+        if not patches and not self.dilemma.detects(sample):  # only the embedding is read
             return self.encoder.embed(images, keep, positions), None, None, {}
         cls, patch_tokens = self.encoder(images, keep, positions)
         bce, logs = self.dilemma.loss(patch_tokens, sample, with_metrics=with_metrics, views=views)

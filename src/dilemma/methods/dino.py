@@ -122,9 +122,13 @@ class DINO(EMATeacherMethod):
         student_out = list(self.head(cls).chunk(2))
         detections = [(bce, det_logs)] * 2  # one entry per view: the mean is over views
         if local_crops:
-            local_views, local_dilemma = torch.cat(local_crops), self.cfg.local_dilemma
             cls_local, _, bce_local, logs_local = self.student(
-                local_views, draws, with_metrics, corrupt=local_dilemma, views=len(local_crops), patches=False
+                torch.cat(local_crops),
+                draws,
+                with_metrics,
+                corrupt=self.cfg.local_dilemma,
+                views=len(local_crops),
+                patches=False,
             )
             student_out += list(self.head(cls_local).split(n))
             detections += [(bce_local, logs_local)] * len(local_crops)
