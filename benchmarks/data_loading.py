@@ -1,19 +1,24 @@
-"""Streaming image folders at 224 px: start-up, memory, loader throughput per worker, model speed.
+"""Streaming image folders at 224 px: is a step model- or loader-bound? Start-up, memory, the worker
+stage per CPU core, the device stage, against a baseline commit and lightly's transforms.
 
-    python benchmarks/data_loading.py                     # 20,000 JPEGs, 100 classes, 200-500 px
-    python benchmarks/data_loading.py --files 2000        # a quick look
+    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/data_loading.py --baseline acade67
+    python benchmarks/data_loading.py --files 2000 --rounds 1     # a quick look
+    python benchmarks/data_loading.py --lightly-python /tmp/lightly-venv/bin/python --baseline acade67
 
-Generates a synthetic ImageNet-like folder (real JPEG encoding; kept in ``--folder``, outside the
-repo, and reused when it is already there), then measures, each in a fresh process:
-- start-up: listing + train/val split, and the first batch of each recipe's views, for 25 / 50 /
-  100 % of the classes (start-up should grow linearly with the number of files);
-- peak RSS of a process that lists the folder and decodes 20 batches, and the same for 12 JPEGs
-  with 300 MB appended to each (sparse files): memory must not follow file sizes;
-- decoded + augmented images per second in ONE process (what one DataLoader worker gives), for
-  the views of each paper recipe (configs/paper_*.yaml) at 224 px;
-- the model's training images per second for ViT-S/16 at 224 px (MoCo v3 + DILEMMA, the recipe's
-  step at a small batch) on this machine's device, so that the workers needed per accelerator can
-  be read off: workers = model img/s / loader img/s per worker.
+Generates an ImageNet-like folder of photo-like JPEGs (300-640 px sides, a 1/f spectrum, quality 90:
+~0.6 bytes per pixel, as ImageNet's files; kept in ``--folder``, outside the repo, and reused), then
+measures, each in a fresh process:
+- the worker stage: decoded + cropped images per second in ONE process (= one DataLoader worker on
+  one core) for the views of each paper recipe (configs/paper_*.yaml), with this checkout, with it
+  decoding every file with PIL (no torchvision JPEG fast path), with the code of ``--baseline``
+  (whose workers also ran the photometric ops), and with lightly's transforms where
+  ``--lightly-python`` (or this Python) has lightly; the sides take turns, each side's number is its
+  fastest of ``--rounds`` (a busy machine only ever slows a round down);
+- the device stage (``Views.finish``: photometric ops + normalisation of a batch) in ms per image,
+  on this CPU with one thread and on CUDA where there is a GPU;
+- start-up (listing + train/val split, first batch) for 25 / 50 / 100 % of the classes, and peak
+  RSS of a process that decodes 20 batches, and of one reading 12 JPEGs with 300 MB appended each;
+- the model's training images per second for ViT-S/16 at 224 px (MoCo v3 + DILEMMA) on ``--device``.
 Writes ``benchmarks/results/data_loading.md`` and ``.json``.
 """
 
@@ -26,32 +31,51 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RECIPES = ["paper_mocov3_vits16", "paper_dino_vits16", "paper_simclr_vits16", "paper_mae_vitb16"]
+TARGETS = {"paper_mocov3_vits16": 350, "paper_dino_vits16": 150, "paper_simclr_vits16": 350, "paper_mae_vitb16": 600}
+# lightly's transforms with each recipe's views (BYOL's asymmetric pair is MoCo v3's augmentation)
+LIGHTLY = {
+    "paper_mocov3_vits16": "BYOLTransform()",
+    "paper_dino_vits16": "DINOTransform(n_local_views=8)",
+    "paper_simclr_vits16": "SimCLRTransform()",
+    "paper_mae_vitb16": "MAETransform()",
+}
+BATCH = 32
 
 
-def generate(folder: Path, files: int, classes: int, seed: int = 0) -> None:
-    from tests.imagefolder import make_image_folder
+def generate(folder: Path, files: int, classes: int, seed: int = 0) -> dict:
+    """The photo-like folder (made once); its size in bytes per pixel."""
+    from PIL import Image
+
+    from tests.imagefolder import make_image_folder, photo_like_image
 
     done = folder / ".complete"
-    if done.exists() and done.read_text() == f"{files} {classes}":
-        return
-    shutil.rmtree(folder, ignore_errors=True)
-    start = time.perf_counter()
-    make_image_folder(folder, classes=classes, per_class=files // classes, sizes=(200, 500), seed=seed)
-    done.write_text(f"{files} {classes}")
-    print(f"generated {files} JPEGs in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if not (done.exists() and done.read_text() == f"{files} {classes}"):
+        shutil.rmtree(folder, ignore_errors=True)
+        start = time.perf_counter()
+        make_image_folder(
+            folder, classes=classes, per_class=files // classes, sizes=(300, 640), seed=seed, image=photo_like_image
+        )
+        done.write_text(f"{files} {classes}")
+        print(f"generated {files} JPEGs in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    sample = sorted(folder.rglob("*.jpg"))[:500]
+    pixels = sum(Image.open(p).size[0] * Image.open(p).size[1] for p in sample)
+    size = sum(p.stat().st_size for p in sample)
+    return {"files": files, "bytes_per_pixel": size / pixels, "mean_kb": size / len(sample) / 1024}
 
 
-def in_subprocess(code: str) -> dict:
-    """Run ``code`` (which prints one JSON line) in a fresh interpreter; add its peak RSS."""
+def in_subprocess(code: str, python: str = sys.executable, src: Path = ROOT / "src") -> dict:
+    """Run ``code`` (which sets RESULT) in a fresh interpreter importing dilemma from ``src``; add its peak RSS."""
     rss = "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024"
     wrapper = f"import json, resource\n{code}\nprint(json.dumps({{**RESULT, 'peak_rss_mb': {rss}}}))"
-    out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{ROOT}"}
+    out = subprocess.run([python, "-c", wrapper], capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode:
         raise RuntimeError(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -104,22 +128,81 @@ def big_files(folder: Path, source: Path) -> Path:
     return big
 
 
-def loader_rate(folder: Path, recipe: str, steps: int) -> dict:
+def worker_rate(folder: Path, recipe: str, steps: int, src: Path, pil_only: bool = False) -> dict:
+    """Images per second of ``PretrainBatches[step]`` in one process: what one worker gives."""
+    return in_subprocess(
+        f"""
+import time, torch
+torch.set_num_threads(1)
+import dilemma.data.folders
+if {pil_only}:
+    dilemma.data.folders.decode_jpeg = None  # every file through PIL
+from dilemma.build import build_views, load_splits
+from dilemma.config import load_config
+from dilemma.data import PretrainBatches
+cfg = load_config({str(ROOT / "configs" / (recipe + ".yaml"))!r}, ["data.source={folder}", "data.batch_size={BATCH}"])
+b = PretrainBatches(load_splits(cfg).train, {BATCH}, build_views(cfg), seed=0)
+b[0]
+t = time.perf_counter()
+for step in range(1, {steps} + 1):
+    b[step]
+RESULT = dict(img_per_s={steps} * {BATCH} / (time.perf_counter() - t), views=len(b[0].views))
+""",
+        src=src,
+    )
+
+
+def lightly_rate(folder: Path, recipe: str, steps: int, python: str) -> dict:
+    """lightly's transform of the recipe's views, image by image from the file, in one process."""
+    return in_subprocess(
+        f"""
+import time, torch, lightly
+torch.set_num_threads(1)
+from pathlib import Path
+from PIL import Image
+from lightly.transforms import BYOLTransform, DINOTransform, MAETransform, SimCLRTransform
+transform = {LIGHTLY[recipe]}
+paths = sorted(Path({str(folder)!r}).rglob("*.jpg"))[: ({steps} + 1) * {BATCH}]
+def one(path):
+    with Image.open(path) as img:
+        return transform(img.convert("RGB"))
+for path in paths[:{BATCH}]:
+    one(path)
+t = time.perf_counter()
+for path in paths[{BATCH}:]:
+    one(path)
+RESULT = dict(img_per_s=(len(paths) - {BATCH}) / (time.perf_counter() - t), version=lightly.__version__)
+""",
+        python=python,
+    )
+
+
+def device_stage(folder: Path, recipe: str, device: str, batch: int) -> dict:
+    """ms per image of ``Views.finish`` (every view of the image) on ``device``."""
     return in_subprocess(f"""
 import time, torch
 torch.set_num_threads(1)
 from dilemma.build import build_views, load_splits
 from dilemma.config import load_config
 from dilemma.data import PretrainBatches
-cfg = load_config({str(ROOT / "configs" / (recipe + ".yaml"))!r}, ["data.source={folder}", "data.batch_size=32"])
-splits = load_splits(cfg)
-b = PretrainBatches(splits.train, 32, build_views(cfg), seed=0)
-b[0]
-t = time.perf_counter()
-for step in range(1, {steps} + 1):
-    b[step]
-elapsed = time.perf_counter() - t
-RESULT = dict(recipe={recipe!r}, img_per_s={steps} * 32 / elapsed, views=len(b[0].views))
+cfg = load_config({str(ROOT / "configs" / (recipe + ".yaml"))!r}, ["data.source={folder}", "data.batch_size={batch}"])
+b = PretrainBatches(load_splits(cfg).train, {batch}, build_views(cfg), seed=0)
+batch = b[0]
+dev = torch.device({device!r})
+mean, std = cfg.model.mean, cfg.model.std
+def run():
+    b.views.finish(batch.views, batch.draws, dev, mean, std)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+for _ in range(3):
+    run()
+times = []
+for _ in range(10):
+    t = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t)
+times.sort()
+RESULT = dict(recipe={recipe!r}, device={device!r}, batch={batch}, ms_per_image=1000 * times[len(times) // 2] / {batch})
 """)
 
 
@@ -161,23 +244,67 @@ def subset(folder: Path, fraction: float) -> Path:
     return part
 
 
+def baseline_src(ref: str, into: Path) -> Path:
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into / "src"
+
+
+def worker_stage(folder: Path, args) -> list[dict]:
+    """Every recipe's worker img/s per side, the sides taking turns; each side's fastest round."""
+    sides = {"after": lambda r: worker_rate(folder, r, args.loader_steps, ROOT / "src")}
+    sides["after, PIL decode only"] = lambda r: worker_rate(folder, r, args.loader_steps, ROOT / "src", pil_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.baseline:
+            src = baseline_src(args.baseline, Path(tmp))
+            sides["before"] = lambda r: worker_rate(folder, r, args.loader_steps, src)
+        if args.lightly_python:
+            sides["lightly"] = lambda r: lightly_rate(folder, r, args.loader_steps, args.lightly_python)
+        rows = []
+        for recipe in RECIPES:
+            runs = {side: [] for side in sides}
+            for _ in range(args.rounds):
+                for side, run in sides.items():
+                    runs[side].append(run(recipe))
+            row = {"recipe": recipe, "views": runs["after"][0]["views"], "target": TARGETS[recipe]}
+            row.update({side: max(r["img_per_s"] for r in results) for side, results in runs.items()})
+            row["rounds"] = {side: [r["img_per_s"] for r in results] for side, results in runs.items()}
+            if "lightly" in runs:
+                row["lightly_version"] = runs["lightly"][0]["version"]
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def has_lightly(python: str) -> bool:
+    return subprocess.run([python, "-c", "import lightly.transforms"], capture_output=True).returncode == 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=20_000)
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--folder", default="/tmp/dilemma-synthetic-imagenet/train")
+    parser.add_argument("--folder", default="/tmp/dilemma-photo-like-imagenet/train")
     parser.add_argument("--loader-steps", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=3, help="turns per side of the worker-stage comparison")
+    parser.add_argument("--baseline", metavar="REF", help="also time the workers of git commit REF")
+    parser.add_argument("--lightly-python", help="a Python with lightly installed (default: this one, if it has it)")
+    parser.add_argument("--device", default="cpu", help="for the model's rate (and the device stage, besides cpu)")
     parser.add_argument("--model-batch", type=int, default=16)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_loading"))
     args = parser.parse_args()
+    if args.lightly_python is None and has_lightly(sys.executable):
+        args.lightly_python = sys.executable
     folder = Path(args.folder)
-    generate(folder, args.files, args.classes)
-
     results = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "affinity": len(os.sched_getaffinity(0)),
+        "files": generate(folder, args.files, args.classes),
     }
+    results["worker"] = worker_stage(folder, args)
+    devices = ["cpu"] + ([args.device] if args.device != "cpu" else [])
+    results["device_stage"] = [device_stage(folder, r, d, 64 if d == "cpu" else 256) for r in RECIPES for d in devices]
     results["startup"] = [
         startup(folder if f == 1 else subset(folder, f), "paper_mocov3_vits16") for f in (0.25, 0.5, 1.0)
     ]
@@ -185,7 +312,6 @@ def main() -> None:
         "folder": decode_rss(folder),
         "big_files": decode_rss(big_files(folder, folder), batches=2, batch=4),
     }
-    results["loader"] = [loader_rate(folder, r, args.loader_steps) for r in RECIPES]
     results["model"] = model_rate(args.device, args.model_batch, steps=3 if args.device == "cpu" else 20)
     Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     Path(args.out).with_suffix(".md").write_text(report(results))
@@ -193,11 +319,40 @@ def main() -> None:
 
 
 def report(r: dict) -> str:
+    f = r["files"]
     lines = [
-        "# Streaming image folders: start-up, memory, loader and model throughput (224 px)",
+        "# Streaming image folders at 224 px: worker stage, device stage, start-up, memory",
         "",
         f"Command: `{r['command']}`  ",
-        f"Machine: {r['machine']}",
+        f"Machine: {r['machine']} ({r['affinity']} usable). Files: {f['files']} photo-like JPEGs, 300-640 px sides, "
+        f"quality 90, {f['bytes_per_pixel']:.2f} bytes per pixel ({f['mean_kb']:.0f} KB each on average).",
+        "",
+        "## Worker stage: images per second in one process on one core (= one DataLoader worker)",
+        "",
+        "Decode + every view's crop (+ flip) of each image, uint8 out; 'before' also ran the photometric ops "
+        "per image in the worker, lightly runs its whole per-image pipeline. Fastest of the rounds.",
+        "",
+    ]
+    sides = [s for s in ("before", "after", "after, PIL decode only", "lightly") if s in r["worker"][0]]
+    lines += ["| recipe | views | " + " | ".join(sides) + " | after / before | target | met |"]
+    lines += ["|---|---:|" + "---:|" * len(sides) + "---:|---:|---|"]
+    for w in r["worker"]:
+        ratio = f"{w['after'] / w['before']:.1f}x" if "before" in w else "-"
+        values = " | ".join(f"{w[s]:.0f}" for s in sides)
+        met = "yes" if w["after"] >= w["target"] else "no"
+        lines.append(f"| {w['recipe']} | {w['views']} | {values} | {ratio} | >= {w['target']} | {met} |")
+    if any("lightly_version" in w for w in r["worker"]):
+        lines += ["", f"lightly {r['worker'][0]['lightly_version']}: {', '.join(LIGHTLY.values())}."]
+    lines += [
+        "",
+        "## Device stage: photometric ops + normalisation of a batch (`Views.finish`)",
+        "",
+        "| recipe | device | batch | ms per image (all its views) |",
+        "|---|---|---:|---:|",
+    ]
+    for d in r["device_stage"]:
+        lines.append(f"| {d['recipe']} | {d['device']} | {d['batch']} | {d['ms_per_image']:.3f} |")
+    lines += [
         "",
         "## Start-up (fresh process; MoCo v3 ViT-S/16 recipe, batch 64)",
         "",
@@ -210,6 +365,7 @@ def report(r: dict) -> str:
             f"| {s['peak_rss_mb']:.0f} |"
         )
     folder, big = r["rss"]["folder"], r["rss"]["big_files"]
+    m = r["model"]
     lines += [
         "",
         "## Peak memory",
@@ -219,22 +375,12 @@ def report(r: dict) -> str:
         f"- 12 JPEGs with 300 MB appended to each, list + split + {big['batches']} batches of {big['batch']}: "
         f"{big['peak_rss_mb']:.0f} MB",
         "",
-        "## Loader: decoded + augmented images per second in one process (= one DataLoader worker)",
-        "",
-        "| recipe | views per image | img/s per worker |",
-        "|---|---:|---:|",
-    ]
-    for s in r["loader"]:
-        lines.append(f"| {s['recipe']} | {s['views']} | {s['img_per_s']:.1f} |")
-    m = r["model"]
-    lines += [
-        "",
         "## Model",
         "",
         f"MoCo v3 + DILEMMA, ViT-S/16 at 224 px, {m['precision']} on {m['device']} ({m['threads']} threads), batch "
         f"{m['batch']}: {m['img_per_s']:.1f} training img/s.",
         "",
-        "Workers needed to feed a device: its training img/s / the recipe's img/s per worker.",
+        "CPU cores one accelerator needs: its training img/s / the recipe's worker img/s per core.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -6,10 +6,12 @@
 1. ``pytest -m cuda``: autocast bf16 / fp16 with the gradient scaler, the fused optimiser, pinned-
    memory loaders, SyncBatchNorm in a one-process NCCL group, ``torch.compile``, a run and its resume.
 2. Each method (the ``configs/paper_*`` recipes at ViT-S/16, 224 px; MAE's decoder as its recipe),
-   plain and + DILEMMA, bf16, eager and compiled: img/s of the full training step (views made), model
-   FLOP utilisation (FLOPs of one step by ``torch.utils.flop_counter`` / time / the GPU's dense bf16
-   peak), peak memory, and the loader's img/s with all CPU cores as workers on a folder of generated
-   JPEGs: the step is loader-bound when the loader is slower than the model.
+   plain and + DILEMMA, bf16, eager and compiled: img/s of the full training step (the device stage
+   of the views, i.e. photometric ops + normalisation, and the model's step, on crops made
+   beforehand), the device stage's share of it, model FLOP utilisation (FLOPs of one step by
+   ``torch.utils.flop_counter`` / time / the GPU's dense bf16 peak), peak memory, and the loader's
+   img/s (the worker stage) with all CPU cores as workers on a folder of generated photo-like JPEGs:
+   the step is loader-bound when the loader is slower than the model.
 
 Work that would not finish inside ``--budget-s`` is skipped and listed as skipped. Writes
 ``benchmarks/results/gpu-<gpu name>.md`` (and .json).
@@ -28,10 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,17 +69,12 @@ SMOKE += ["method.mocov3.proj_hidden_dim=64", "method.simclr.proj_hidden_dim=64"
 SMOKE += ["method.dino.hidden_dim=64", "method.mae.decoder_dim=64", "method.mae.decoder_depth=1"]
 
 
-def jpeg_folder(root: Path, count: int, size: tuple[int, int]) -> Path:
-    """``count`` JPEGs in 10 class folders: smooth colour fields with noise, like photos to a decoder."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
-    for i in range(count):
-        folder = root / "train" / f"class_{i % 10}"
-        folder.mkdir(parents=True, exist_ok=True)
-        phase = rng.uniform(0, 6.28, 3)
-        image = np.stack([np.sin(xx / (30 + 9 * c) + yy / 45 + phase[c]) for c in range(3)], axis=-1)
-        image = (127 + 100 * image + rng.normal(0, 12, image.shape)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(image).save(folder / f"{i:05d}.jpg", quality=90)
+def jpeg_folder(root: Path, count: int, sizes: tuple[int, int]) -> Path:
+    """``count`` photo-like JPEGs (``tests.imagefolder.photo_like_image``) in 10 class folders."""
+    sys.path.insert(0, str(ROOT))
+    from tests.imagefolder import make_image_folder, photo_like_image
+
+    make_image_folder(root / "train", classes=10, per_class=count // 10, sizes=sizes, image=photo_like_image)
     return root
 
 
@@ -121,6 +116,9 @@ def measure(cfg, device, batch: int, compile: bool, repeats: int, workers: int, 
     step()  # the first step (compiles, when compiled)
     first_s = time.perf_counter() - start
     seconds = timed(step, device, repeats, warmup=2)
+    batch_ = batches[0]
+    finish = lambda: batches.views.finish(batch_.views, batch_.draws, device, cfg.model.mean, cfg.model.std)  # noqa: E731
+    device_stage_s = timed(finish, device, repeats, warmup=2)
     flops = None
     if not compile:  # the counter sees eager operators only; a compiled step does the same FLOPs
         with FlopCounterMode(display=False) as counter:
@@ -138,6 +136,7 @@ def measure(cfg, device, batch: int, compile: bool, repeats: int, workers: int, 
     return {
         "img_per_s": batch / seconds,
         "step_s": seconds,
+        "device_stage_s": device_stage_s,  # photometric ops + normalisation, part of step_s
         "first_step_s": first_s,
         "flops_per_step": flops,
         "peak_memory_gib": memory,
@@ -175,8 +174,8 @@ def main() -> None:
     report["bf16_peak_flops"], report["peak_source"] = peak, peak_source
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        report["jpeg_size"] = (64, 48) if args.smoke else (500, 375)
-        folder = jpeg_folder(Path(tmp), 64 if args.smoke else 1024, report["jpeg_size"])
+        report["jpeg_size"] = (40, 80) if args.smoke else (300, 640)
+        folder = jpeg_folder(Path(tmp), 60 if args.smoke else 500, report["jpeg_size"])
         compiled_too = (False,) if args.smoke else (False, True)
         plan = [(c, m, v) for c in compiled_too for m in METHODS for v in ("plain", "dilemma")]
         for compiled, name, variant in plan:
@@ -223,8 +222,9 @@ def write(report: dict, folder: Path, smoke: bool) -> None:
         "",
         f"Command: `{report['command']}`; python {report['versions']['python']}, torch {report['versions']['torch']}, "
         f"timm {report['versions']['timm']}; {report['total_s']:.0f} s in all. Batch {report['batch']} per GPU, bf16 "
-        f"autocast, views made; the loader uses {report['cpu_workers']} worker processes on generated "
-        f"{report['jpeg_size'][0]}x{report['jpeg_size'][1]} JPEGs. "
+        f"autocast; a step is the device stage (photometric ops + normalisation) and the training step on "
+        f"crops made beforehand; the loader (the worker stage) uses {report['cpu_workers']} worker processes on "
+        f"generated photo-like JPEGs with sides of {report['jpeg_size'][0]}-{report['jpeg_size'][1]} px. "
         f"MFU against {report['bf16_peak_flops'] / 1e12:.0f} TFLOP/s ({report['peak_source']}).",
         "",
         f"CUDA tests (`pytest -m cuda`): {tests['summary'] if tests else 'not run (no GPU)'}",
@@ -232,17 +232,19 @@ def write(report: dict, folder: Path, smoke: bool) -> None:
     lines += [f"- {failure}" for failure in (tests or {}).get("failures", [])]
     lines += [
         "",
-        "| method | variant | compiled | img/s | MFU | peak GiB | first step s | loader img/s | bound |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| method | variant | compiled | img/s | MFU | peak GiB | first step s | device stage ms (of step) "
+        "| loader img/s | bound |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["steps"]:
         head = f"| {r['method']} | {r['variant']} | {'yes' if r['compiled'] else 'no'} |"
         if "error" in r:
-            lines.append(f"{head} error: {r['error']} | | | | | |")
+            lines.append(f"{head} error: {r['error']} | | | | | | |")
             continue
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         lines.append(
             f"{head} {r['img_per_s']:.0f} | {100 * r['mfu']:.1f} % | {memory} | {r['first_step_s']:.1f} | "
+            f"{1000 * r['device_stage_s']:.1f} ({100 * r['device_stage_s'] / r['step_s']:.0f} %) | "
             f"{r['loader_img_per_s']:.0f} | {r['bound']} |"
         )
     if report["skipped"]:

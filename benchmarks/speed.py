@@ -107,9 +107,20 @@ def feature_step(cfg, device, batch: int, precision: str):
     return step
 
 
-def training_step(cfg, device, precision: str, batch: int, compile: bool = False):
-    """One full ``Stepper`` step (views already made; the model compiled as ``train.compile`` does)
-    and the batches it reads its views from."""
+def device_stage(batches, device, encoder):
+    """Batch -> the encoder's input, as the training loop makes it: the photometric ops and the
+    normalisation on ``device`` (a baseline commit from before the two stages: normalisation alone,
+    its workers having done the rest)."""
+    if hasattr(batches, "views") and hasattr(batches.views, "finish"):
+        return lambda b: batches.views.finish(b.views, b.draws, device, encoder.mean, encoder.std)
+    return lambda b: tuple(normalize(v.to(device)) for v in b.views)
+
+
+def training_step(cfg, device, precision: str, batch: int, compile: bool = False, with_loader: bool = False):
+    """One full training step as the loop runs it: the device stage of a batch's views and the
+    ``Stepper`` step (the model compiled as ``train.compile`` does), on one batch made beforehand;
+    ``with_loader``: each step also makes its batch in this process (the worker stage, as
+    ``data.num_workers=0`` does: the quickstart). Returns the step and the batches."""
     model = build_method(cfg).to(device)
     if compile:
         model.compile()
@@ -120,10 +131,14 @@ def training_step(cfg, device, precision: str, batch: int, compile: bool = False
         optimizer = torch.optim.AdamW(groups, lr=1e-4)
     stepper = Stepper(model, model, optimizer, device=device, precision=precision, grad_clip=3.0)
     batches = PretrainBatches(load_splits(cfg).train, batch, build_views(cfg), seed=0)
-    views = batches[0].views
-    views = tuple(normalize(v.to(device)) for v in views)
-    counter = iter(range(10**9))
-    return (lambda: stepper.step(views, 0.5, next(counter), False)), batches
+    finish, first = device_stage(batches, device, model.encoder), batches[0]
+    counter = iter(range(1, 10**9))
+
+    def step():
+        number = next(counter)
+        stepper.step(finish(batches[number] if with_loader else first), 0.5, number, False)
+
+    return step, batches
 
 
 def step_rates(
@@ -137,6 +152,8 @@ def step_rates(
     keep = 1.0 - base.dilemma.drop_rate
     rates["student step alone"] = batch / timed(student_step(base, device, keep, batch, precision), device, repeats)
     rates["evaluation features"] = batch / timed(feature_step(base, device, batch, precision), device, repeats)
+    quickstart, _ = training_step(base, device, precision, batch, with_loader=True)
+    rates["default run: batch made + step (0 workers)"] = batch / timed(quickstart, device, repeats)
     for name in methods:
         for variant, switches in (("plain", METHODS[name].plain), ("dilemma", ())):
             cfg = load_config(None, [*set_args, f"method.name={name}", *switches])
@@ -154,11 +171,10 @@ def before_after(ref: str, args, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-        sides = {
-            "before": (Path(tmp) / "src", {}),
-            "before + allocator": (Path(tmp) / "src", KEEP_FREED_ENV),
-            "after": (ROOT / "src", {}),
-        }
+        sides = {"before": (Path(tmp) / "src", {})}
+        if not (Path(tmp) / "src" / "dilemma" / "allocator.py").exists():  # what the allocator setting alone buys
+            sides["before + allocator"] = (Path(tmp) / "src", KEEP_FREED_ENV)
+        sides["after"] = (ROOT / "src", {})
         runs: dict[str, list[dict]] = {side: [] for side in sides}
         for _ in range(rounds):
             for side, (src, extra_env) in sides.items():
@@ -271,7 +287,7 @@ def main() -> None:
         f"Matmul peak ({args.matmul_size}^3): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
         f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s.",
         "",
-        "## Full training step (views made; EMA, teacher, heads, optimiser included)",
+        "## Full training step (crops made; device stage, EMA, teacher, heads, optimiser included)",
         "",
         "| method | variant | img/s | GFLOP/step | achieved GFLOP/s | of matmul peak | loader img/s | loader / model |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -284,7 +300,8 @@ def main() -> None:
     ]
     lines += [
         "",
-        "Loader: one process decoding and augmenting a batch (`PretrainBatches[step]`, the method's views); "
+        "Loader: one process decoding and cropping a batch (`PretrainBatches[step]`, the worker stage of the "
+        "method's views); "
         "FLOPs counted by `torch.utils.flop_counter` (matmuls and convolutions).",
     ]
     if args.baseline:
@@ -299,7 +316,10 @@ def main() -> None:
             "baseline's code with glibc's malloc set by its environment as `dilemma` now sets it "
             "(`allocator.keep_freed_memory`); the rest of the speed-up is the code's. Student step alone: "
             "encoder + detection head at the default drop rate. Evaluation features: the dense, gradient-free "
-            "forward that kNN and the linear probe run.",
+            "forward that kNN and the linear probe run. Default run: what `dilemma pretrain` does per step with "
+            "no loader workers (the quickstart): the batch made in the training process, the device stage, the "
+            "step. Method rows: the step on a batch made beforehand, with the device stage where the code has "
+            "one (a commit from before the two stages ran the photometric ops in its workers).",
             "",
             "Speed-up: fastest after / fastest before; per round: after / before of the same round "
             "(neighbours in time), whose range shows how much the machine's slow spells moved single rounds.",
@@ -307,11 +327,13 @@ def main() -> None:
             "| step | before img/s | before + allocator | after img/s | speed-up | per round (min-max) |",
             "|---|---:|---:|---:|---:|---:|",
         ]
-        before, alloc, after = (ba["best"][side] for side in ("before", "before + allocator", "after"))
+        before, after = ba["best"]["before"], ba["best"]["after"]
+        alloc = ba["best"].get("before + allocator")
         for k in after:
             paired = [a[k] / b[k] for a, b in zip(ba["runs"]["after"], ba["runs"]["before"], strict=True)]
+            with_alloc = f"{alloc[k]:.0f} ({alloc[k] / before[k]:.2f}x)" if alloc else "(has it)"
             lines.append(
-                f"| {k} | {before[k]:.0f} | {alloc[k]:.0f} ({alloc[k] / before[k]:.2f}x) | {after[k]:.0f} | "
+                f"| {k} | {before[k]:.0f} | {with_alloc} | {after[k]:.0f} | "
                 f"{after[k] / before[k]:.2f}x | {min(paired):.2f}-{max(paired):.2f}x |"
             )
     out.write_text("\n".join(lines) + "\n")

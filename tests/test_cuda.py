@@ -35,7 +35,8 @@ def _setup(method: str, precision: str = "fp32", *extra):
     model = build_method(cfg).to(CUDA)
     optimizer = adamw(param_groups(model, 0.05), 1e-3, use_scaler=precision == "fp16")
     batches = PretrainBatches(load_splits(cfg).train, 16, build_views(cfg), seed=0)
-    views = tuple(model.encoder.normalize(v.to(CUDA)) for v in batches[0].views)
+    batch = batches[0]
+    views = batches.views.finish(batch.views, batch.draws, CUDA, model.encoder.mean, model.encoder.std)
     return cfg, model, optimizer, views
 
 

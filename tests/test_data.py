@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dilemma.data import PretrainBatches, ViewSettings, load_source, two_views
+from dilemma.data import load_source
 from dilemma.errors import DilemmaError
 
 
@@ -100,22 +100,6 @@ def test_a_bad_file_is_found_when_read(tmp_path):
         else:
             with pytest.raises(DilemmaError, match=r"cannot read image .*0.png.*unreadable.*skip_bad_images"):
                 part.load_eval(range(len(part)))
-
-
-def test_pretrain_batches_are_a_function_of_step(animal):
-    views = two_views(ViewSettings(28))
-    batches = PretrainBatches(animal.train, 64, views, seed=3)
-    (a1, a2), labels, _ = batches[5]
-    (b1, b2), _, _ = batches[5]
-    assert a1.shape == (64, 1, 28, 28) and a1.dtype == torch.uint8  # the encoder normalises on the device
-    assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, a2)
-    assert not torch.equal(batches[6][0][0], a1)
-    assert torch.equal(labels, animal.train.labels[batches.indices(5)])
-    # an epoch is a permutation; two ranks split the global batch
-    epoch = torch.cat([batches.indices(s) for s in range(batches.steps_per_epoch)])
-    assert len(set(epoch.tolist())) == len(epoch) == batches.steps_per_epoch * 64
-    ranks = [PretrainBatches(animal.train, 64, views, seed=3, rank=r, world_size=2).indices(5) for r in (0, 1)]
-    assert sorted(torch.cat(ranks).tolist()) == sorted(batches.indices(5).tolist())
 
 
 def test_pictures_take_their_images_from_several_classes():

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dilemma.cli import main
 from dilemma.config import load_config
-from dilemma.data import BadImage, PretrainBatches, ViewSettings, decode, load_source, pretrain_loader, two_views
+from dilemma.data import BadImage, decode, load_source
 from dilemma.data.sources import list_image_source
 from dilemma.errors import DilemmaError
 from tests.imagefolder import make_image_folder
@@ -137,47 +137,6 @@ def test_bad_files_are_named(tmp_path, name, content, reason):
 
 
 # ---- views -------------------------------------------------------------------------------------
-
-
-def test_views_crop_the_full_resolution_image(folder):
-    s = load_source(str(folder), img_size=16, in_chans=3)
-    images, _, problems = s.train.raw([0, 1])
-    assert not problems and all(min(img.size) >= 40 for img in images)  # as stored, not 16 px thumbnails
-    assert s.train.load([0, 1]).shape == (2, 3, 16, 16)  # evaluation: resized + centre crop
-
-
-def test_rgb_views(folder):
-    s = load_source(str(folder), img_size=16, in_chans=3)
-    settings = ViewSettings(16, 3, crop_min_scale=0.08, saturation=0.2, hue=0.1, grayscale_prob=0.2)
-    names = [type(t).__name__ for t in settings.transform().transforms]
-    assert names[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"] and "RandomGrayscale" in names
-    jitter = next(t for t in settings.transform().transforms if "ColorJitter" in str(t)).transforms[0]
-    assert jitter.saturation == (0.8, 1.2) and jitter.hue == (-0.1, 0.1)
-    gray = ViewSettings(16, 1, saturation=0.2, hue=0.1, grayscale_prob=0.2).transform()
-    assert "RandomGrayscale" not in str(gray) and "saturation" not in str(gray)  # colour-only ops skip 1 channel
-    batches = PretrainBatches(s.train, 4, two_views(settings), seed=0)
-    (v1, v2), labels, _ = batches[1]
-    assert v1.shape == v2.shape == (4, 3, 16, 16) and v1.dtype == torch.uint8 and labels.shape == (4,)
-
-
-def test_asymmetric_views_differ_as_byol():
-    settings = ViewSettings(16, 3, blur_prob=0.3, solarize_prob=0.2, asymmetric=True)
-    first, second = settings.pair()
-    names = [[type(t).__name__ for t in view.transforms] for view in (first, second)]
-    assert "RandomSolarize" not in names[0] and "RandomSolarize" in names[1]
-    blur_p = [
-        next(t.p for t in view.transforms if type(t).__name__ == "RandomApply" and "Blur" in str(t))
-        for view in (first, second)
-    ]
-    assert blur_p == [1.0, 0.1]
-
-
-def test_streamed_batches_are_the_same_with_workers(folder):
-    s = load_source(str(folder), img_size=16, in_chans=3)
-    batches = PretrainBatches(s.train, 4, two_views(ViewSettings(16, 3)), seed=1)
-    alone = [b.views[0] for b in pretrain_loader(batches, 0, 3, num_workers=0, pin_memory=False)]
-    workers = [b.views[0] for b in pretrain_loader(batches, 0, 3, num_workers=2, pin_memory=False)]
-    assert all(torch.equal(a, b) for a, b in zip(alone, workers, strict=True))
 
 
 # ---- training on a folder ----------------------------------------------------------------------
@@ -368,21 +327,3 @@ def test_evaluation_uses_the_encoders_normalisation():
         expected = encoder(normalize(pixels, mean, std))[0]
         default = encoder(normalize(pixels))[0]
     assert torch.allclose(feats, expected, atol=1e-5) and not torch.allclose(feats, default, atol=1e-3)
-
-
-def test_blur_is_torchvisions_on_tensors_and_pils_on_images():
-    """In-memory tensors blur exactly as torchvision's ``GaussianBlur`` (same draws, same pixels);
-    decoded files use PIL's filter, as MoCo v3 and DINO do (a 2D convolution at 224 px is 30-60x slower)."""
-    from torchvision.transforms import v2
-
-    from dilemma.data.augment import GaussianBlur
-
-    x = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
-    for seed in range(10):
-        torch.manual_seed(seed)
-        ours = v2.RandomApply([GaussianBlur(3)], p=0.5)(x)
-        torch.manual_seed(seed)
-        assert torch.equal(ours, v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.5)(x))
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    blurred = GaussianBlur(3, sigma=(2.0, 2.0))(image)
-    assert isinstance(blurred, Image.Image) and np.asarray(blurred).std() < np.asarray(image).std() / 2

@@ -1,5 +1,5 @@
-"""Scale: 2 CPU processes (gloo DDP) equal 1 process on the same global batch; accumulation
-2 x B/2 equals one step of B; every precision mode runs."""
+"""Scale: 2 CPU processes (gloo DDP), each making its own views, equal 1 process on the same global
+batch; accumulation 2 x B/2 equals one step of B; every precision mode runs."""
 
 import json
 import os
@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dilemma.build import build_method
+from dilemma.build import build_method, build_views, load_splits
 from dilemma.cli import main
 from dilemma.config import load_config
+from dilemma.data import PretrainBatches
 from dilemma.distributed import sync_batchnorm
 from dilemma.train.step import Stepper
 from tests.conftest import TINY
@@ -29,11 +30,14 @@ def _build(method: str, *extra):
     return cfg, model, optimizer
 
 
-def _views(method: str):
-    """MAE: one view; MoCo v3 / SimCLR: two; DINO: two global crops and two 16 px local crops."""
-    g = torch.Generator().manual_seed(1)
-    sizes = {"mae": [28], "dino": [28, 28, 16, 16]}.get(method, [28, 28])
-    return tuple(torch.randn(BATCH, 1, s, s, generator=g) for s in sizes)
+def _views(method: str, rank: int = 0, world_size: int = 1):
+    """This process's share of the method's views of the global batch at step 5, both stages made
+    here as in training (MAE: one view; MoCo v3 / SimCLR: two; DINO: two global crops and two 16 px
+    local crops): an image gets the same views however many processes share the batch."""
+    cfg = load_config(None, [*TINY, f"method.name={method}", f"data.batch_size={BATCH}"])
+    batches = PretrainBatches(load_splits(cfg).train, BATCH, build_views(cfg), 0, rank, world_size)
+    batch = batches[5]
+    return batches.views.finish(batch.views, batch.draws, torch.device("cpu"), cfg.model.mean, cfg.model.std)
 
 
 def _state(model) -> dict:
@@ -54,7 +58,7 @@ def _ddp_worker(rank: int, port: int, method: str, out: str, nan_on_rank_1: bool
         before = _state(model)
         ddp = torch.nn.parallel.DistributedDataParallel(sync_batchnorm(model, torch.device("cpu")))
         stepper = Stepper(ddp, model, optimizer, device=torch.device("cpu"), grad_clip=None, seed=0)
-        views = tuple(v[rank::2] for v in _views(method))  # PretrainBatches gives rank r the images r::world
+        views = _views(method, rank, world_size=2)  # rank r's images r::world, its views made here
         if nan_on_rank_1 and rank == 1:
             views[0][0, 0, 0, 0] = float("nan")
         result = stepper.step(views, 0.3, 5, False)

@@ -7,8 +7,8 @@ setting means the same everywhere.
 from __future__ import annotations
 
 from dilemma.config import Config, method_config
-from dilemma.data import Splits, ViewSettings, load_source
-from dilemma.methods import Method, Views, method_class
+from dilemma.data import Splits, Views, ViewSettings, load_source
+from dilemma.methods import Method, method_class
 from dilemma.models import build_encoder, load_backbone
 from dilemma.pretext import Dilemma
 
@@ -29,20 +29,20 @@ def load_splits(cfg: Config, source: str | None = None) -> Splits:
 
 
 def build_views(cfg: Config) -> Views:
-    """The method's augmentation: images -> tuple of uint8 view batches (the encoder normalises them)."""
+    """The method's views: crops in the loader workers, photometric ops on the training device."""
     d, m = cfg.data, cfg.model
     settings = ViewSettings(
-        m.img_size,
-        m.in_chans,
-        d.crop_min_scale,
-        d.hflip,
-        d.color_jitter,
-        d.saturation,
-        d.hue,
-        d.grayscale_prob,
-        d.blur_prob,
-        d.solarize_prob,
-        d.asymmetric_views,
+        img_size=m.img_size,
+        in_chans=m.in_chans,
+        crop_min_scale=d.crop_min_scale,
+        hflip=d.hflip,
+        color_jitter=d.color_jitter,
+        saturation=d.saturation,
+        hue=d.hue,
+        grayscale_prob=d.grayscale_prob,
+        blur_prob=d.blur_prob,
+        solarize_prob=d.solarize_prob,
+        asymmetric=d.asymmetric_views,
     )
     return method_class(cfg.method.name).views(method_config(cfg), settings)
 

@@ -50,10 +50,20 @@ def _per_channel(values, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, device=like.device).view(-1, 1, 1)
 
 
+def standardize(pixels: torch.Tensor, mean=(0.5,), std=(0.5,)) -> torch.Tensor:
+    """Floats in [0, 1] ``(..., C, H, W)`` -> ``(x - mean) / std`` per channel (one value: every
+    channel), in place. Python scalars, not a tensor of them: copying one to a GPU would wait for
+    the work queued there."""
+    channels = pixels.shape[-3]
+    mean, std = (list(v) * channels if len(v) == 1 else list(v) for v in (mean, std))
+    for c, (m, s) in enumerate(zip(mean, std, strict=True)):
+        pixels[..., c, :, :].sub_(m).div_(s)
+    return pixels
+
+
 def normalize(images: torch.Tensor, mean=(0.5,), std=(0.5,)) -> torch.Tensor:
     """uint8 ``(..., C, H, W)`` -> float ``(x / 255 - mean) / std`` per channel (one value: every channel)."""
-    x = images.float()
-    return (x / 255.0 - _per_channel(mean, x)) / _per_channel(std, x)
+    return standardize(images.float() / 255.0, mean, std)
 
 
 def sincos_pos_embed_2d(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:

@@ -1,80 +1,140 @@
-"""Views (torchvision transforms v2).
+"""Views in two stages: crops in the loader workers, photometric ops on the training device.
 
 A view is cropped from the image as stored (full resolution for files, model size for in-memory
-sets), then resized to the model's size: random resized crop, flip, colour jitter, grayscale,
-blur, solarisation. The settings are the ``data`` config section; the defaults suit the 28 px
-grayscale silhouettes (no colour-only operations), ``configs/paper_*.yaml`` set the published
-RGB recipes. With ``asymmetric`` the two views differ as in BYOL / MoCo v3 / DINO: view 1 is
-always blurred and never solarised, view 2 blurred with p = 0.1 and solarised with
-``solarize_prob``. Views stay uint8 (a quarter of the bytes between loader workers and the
-device); the encoder normalises them where they train (``ViTEncoder.normalize``).
+sets) and resized to its output size (random resized crop + flip), then colour-jittered, turned
+grey, blurred and solarised. Only the first stage needs the file, so only it runs per image on the
+CPU (``Views.crops``, in the DataLoader workers, uint8 out: a quarter of the bytes of floats); the
+second runs batched on the training device right before the encoder (``Views.finish``,
+``photometric.Photometric``), followed by the encoder's normalisation.
+
+The settings are the ``data`` config section; the defaults suit the 28 px grayscale silhouettes (no
+colour-only operations), ``configs/paper_*.yaml`` set the published RGB recipes. With
+``asymmetric`` the two views differ as in BYOL / MoCo v3 / DINO: view 1 is always blurred and
+never solarised, view 2 blurred with p = 0.1 and solarised with ``solarize_prob``.
+
+Every random number of an image's views comes from one generator seeded for that image
+(``loader.image_seed``): the crops and flips drawn as torchvision's ``RandomResizedCrop`` /
+``RandomHorizontalFlip`` draw them (the same calls in the same order), then ``Photometric.DRAWS``
+uniforms per view for the device stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
-from PIL import Image, ImageFilter
-from torchvision.transforms import v2
+import torch.nn.functional as F
+
+from dilemma.data.photometric import Photometric
+from dilemma.models import standardize
+
+RATIO = (3 / 4, 4 / 3)  # aspect ratios of a random resized crop (torchvision's default)
 
 
-class GaussianBlur:
-    """Blur with sigma drawn from ``sigma`` (torch's RNG): PIL's own filter for PIL images (as
-    MoCo v3 and DINO; 30-60x faster at 224 px than a 2D convolution), torchvision's kernel of
-    ``kernel_size`` for tensors (the in-memory sets)."""
+@dataclass(frozen=True)
+class Crop:
+    """The loader workers' part of a view: a random resized crop covering ``scale`` of the image's
+    area, resized to ``size`` (bilinear, antialiased), and a horizontal flip with p = 0.5."""
 
-    def __init__(self, kernel_size: int, sigma: tuple[float, float] = (0.1, 2.0)):
-        self.kernel_size, self.sigma = kernel_size, sigma
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
 
-    def __call__(self, img):
-        sigma = torch.empty(1).uniform_(*self.sigma).item()
-        if isinstance(img, Image.Image):
-            return img.filter(ImageFilter.GaussianBlur(radius=sigma))
-        return v2.functional.gaussian_blur(img, [self.kernel_size] * 2, [sigma, sigma])
+    def box(self, height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+        """``(top, left, h, w)``: torchvision's ``RandomResizedCrop.get_params`` drawing from
+        ``generator`` (the same draws in the same order: the same box for the same RNG state)."""
+        area = height * width
+        log_ratio = torch.log(torch.tensor(RATIO))
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(*self.scale, generator=generator).item()
+            aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
+                left = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+                return top, left, h, w
+        # ten misses: the centre crop of the image, its aspect ratio clamped to RATIO
+        in_ratio = width / height
+        if in_ratio < min(RATIO):
+            w, h = width, int(round(width / min(RATIO)))
+        elif in_ratio > max(RATIO):
+            h, w = height, int(round(height * max(RATIO)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
 
-    def __repr__(self) -> str:
-        return f"GaussianBlur(kernel_size={self.kernel_size}, sigma={self.sigma})"
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 ``(C, H, W)`` -> uint8 ``(C, size, size)``."""
+        top, left, h, w = self.box(image.shape[-2], image.shape[-1], generator)
+        flip = self.hflip and torch.rand(1, generator=generator).item() < 0.5  # RandomHorizontalFlip(p=0.5)
+        region = image[None, :, top : top + h, left : left + w]
+        # torch's uint8 antialiased bilinear kernel: PIL's filter to +-1 level, 3-4x faster than PIL
+        out = F.interpolate(region, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return out[0].flip(-1) if flip else out[0]
 
 
-def view_transform(
-    img_size: int,
-    *,
-    in_chans: int = 1,
-    crop_min_scale: float = 0.35,
-    crop_max_scale: float = 1.0,
-    hflip: bool = True,
-    color_jitter: float = 0.4,
-    saturation: float = 0.0,
-    hue: float = 0.0,
-    grayscale_prob: float = 0.0,
-    blur_prob: float = 0.2,
-    solarize_prob: float = 0.0,
-) -> v2.Compose:
-    """One random view of a uint8 tensor or PIL image -> uint8 ``(C, img_size, img_size)``.
+@dataclass(frozen=True)
+class View:
+    """One view of an image: its crop (per image, loader workers) and photometric ops (batched, device)."""
 
-    Colour jitter (brightness and contrast ``color_jitter``, ``saturation``, ``hue``) is applied
-    with p = 0.8 as in SimCLR / MoCo v3 / DINO; saturation, hue and grayscale only to RGB images.
-    """
-    steps = [v2.RandomResizedCrop(img_size, scale=(crop_min_scale, crop_max_scale), antialias=True)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    rgb = in_chans == 3
-    jitter = {"brightness": color_jitter, "contrast": color_jitter}
-    if rgb:
-        jitter.update(saturation=saturation, hue=hue)
-    if any(jitter.values()):
-        steps.append(v2.RandomApply([v2.ColorJitter(**jitter)], p=0.8))
-    if rgb and grayscale_prob > 0:
-        steps.append(v2.RandomGrayscale(p=grayscale_prob))
-    if blur_prob > 0:
-        kernel = max(3, (img_size // 10) | 1)  # ~10 % of the side, odd (SimCLR)
-        steps.append(v2.RandomApply([GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob))
-    if solarize_prob > 0:
-        steps.append(v2.RandomSolarize(threshold=128, p=solarize_prob))
-    steps.append(v2.PILToTensor())  # PIL images (files) -> uint8 tensor; tensors pass unchanged
-    return v2.Compose(steps)
+    crop: Crop
+    photometric: Photometric = Photometric()
+
+
+class Views:
+    """A method's views of each image, in two stages: ``crops`` where the images are decoded,
+    ``finish`` on the training device."""
+
+    def __init__(self, *views: View):
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def crops(self, images: Sequence[torch.Tensor], seeds: Sequence[int]) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """uint8 images ``(C, H, W)`` of any size, one seed each -> ``(crops, draws)``: per view the
+        uint8 batch ``(n, C, S, S)`` and its device stage's uniforms ``(n, Photometric.DRAWS)``."""
+        n, channels = len(images), images[0].shape[0]
+        crops = [torch.empty((n, channels, v.crop.size, v.crop.size), dtype=torch.uint8) for v in self.views]
+        draws = [torch.empty((n, Photometric.DRAWS)) for _ in self.views]
+        generator = torch.Generator()
+        for k, (image, seed) in enumerate(zip(images, seeds, strict=True)):
+            generator.manual_seed(seed)
+            for view, crop, draw in zip(self.views, crops, draws, strict=True):
+                crop[k] = view.crop(image, generator)
+                draw[k] = torch.rand(Photometric.DRAWS, generator=generator)
+        return tuple(crops), tuple(draws)
+
+    def finish(
+        self,
+        crops: Sequence[torch.Tensor],
+        draws: Sequence[torch.Tensor],
+        device: torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> tuple[torch.Tensor, ...]:
+        """The device stage: uint8 crops (moved to ``device`` as uint8) -> photometric ops ->
+        ``(x - mean) / std``, the encoder's input. ``draws`` stay on the host."""
+        out = []
+        for view, crop, draw in zip(self.views, crops, draws, strict=True):
+            pixels = crop.to(device, non_blocking=True).float().div_(255)
+            out.append(standardize(view.photometric(pixels, draw), mean, std))
+        return tuple(out)
+
+    def __call__(
+        self,
+        images: Sequence[torch.Tensor],
+        seeds: Sequence[int],
+        device: torch.device | str = "cpu",
+        mean: Sequence[float] = (0.5,),
+        std: Sequence[float] = (0.5,),
+    ) -> tuple[torch.Tensor, ...]:
+        """Both stages in one place (tests, pictures, benchmarks): images -> the encoder's input."""
+        return self.finish(*self.crops(images, seeds), torch.device(device), mean, std)
 
 
 @dataclass(frozen=True)
@@ -85,7 +145,7 @@ class ViewSettings:
     in_chans: int = 1
     crop_min_scale: float = 0.35
     hflip: bool = True
-    color_jitter: float = 0.4
+    color_jitter: float = 0.4  # brightness and contrast strength, applied with p = 0.8
     saturation: float = 0.0
     hue: float = 0.0
     grayscale_prob: float = 0.0
@@ -93,53 +153,50 @@ class ViewSettings:
     solarize_prob: float = 0.0
     asymmetric: bool = False
 
-    def transform(self, **changes) -> v2.Compose:
-        """``view_transform`` with these settings; ``changes`` replace some (e.g. ``color_jitter=0.0``)."""
-        settings = {**dataclasses.asdict(self), **changes}
-        settings.pop("asymmetric")
-        return view_transform(**settings)
-
-    def crop_and_flip(self) -> v2.Compose:
-        """The geometric part alone (MAE's views, fine-tuning's base)."""
-        return self.transform(
-            color_jitter=0.0, saturation=0.0, hue=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0
+    def view(self, *, size: int | None = None, scale: tuple[float, float] | None = None, **changes) -> View:
+        """A view with these settings; ``size`` / ``scale`` set its crop, ``changes`` replace
+        photometric settings (e.g. ``blur_prob=1.0``). Colour-only ops act on RGB only."""
+        s = dataclasses.replace(self, **changes)
+        size = size or s.img_size
+        rgb = s.in_chans == 3
+        photometric = Photometric(
+            brightness=s.color_jitter,
+            contrast=s.color_jitter,
+            saturation=s.saturation if rgb else 0.0,
+            hue=s.hue if rgb else 0.0,
+            grayscale_prob=s.grayscale_prob if rgb else 0.0,
+            blur_prob=s.blur_prob,
+            blur_kernel=max(3, (size // 10) | 1),  # ~10 % of the side, odd (SimCLR)
+            solarize_prob=s.solarize_prob,
         )
+        return View(Crop(size, scale or (s.crop_min_scale, 1.0), s.hflip), photometric)
 
-    def pair(self, **changes) -> tuple[v2.Compose, v2.Compose]:
+    def crop_and_flip(self) -> View:
+        """The geometric part alone (MAE's views)."""
+        return View(self.view().crop)
+
+    def pair(self, **changes) -> tuple[View, View]:
         """The two views of a two-view method: alike, or BYOL's asymmetric blur / solarisation."""
         if not self.asymmetric:
-            same = self.transform(**changes)
+            same = self.view(**changes)
             return same, same
         return (
-            self.transform(**{**changes, "blur_prob": 1.0, "solarize_prob": 0.0}),
-            self.transform(**{**changes, "blur_prob": 0.1, "solarize_prob": self.solarize_prob}),
+            self.view(**{**changes, "blur_prob": 1.0, "solarize_prob": 0.0}),
+            self.view(**{**changes, "blur_prob": 0.1, "solarize_prob": self.solarize_prob}),
         )
 
 
-class MultiViews:
-    """Maps a batch of images (uint8 tensors or PIL images of any size) to one uint8 batch
-    ``(n, C, S', S')`` per transform, each image augmented independently (per-sample randomness)."""
-
-    def __init__(self, *transforms: v2.Compose):
-        self.transforms = transforms
-
-    def __call__(self, images) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.stack([transform(img) for img in images]) for transform in self.transforms)
-
-
-def two_views(settings: ViewSettings) -> MultiViews:
+def two_views(settings: ViewSettings) -> Views:
     """SimCLR / MoCo v3: two views of each image."""
-    return MultiViews(*settings.pair())
+    return Views(*settings.pair())
 
 
 def multi_crop(
     settings: ViewSettings, local_size: int, num_local: int, *, local_max_scale: float, local_min_scale: float = 0.05
-) -> MultiViews:
+) -> Views:
     """DINO's multi-crop: 2 global crops at ``img_size`` covering ``[crop_min_scale, 1]`` of the image and
     ``num_local`` local crops at ``local_size`` covering ``[local_min_scale, local_max_scale]`` (blurred
     with p = 0.5 and never solarised when ``asymmetric``, as DINO's)."""
     local_blur = {"blur_prob": 0.5, "solarize_prob": 0.0} if settings.asymmetric else {}
-    local_crop = settings.transform(
-        img_size=local_size, crop_min_scale=local_min_scale, crop_max_scale=local_max_scale, **local_blur
-    )
-    return MultiViews(*settings.pair(), *[local_crop] * num_local)
+    local = settings.view(size=local_size, scale=(local_min_scale, local_max_scale), **local_blur)
+    return Views(*settings.pair(), *[local] * num_local)

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dilemma.data.sets import ImageSet
 from dilemma.errors import DilemmaError
 
+try:  # torchvision's libjpeg-turbo binding; deprecated from 0.29 in favour of TorchCodec: without it PIL decodes all
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover - a torchvision without it
+    decode_jpeg = None
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 LIST_SUFFIXES = {".txt", ".csv", ".tsv"}
 VAL_FOLDERS = ("val", "validation", "test")
@@ -38,6 +45,8 @@ MIN_IMAGE_SIDE = 4  # pixels; anything smaller is not an image worth resizing
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 # JPEGs are decoded at a reduced scale (PIL draft) only while the short side stays >= this x the model size
 DECODE_MARGIN = 4
+EXIF_ORIENTATION = 0x0112
+FAST_DECODE_MAX_BYTES = 32 * 2**20  # larger files stream through PIL: memory must not follow file sizes
 
 
 class BadImage(Exception):
@@ -117,6 +126,48 @@ def decode(path: str, mode: str, min_side: int = 0) -> Image.Image:
         raise BadImage(path, f"unreadable ({err})") from None
 
 
+def _decodes_like_pil(img: Image.Image, mode: str, min_side: int) -> bool:
+    """Whether torchvision's JPEG decoder gives exactly ``decode``'s pixels for ``img`` (an opened,
+    not yet decoded file): a JPEG already in ``mode``, stored upright, that draft mode would not
+    reduce. Both decode with libjpeg-turbo (tested equal)."""
+    return (
+        img.format == "JPEG"
+        and img.mode == mode
+        and min(img.size) >= MIN_IMAGE_SIDE
+        and (not min_side or min(img.size[0] // min_side, img.size[1] // min_side) < 2)
+        and img.getexif().get(EXIF_ORIENTATION, 1) == 1
+    )
+
+
+def _fast_jpeg(path: str, mode: str, min_side: int) -> torch.Tensor | None:
+    """The pixels from torchvision's JPEG decoder where they are exactly ``decode``'s, else None."""
+    if decode_jpeg is None:
+        return None
+    with open(path, "rb") as f:
+        if not 0 < os.fstat(f.fileno()).st_size <= FAST_DECODE_MAX_BYTES:
+            return None
+        data = bytearray(f.read())  # one read: PIL's many small header reads from a file cost more
+    with Image.open(io.BytesIO(data)) as img:
+        if not _decodes_like_pil(img, mode, min_side):
+            return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29+: "use TorchCodec"
+        read_mode = ImageReadMode.GRAY if mode == "L" else ImageReadMode.RGB
+        return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=read_mode)
+
+
+def decode_pixels(path: str, mode: str, min_side: int = 0) -> torch.Tensor:
+    """``decode`` as uint8 ``(C, H, W)``. The common JPEG goes straight into a tensor with
+    torchvision's decoder (the same pixels, faster than PIL + a copy:
+    benchmarks/results/data_loading.md); every other file, and any the fast path refuses, through
+    ``decode``, which also names what is wrong with a bad one."""
+    try:
+        pixels = _fast_jpeg(path, mode, min_side)
+    except Exception:  # whatever the fast path refuses, decode() reads or names
+        pixels = None
+    return pixels if pixels is not None else pil_to_uint8(decode(path, mode, min_side))
+
+
 def centre_view(img: Image.Image, size: int, crop_pct: float) -> Image.Image:
     """Short side to ``round(size / crop_pct)`` (bicubic), then the centre ``size x size``."""
     scale = round(size / crop_pct) / min(img.size)
@@ -127,10 +178,10 @@ def centre_view(img: Image.Image, size: int, crop_pct: float) -> Image.Image:
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    """PIL ``L`` / ``RGB`` -> uint8 ``(C, H, W)``."""
-    array = np.asarray(img, dtype=np.uint8)
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array.copy())
+    """PIL ``L`` / ``RGB`` -> uint8 ``(C, H, W)``, channels last in memory (as PIL stores it; torch's
+    resampling kernels read that layout fastest)."""
+    array = np.array(img, dtype=np.uint8)  # a writable copy
+    return torch.from_numpy(array[..., None] if array.ndim == 2 else array).permute(2, 0, 1)
 
 
 def _hidden(name: str) -> bool:
@@ -246,6 +297,9 @@ class FileImageSet(ImageSet):
     def decode(self, index: int, min_side: int = 0) -> Image.Image:
         return decode(self.paths[index], self.mode, min_side)
 
+    def decode_pixels(self, index: int, min_side: int = 0) -> torch.Tensor:
+        return decode_pixels(self.paths[index], self.mode, min_side)
+
     def load_eval(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """The evaluation views (short side to S / crop_pct, centre crop) and labels. A bad image
         fails, or with ``skip_bad`` is left out (with a warning on stderr)."""
@@ -268,17 +322,17 @@ class FileImageSet(ImageSet):
             return empty, torch.empty(0, dtype=torch.long)
         return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
-    def raw(self, indices) -> tuple[list[Image.Image], torch.Tensor, list[str]]:
-        """``(images, labels, problems)`` for training views: each image at full resolution (a JPEG
-        at most reduced to ``DECODE_MARGIN`` x the model size). A bad image is replaced by another
-        one (the same one on every run) and reported in ``problems``."""
+    def raw(self, indices) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+        """``(images, labels, problems)`` for training views: each image uint8 ``(C, H, W)`` at full
+        resolution (a JPEG at most reduced to ``DECODE_MARGIN`` x the model size). A bad image is
+        replaced by another one (the same one on every run) and reported in ``problems``."""
         images, labels, problems = [], [], []
         for i in indices:
             i = int(i)
             for attempt in range(16):
                 j = (i + attempt * 7919) % len(self)  # deterministic stand-ins for a bad file
                 try:
-                    images.append(self.decode(j, DECODE_MARGIN * self.img_size))
+                    images.append(self.decode_pixels(j, DECODE_MARGIN * self.img_size))
                     labels.append(int(self.labels[j]))
                     break
                 except BadImage as bad:

@@ -1,31 +1,52 @@
 """Batches for pretraining and evaluation.
 
 Pretraining batches are a pure function of ``(seed, step)``: the epoch's permutation comes from
-``(seed, epoch)`` and the augmentation RNG from ``(seed, step)``. Resuming at step ``s`` therefore
-replays exactly the batches an uninterrupted run would have seen, with any number of workers.
+``(seed, epoch)`` and each image's views from a seed of ``(seed, step, its row in the global
+batch)``. Resuming at step ``s`` therefore replays exactly the batches an uninterrupted run would
+have seen, with any number of workers, and an image gets the same views however many processes
+share the global batch.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from dilemma.data.augment import Views
 from dilemma.data.sets import ImageSet
 from dilemma.errors import DilemmaError
 
+_MASK64 = 2**64 - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: nearby integers -> unrelated 64-bit ones."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def image_seed(seed: int, step: int, row: int) -> int:
+    """The seed of one image's views at ``step``: a function of the run's seed, the step and the
+    image's row in the global batch, not of which process or worker makes them. 32 bits: torch's
+    CPU generator keeps no more."""
+    return _mix(_mix(_mix(seed & _MASK64) + step) + row) >> 32
+
 
 class Batch(NamedTuple):
-    views: tuple[torch.Tensor, ...]  # the method's views, each uint8 (n, C, S', S'); the encoder normalises
+    views: tuple[torch.Tensor, ...]  # the method's views after the worker stage, each uint8 (n, C, S', S')
+    draws: tuple[torch.Tensor, ...]  # per view (n, Photometric.DRAWS): the device stage's uniforms (Views.finish)
     labels: torch.Tensor  # (n,)
     problems: list[str]  # bad image files met (and replaced) in this batch: "path: reason"
 
 
 class PretrainBatches(Dataset):
     """``dataset[step]`` -> ``Batch``: the method's views (a tuple of batches) for global step
-    ``step`` (drop-last epochs), decoded and augmented where this runs (a DataLoader worker).
+    ``step`` (drop-last epochs), decoded and cropped where this runs (a DataLoader worker); the
+    trainer finishes them on its device (``Views.finish``).
 
     With ``world_size > 1`` each rank takes its share ``rank::world_size`` of the global batch.
     """
@@ -34,7 +55,7 @@ class PretrainBatches(Dataset):
         self,
         images: ImageSet,
         batch_size: int,
-        views: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+        views: Views,
         seed: int,
         rank: int = 0,
         world_size: int = 1,
@@ -66,9 +87,9 @@ class PretrainBatches(Dataset):
 
     def __getitem__(self, step: int) -> Batch:
         images, labels, problems = self.images.raw(self.indices(step))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.rank)
-            return Batch(self.views(images), labels, problems)
+        rows = range(self.rank, self.batch_size, self.world_size)  # this rank's rows of the global batch
+        crops, draws = self.views.crops(images, [image_seed(self.seed, step, row) for row in rows])
+        return Batch(crops, draws, labels, problems)
 
 
 def pretrain_loader(

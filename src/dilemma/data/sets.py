@@ -25,7 +25,7 @@ class ImageSet(abc.ABC):
 
     @abc.abstractmethod
     def raw(self, indices) -> tuple[Sequence, torch.Tensor, list[str]]:
-        """``(images, labels, problems)``; each image a uint8 ``(C, H, W)`` tensor or a PIL image."""
+        """``(images, labels, problems)``; each image a uint8 ``(C, H, W)`` tensor of any size."""
 
     @abc.abstractmethod
     def load_eval(self, indices) -> tuple[torch.Tensor, torch.Tensor]:

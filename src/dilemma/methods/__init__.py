@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from dilemma.errors import DilemmaError
-from dilemma.methods.base import EMATeacherMethod, Method, MethodOutput, Views
+from dilemma.methods.base import EMATeacherMethod, Method, MethodOutput
 from dilemma.methods.dino import DINO
 from dilemma.methods.mae import MAE
 from dilemma.methods.mocov3 import MoCoV3
@@ -71,6 +71,5 @@ __all__ = [
     "MethodOutput",
     "MoCoV3",
     "SimCLR",
-    "Views",
     "method_class",
 ]

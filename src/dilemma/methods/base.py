@@ -24,18 +24,16 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from timm.layers import DropPath
 from torch import nn
 
-from dilemma.data.augment import ViewSettings, two_views
+from dilemma.data.augment import Views, ViewSettings, two_views
 from dilemma.models import ViTEncoder
 from dilemma.pretext import Dilemma, TokenDraws
 from dilemma.schedules import momentum_at
-
-Views = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # uint8 batch (n, C, S, S) -> float view batches
 
 
 @dataclass

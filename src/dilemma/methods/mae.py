@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torchvision.utils import save_image
 
-from dilemma.data.augment import MultiViews, ViewSettings
+from dilemma.data.augment import Views, ViewSettings
 from dilemma.errors import require
 from dilemma.methods.base import Method, MethodOutput
 from dilemma.models import ViTEncoder, sincos_pos_embed_2d
@@ -85,7 +85,7 @@ class MAE(Method):
     @classmethod
     def views(cls, cfg: MAEConfig, settings: ViewSettings):
         """One view: random resized crop and flip only, as MAE."""
-        return MultiViews(settings.crop_and_flip())
+        return Views(settings.crop_and_flip())
 
     def decoder_tokens(self, cls: torch.Tensor, patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``(B, 1 + L, Dd)``: each encoded token at its TRUE position ``keep`` (whatever PE the encoder

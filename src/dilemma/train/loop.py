@@ -359,8 +359,9 @@ def train(run: Run) -> str:
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
                 with_metrics = (run.step + 1) % t.log_every == 0
-                # uint8 views travel to the device, where they become the encoder's input
-                views = tuple(run.method.encoder.normalize(v.to(run.device, non_blocking=True)) for v in batch.views)
+                # uint8 crops travel to the device; their photometric ops and normalisation run there
+                encoder = run.method.encoder
+                views = run.batches.views.finish(batch.views, batch.draws, run.device, encoder.mean, encoder.std)
                 result = run.stepper.step(views, train_progress, run.step, with_metrics)
                 if result.skipped:
                     _nonfinite(run, result.loss.item())
