@@ -187,8 +187,10 @@ from dilemma.config import load_config
 from dilemma.data import PretrainBatches
 cfg = load_config({str(ROOT / "configs" / (recipe + ".yaml"))!r}, ["data.source={folder}", "data.batch_size={batch}"])
 b = PretrainBatches(load_splits(cfg).train, {batch}, build_views(cfg), seed=0)
-batch = b[0]
 dev = torch.device({device!r})
+batch = b[0]
+if dev.type == "cuda":  # pinned, as the loader hands crops to a GPU
+    batch = batch._replace(views=tuple(v.pin_memory() for v in batch.views))
 mean, std = cfg.model.mean, cfg.model.std
 def run():
     b.views.finish(batch.views, batch.draws, dev, mean, std)

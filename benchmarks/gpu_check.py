@@ -35,7 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import matmul_peak, timed, training_step  # noqa: E402
+from speed import matmul_peak, pinned, timed, training_step  # noqa: E402
 
 from dilemma.allocator import keep_freed_memory  # noqa: E402
 from dilemma.config import load_config  # noqa: E402
@@ -116,7 +116,7 @@ def measure(cfg, device, batch: int, compile: bool, repeats: int, workers: int, 
     step()  # the first step (compiles, when compiled)
     first_s = time.perf_counter() - start
     seconds = timed(step, device, repeats, warmup=2)
-    batch_ = batches[0]
+    batch_ = pinned(batches[0], device)
     finish = lambda: batches.views.finish(batch_.views, batch_.draws, device, cfg.model.mean, cfg.model.std)  # noqa: E731
     device_stage_s = timed(finish, device, repeats, warmup=2)
     flops = None

@@ -107,6 +107,13 @@ def feature_step(cfg, device, batch: int, precision: str):
     return step
 
 
+def pinned(batch, device):
+    """The batch as the loader hands it over: its crops in pinned memory when they go to a GPU."""
+    if device.type != "cuda":
+        return batch
+    return batch._replace(views=tuple(v.pin_memory() for v in batch.views))
+
+
 def device_stage(batches, device, encoder):
     """Batch -> the encoder's input, as the training loop makes it: the photometric ops and the
     normalisation on ``device`` (a baseline commit from before the two stages: normalisation alone,
@@ -131,12 +138,12 @@ def training_step(cfg, device, precision: str, batch: int, compile: bool = False
         optimizer = torch.optim.AdamW(groups, lr=1e-4)
     stepper = Stepper(model, model, optimizer, device=device, precision=precision, grad_clip=3.0)
     batches = PretrainBatches(load_splits(cfg).train, batch, build_views(cfg), seed=0)
-    finish, first = device_stage(batches, device, model.encoder), batches[0]
+    finish, first = device_stage(batches, device, model.encoder), pinned(batches[0], device)
     counter = iter(range(1, 10**9))
 
     def step():
         number = next(counter)
-        stepper.step(finish(batches[number] if with_loader else first), 0.5, number, False)
+        stepper.step(finish(pinned(batches[number], device) if with_loader else first), 0.5, number, False)
 
     return step, batches
 

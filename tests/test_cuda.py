@@ -74,6 +74,26 @@ def test_pinned_loader_batches_equal_the_unpinned_ones():
         assert torch.equal(got.to(CUDA, non_blocking=True).cpu(), expected)
 
 
+def test_the_device_stage_never_waits_for_the_gpu_and_equals_the_cpus():
+    """Every RGB op, with pinned crops as the loader gives them: no host-device synchronisation
+    (which would stall the CPU behind the queued step), and the CPU's pixels to float round-off."""
+    from dilemma.data import TensorImageSet, ViewSettings, multi_crop
+
+    images = TensorImageSet(torch.randint(0, 256, (32, 3, 48, 48), dtype=torch.uint8), torch.zeros(32).long())
+    settings = ViewSettings(48, 3, saturation=0.2, hue=0.1, grayscale_prob=0.2, solarize_prob=0.2, asymmetric=True)
+    batches = PretrainBatches(images, 16, multi_crop(settings, 16, 3, local_max_scale=0.4), seed=0)
+    batch = next(iter(pretrain_loader(batches, 0, 1, num_workers=0, pin_memory=True)))
+    finish = lambda device: batches.views.finish(batch.views, batch.draws, device, (0.4,) * 3, (0.2,) * 3)  # noqa: E731
+    finish(CUDA)  # warm-up: the pinned host allocator's first blocks
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = finish(CUDA)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for gpu, cpu in zip(on_gpu, finish(torch.device("cpu")), strict=True):
+        assert (gpu.cpu() - cpu).abs().max() < 1e-4
+
+
 def test_sync_batchnorm_in_a_one_process_nccl_group_equals_the_plain_step(tmp_path):
     import torch.distributed as dist
 

@@ -91,6 +91,11 @@ class Views:
 
     def __init__(self, *views: View):
         self.views = views
+        # views alike (DINO's local crops, SimCLR's pair) share one device-stage call: fewer, larger kernels
+        alike: dict[View, list[int]] = {}
+        for index, view in enumerate(views):
+            alike.setdefault(view, []).append(index)
+        self.alike = list(alike.values())
 
     def __len__(self) -> int:
         return len(self.views)
@@ -119,10 +124,12 @@ class Views:
     ) -> tuple[torch.Tensor, ...]:
         """The device stage: uint8 crops (moved to ``device`` as uint8) -> photometric ops ->
         ``(x - mean) / std``, the encoder's input. ``draws`` stay on the host."""
-        out = []
-        for view, crop, draw in zip(self.views, crops, draws, strict=True):
-            pixels = crop.to(device, non_blocking=True).float().div_(255)
-            out.append(standardize(view.photometric(pixels, draw), mean, std))
+        out: list[torch.Tensor] = [torch.empty(0)] * len(self.views)
+        for group in self.alike:
+            pixels = torch.cat([crops[i].to(device, non_blocking=True) for i in group]) / 255  # uint8 -> float
+            finished = self.views[group[0]].photometric(pixels, torch.cat([draws[i] for i in group]))
+            for i, part in zip(group, standardize(finished, mean, std).chunk(len(group)), strict=True):
+                out[i] = part
         return tuple(out)
 
     def __call__(

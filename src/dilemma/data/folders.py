@@ -46,6 +46,7 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 # JPEGs are decoded at a reduced scale (PIL draft) only while the short side stays >= this x the model size
 DECODE_MARGIN = 4
 EXIF_ORIENTATION = 0x0112
+JPEG_START = b"\xff\xd8\xff"  # start-of-image marker and the next marker's first byte
 FAST_DECODE_MAX_BYTES = 32 * 2**20  # larger files stream through PIL: memory must not follow file sizes
 
 
@@ -144,9 +145,10 @@ def _fast_jpeg(path: str, mode: str, min_side: int) -> torch.Tensor | None:
     if decode_jpeg is None:
         return None
     with open(path, "rb") as f:
-        if not 0 < os.fstat(f.fileno()).st_size <= FAST_DECODE_MAX_BYTES:
+        head = f.read(3)
+        if head != JPEG_START or os.fstat(f.fileno()).st_size > FAST_DECODE_MAX_BYTES:
             return None
-        data = bytearray(f.read())  # one read: PIL's many small header reads from a file cost more
+        data = bytearray(head + f.read())  # the rest at once: PIL's many small header reads from a file cost more
     with Image.open(io.BytesIO(data)) as img:
         if not _decodes_like_pil(img, mode, min_side):
             return None

@@ -21,6 +21,8 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
+from dilemma.errors import require
+
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)
 SOLARIZE_THRESHOLD = 128 / 255  # torchvision's RandomSolarize(threshold=128) on uint8 images
 
@@ -135,6 +137,16 @@ class Photometric:
     # Uniform numbers per image: jitter gate, 4 keys whose order is the jitter order, the 4 jitter
     # factors, grayscale gate, blur gate, blur sigma, solarisation gate.
     DRAWS: ClassVar[int] = 13
+
+    def __post_init__(self):
+        strengths = (self.brightness, self.contrast, self.saturation)
+        require(min(strengths) >= 0, f"colour jitter strengths must be >= 0, got {strengths}")
+        require(0 <= self.hue <= 0.5, f"hue must be in [0, 0.5] (turns), got {self.hue}")
+        probs = (self.jitter_prob, self.grayscale_prob, self.blur_prob, self.solarize_prob)
+        require(all(0 <= p <= 1 for p in probs), f"probabilities must be in [0, 1], got {probs}")
+        require(self.blur_kernel >= 1 and self.blur_kernel % 2 == 1, f"blur_kernel must be odd, got {self.blur_kernel}")
+        low, high = self.blur_sigma
+        require(0 < low <= high, f"blur_sigma must be a range of positive values, got {self.blur_sigma}")
 
     @property
     def jitter_ranges(self) -> list[tuple[float, float] | None]:

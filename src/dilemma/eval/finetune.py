@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from timm.data import Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2.functional import to_pil_image
@@ -60,7 +59,7 @@ class _TrainImages(Dataset):
 
     def __getitem__(self, index: int):
         raw, labels, _ = self.images.raw([index])  # crops come from the full-resolution image
-        image = raw[0] if isinstance(raw[0], Image.Image) else to_pil_image(raw[0])
+        image = to_pil_image(raw[0])  # timm's transforms take PIL images
         return self.transform(image), labels[0]
 
 
