@@ -126,7 +126,8 @@ class Views:
         ``(x - mean) / std``, the encoder's input. ``draws`` stay on the host."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(self.views)
         for group in self.alike:
-            pixels = torch.cat([crops[i].to(device, non_blocking=True) for i in group]) / 255  # uint8 -> float
+            moved = [crops[i].to(device, non_blocking=True) for i in group]
+            pixels = (torch.cat(moved) if len(moved) > 1 else moved[0]).to(torch.float32, copy=True).div_(255)
             finished = self.views[group[0]].photometric(pixels, torch.cat([draws[i] for i in group]))
             for i, part in zip(group, standardize(finished, mean, std).chunk(len(group)), strict=True):
                 out[i] = part

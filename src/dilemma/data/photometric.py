@@ -163,7 +163,6 @@ class Photometric:
     def steps(self, draws: torch.Tensor) -> list[Step]:
         """The ops each image gets, in order, from its uniforms ``draws`` ``(n, DRAWS)`` (on the host)."""
         u = draws.double()
-        rows = lambda mask: torch.nonzero(mask).flatten()  # noqa: E731
         steps = []
         jittered = u[:, 0] < self.jitter_prob
         order = u[:, 1:5].argsort(dim=1)  # a uniformly random permutation per image, as torch.randperm(4)
@@ -172,15 +171,15 @@ class Photometric:
             for op_id, (op, span) in enumerate(zip(JITTER, ranges, strict=True)):
                 if span is None:
                     continue
-                chosen = rows(jittered & (order[:, position] == op_id))
+                chosen = _rows(jittered & (order[:, position] == op_id))
                 params = span[0] + (span[1] - span[0]) * u[chosen, 5 + op_id]
                 steps.append(Step(op, chosen, params.float()))
-        grey = rows(u[:, 9] < self.grayscale_prob)
+        grey = _rows(u[:, 9] < self.grayscale_prob)
         steps.append(Step(to_grayscale, grey, torch.zeros(len(grey))))
-        blurred = rows(u[:, 10] < self.blur_prob)
+        blurred = _rows(u[:, 10] < self.blur_prob)
         low, high = self.blur_sigma
         steps.append(Step(self._blur, blurred, (low + (high - low) * u[blurred, 11]).float()))
-        solarized = rows(u[:, 12] < self.solarize_prob)
+        solarized = _rows(u[:, 12] < self.solarize_prob)
         steps.append(Step(solarize, solarized, torch.zeros(len(solarized))))
         return [step for step in steps if len(step.rows)]
 
@@ -195,7 +194,7 @@ class Photometric:
         steps = self.steps(draws)
         if not steps:
             return x
-        # one transfer of every step's rows and parameters (pinned and asynchronous on a GPU)
+        # two transfers for all the steps, their rows and their parameters (pinned and asynchronous on a GPU)
         rows = _to_device(torch.cat([s.rows for s in steps]), x.device).split([len(s.rows) for s in steps])
         params = _to_device(torch.cat([s.params for s in steps]), x.device).split([len(s.rows) for s in steps])
         for step, index, param in zip(steps, rows, params, strict=True):
@@ -204,6 +203,10 @@ class Photometric:
             else:
                 x[index] = step.op(x[index], param)
         return x
+
+
+def _rows(mask: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(mask).flatten()
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
