@@ -162,7 +162,7 @@ def test_start_line_says_what_was_understood(tmp_path, folder, capsys):
             "--set", "model.in_chans=3", "--set", "data.batch_size=4", "--set", "train.progress=false"]  # fmt: skip
     assert main(args) == 0
     line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("run folder:"))
-    assert "3 classes; class folders; 28 px x 3 channel(s)" in line and "1 steps" in line
+    assert "3 classes; class folders; 28 px x 3 channel(s)" in line and "ends at step 1 (train.max_steps" in line
     record = json.loads((tmp_path / "r" / "provenance.jsonl").read_text().splitlines()[0])
     assert record["command"][0] and record["versions"]["torch"] == torch.__version__ and record["processes"] == 1
 
@@ -265,23 +265,55 @@ def test_pretrained_from_run_file_and_adapted_channels(tmp_path, trained, folder
     assert torch.allclose(kernel.vit.patch_embed.proj.weight, expected, atol=1e-5)
 
 
+def _cache_timm_weights(cache: Path, name: str) -> None:
+    """Random weights of timm model ``name`` where the Hugging Face cache keeps its pretrained ones."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.models import get_pretrained_cfg
+
+    repo = cache / ("models--" + get_pretrained_cfg(name).hf_hub_id.replace("/", "--"))
+    (repo / "snapshots" / "0").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0")
+    state = timm.create_model(name, num_classes=0).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(repo / "snapshots" / "0" / "model.safetensors"))
+
+
 @pytest.mark.parametrize(
     "spec,match",
     [
         ("no/such/run", "does not exist"),
         ("not_a_model_name", "neither a file, a run folder, nor a timm model name"),
-        ("vit_small_patch16_224", "does not fit"),  # random timm init at width 384 into a width-192 model
+        ("vit_base_patch16_224", "are not on this machine, and dilemma downloads nothing"),
+        ("vit_small_patch16_224", "does not fit"),  # width 384 into a width-192 model
     ],
 )
-def test_pretrained_errors(tmp_path, spec, match, capsys, monkeypatch):
-    import timm
+def test_pretrained_errors_and_no_network(tmp_path, spec, match, capsys, monkeypatch):
+    """A timm name is looked up in the local caches only: no request is ever made."""
+    import socket
 
-    real = timm.create_model
-    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: real(name, pretrained=False, **kw))
-    assert (
-        main(["pretrain", "--out", str(tmp_path / "r"), "--max-steps", "1", "--set", f"model.pretrained={spec}"]) == 2
-    )
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _cache_timm_weights(tmp_path / "hub", "vit_small_patch16_224")
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("a network request was made"))
+    argv = ["pretrain", "--out", str(tmp_path / "r"), "--max-steps", "1", "--set", f"model.pretrained={spec}"]
+    assert main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+def test_timm_weights_on_this_machine_load_without_network(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from dilemma.rundir import pretrained_state
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _cache_timm_weights(tmp_path / "hub", "vit_tiny_patch16_224")
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("a network request was made"))
+    state, where = pretrained_state("vit_tiny_patch16_224")
+    assert state["pos_embed"].shape == (1, 197, 192) and "model.safetensors" in where
+    argv = ["pretrain", "--out", str(tmp_path / "r"), "--max-steps", "1", "--set", "model.depth=null",
+            "--set", "model.pretrained=vit_tiny_patch16_224", "--set", "train.progress=false",
+            "--set", "eval.knn_at_end=false"]  # fmt: skip
+    assert main(argv) == 0 and "from vit_tiny_patch16_224" in capsys.readouterr().err
 
 
 def test_check_data_lists_bad_files(tmp_path, capsys):

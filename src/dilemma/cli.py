@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def _checkpoints(args, drop_path_rate: float | None = None):
 
     device = resolve_device(args.device)
     for path in args.checkpoint:
-        encoder, cfg = encoder_from_checkpoint(path, drop_path_rate=drop_path_rate)
+        encoder, cfg = encoder_from_checkpoint(path, drop_path_rate=drop_path_rate, method=args.method)
         splits = load_splits(cfg, source=args.data)
         yield str(path), encoder.to(device), cfg, splits, device
 
@@ -227,15 +228,24 @@ def _check_data(args) -> None:
     import collections
     import statistics
 
-    from dilemma.data import list_image_source
+    from dilemma.data import list_image_source, load_source
     from dilemma.data.folders import scan_files
+    from dilemma.data.sources import _find_idx
 
     source = Path(args.source).expanduser()
     if not source.exists():
         raise DilemmaError(f"{args.source!r} does not exist")
-    train, val, notes = list_image_source(source, args.val_fraction, 0)
+    if source.is_dir() and _find_idx(source):  # decoded into memory when it is loaded: nothing to scan
+        splits = load_source(str(source), img_size=28, in_chans=1, val_fraction=args.val_fraction)
+        print(
+            f"{source}: {'; '.join(splits.notes)}; {len(splits.classes)} classes; {len(splits.train)} train / "
+            f"{len(splits.val)} val images, read whole into memory: nothing to decode file by file"
+        )
+        return
+    train, val, notes = list_image_source(source, args.val_fraction, 0, skip_bad=True)
     classes = f"{len(train.classes)} classes" if train.classes else "unlabelled"
     print(f"{source}: {'; '.join(notes)}; {classes}; {len(train.paths)} train / {len(val.paths)} val images")
+    unreadable = sum(n for reason, n in train.skipped.items() if reason.startswith("unreadable"))
     bad, sides, modes = [], [], collections.Counter()
     for path, problem, size, mode in scan_files(train.paths + val.paths, args.workers, not args.no_progress):
         if problem:
@@ -250,15 +260,16 @@ def _check_data(args) -> None:
         )
     for path, problem in bad:
         print(f"bad: {path}: {problem}")
-    print(f"{len(bad)} of {len(train.paths) + len(val.paths)} images cannot be used")
-    if bad:
+    total = len(train.paths) + len(val.paths) + unreadable
+    print(f"{len(bad) + unreadable} of {total} images cannot be used")
+    if bad or unreadable:
         raise SystemExit(1)
 
 
 def _export(args) -> None:
     from dilemma.export import export_backbone
 
-    snippet = export_backbone(args.checkpoint, args.out)
+    snippet = export_backbone(args.checkpoint, args.out, method=args.method)
     print(f"wrote {args.out}; load it with:\n{snippet}")
 
 
@@ -278,7 +289,8 @@ def _inspect(args) -> None:
     from dilemma.rundir import detection_head_from_checkpoint, encoder_from_checkpoint
     from dilemma.viz import inspect_detection
 
-    encoder, cfg = encoder_from_checkpoint(args.checkpoint, student=True)  # the encoder the head was trained on
+    # the encoder the head was trained on
+    encoder, cfg = encoder_from_checkpoint(args.checkpoint, student=True, method=args.method)
     head = detection_head_from_checkpoint(args.checkpoint, encoder.embed_dim)
     splits = load_splits(cfg, source=args.data)
     images = encoder.normalize(splits.val.load(spread_over_classes(splits.val.labels, args.num_images)))
@@ -309,11 +321,18 @@ def _compare(args) -> None:
     )
 
 
+TRUST_METHOD = (
+    "the method the checkpoint was trained with, when it is kept in a file or module of your own "
+    "(path/to/file.py:Class): reading a checkpoint never imports code unless you name it here"
+)
+
+
 def _eval_parser(ev, name: str, help: str, run) -> argparse.ArgumentParser:
     p = ev.add_parser(name, help=help)
     p.add_argument(
         "--checkpoint", nargs="+", required=True, help="checkpoint file(s) or run folder(s); several are compared"
     )
+    p.add_argument("--method", help=TRUST_METHOD)
     p.add_argument("--data", help="data source (default: the one the checkpoint was trained on)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
@@ -423,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--out", required=True, help="a new folder (timm.create_model('local-dir:FOLDER')) or a .safetensors file"
     )
+    ex.add_argument("--method", help=TRUST_METHOD)
     ex.set_defaults(run=_export)
 
     pl = commands.add_parser("plot", help="training curves of one or more runs (PNG; needs matplotlib)")
@@ -438,51 +458,140 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--misplace-prob", type=float, help="default: the checkpoint's p")
     ins.add_argument("--drop-rate", type=float, help="default: the checkpoint's r")
     ins.add_argument("--seed", type=int, default=0)
+    ins.add_argument("--method", help=TRUST_METHOD)
     ins.set_defaults(run=_inspect)
     return parser
 
 
-# Command-line numbers: (bound, strict). Checked for every sub-command that has the argument.
+# Command-line numbers: (low, high, how the ends count). Checked for every sub-command that has the
+# argument; None: no bound on that side. "[]": both ends allowed, "(]" low excluded, and so on.
+SEED_BOUND = 2**31
 ARG_BOUNDS = {
-    "k": (1, False),
-    "epochs": (1, False),
-    "batch_size": (1, False),
-    "workers": (0, False),
-    "probe_epochs": (1, False),
-    "curve_points": (1, False),
-    "max_steps": (1, False),
-    "num_images": (1, False),
-    "time_budget": (0, True),
-    "lr": (0, True),
-    "temperature": (0, True),
+    "k": (1, None, "[]"),
+    "epochs": (1, None, "[]"),
+    "batch_size": (1, None, "[]"),
+    "workers": (0, None, "[]"),  # and at most config.max_workers()
+    "probe_epochs": (1, None, "[]"),
+    "curve_points": (1, None, "[]"),
+    "max_steps": (1, None, "[]"),
+    "num_images": (1, 256, "[]"),
+    "time_budget": (0, None, "(]"),
+    "lr": (0, None, "(]"),
+    "temperature": (0, None, "(]"),
+    "seed": (0, SEED_BOUND, "[)"),
+    "val_fraction": (0, 1, "()"),
+    "misplace_prob": (0, 1, "[]"),
+    "drop_rate": (0, 1, "[)"),
+    "layer_decay": (0, 1, "(]"),
+    "weight_decay": (0, None, "[]"),
+    "drop_path": (0, 1, "[)"),
+    "label_smoothing": (0, 1, "[)"),
+    "warmup_epochs": (0, None, "[]"),
+    "mixup": (0, None, "[]"),
+    "cutmix": (0, None, "[]"),
+    "reprob": (0, 1, "[]"),
 }
+
+
+def _in_range(value, low, high, ends: str) -> bool:
+    above = low is None or (value > low if ends[0] == "(" else value >= low)
+    below = high is None or (value < high if ends[1] == ")" else value <= high)
+    return above and below
+
+
+def _check_number(flag: str, value, low, high, ends: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DilemmaError(f"{flag} must be a finite number, got {value}")
+    if not _in_range(value, low, high, ends):
+        if high is None:
+            bound = f"{'>' if ends[0] == '(' else '>='} {low}"
+        else:
+            bound = f"in {ends[0]}{low}, {high}{ends[1]}"
+        raise DilemmaError(f"{flag} must be {bound}, got {value}")
+
+
+def _check_output(flag: str, value: str, new_folder: bool = False) -> None:
+    """An output path, checked before the work whose result it receives."""
+    path = Path(value)
+    parent = path.parent
+    if new_folder and path.exists():
+        raise DilemmaError(f"{flag} {value!r} already exists; give a new folder (nothing is overwritten)")
+    if not new_folder and path.is_dir():
+        raise DilemmaError(f"{flag} {value!r} is a folder; give a file name")
+    if not parent.is_dir():
+        raise DilemmaError(f"cannot write {value!r}: {str(parent)!r} is not an existing folder")
+    try:  # what the file system itself says (a read-only mount, permissions, a full quota)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise DilemmaError(f"cannot write {value!r}: {err.strerror or err}") from None
 
 
 def check_args(args) -> None:
     """Ranges and finiteness of numeric arguments, so no value reaches torch as a traceback or a
-    meaningless result; picture paths. (compare checks its own seeds and variant names.)"""
-    for name, (bound, strict) in ARG_BOUNDS.items():
+    meaningless result; output paths (pictures, JSON, saved models) before any work is done.
+    (compare checks its own variant names.)"""
+    from dilemma.config import max_workers
+
+    for name, (low, high, ends) in ARG_BOUNDS.items():
         value = getattr(args, name, None)
-        if value is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise DilemmaError(f"{flag} must be a finite number, got {value}")
-        if value < bound or (strict and value == bound):
-            raise DilemmaError(f"{flag} must be {'>' if strict else '>='} {bound}, got {value}")
+        if value is not None:
+            _check_number("--" + name.replace("_", "-"), value, low, high, ends)
+    if getattr(args, "workers", None) is not None and args.workers > max_workers():
+        raise DilemmaError(
+            f"--workers {args.workers} is more than {max_workers()} (4 per usable CPU core, at least 16): each "
+            "worker is a process with its own memory"
+        )
+    for fraction in getattr(args, "fractions", None) or []:
+        _check_number("--fractions", fraction, 0, 1, "(]")
+    for seed in getattr(args, "seeds", None) or []:
+        _check_number("--seeds", seed, 0, SEED_BOUND, "[)")
     picture = {_plot: "out", _inspect: "out", _eval_occlusion: "plot"}.get(getattr(args, "run", None))
     value = getattr(args, picture, None) if picture else None
-    if value:  # checked before any work is done
+    if value:
         if Path(value).suffix.lower() != ".png":
             raise DilemmaError(f"--{picture} {value!r}: pictures are PNG files; give a name ending in .png")
-        if not Path(value).parent.is_dir():
-            raise DilemmaError(f"cannot write {value!r}: {str(Path(value).parent)!r} is not an existing folder")
-    for fraction in getattr(args, "fractions", None) or []:
-        if not 0.0 < fraction <= 1.0:
-            raise DilemmaError(f"--fractions must be in (0, 1], got {fraction}")
+        _check_output(f"--{picture}", value)
+    if getattr(args, "json", None):
+        if Path(args.json).suffix.lower() != ".json":
+            raise DilemmaError(f"--json {args.json!r}: the results are JSON; give a name ending in .json")
+        _check_output("--json", args.json)
+    if getattr(args, "run", None) is _export:  # a folder, or one .safetensors file: the name says which
+        suffix = Path(args.out).suffix.lower()
+        if suffix in (".pt", ".pth", ".bin", ".ckpt", ".json", ".png", ".npz"):
+            raise DilemmaError(
+                f"--out {args.out!r}: an export is a folder (timm local-dir) or a .safetensors file, "
+                f"not a {suffix} file"
+            )
+        _check_output("--out", args.out, new_folder=suffix != ".safetensors")
+    if getattr(args, "save", None):
+        _check_output("--save", args.save, new_folder=True)
+
+
+def _report_internal_error(err: BaseException) -> None:
+    """One line for a bug of ours, the traceback kept in a file; never fails itself."""
+    import tempfile
+    import traceback
+
+    where = "not saved"
+    try:
+        fd, path = tempfile.mkstemp(prefix="dilemma-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(" ".join(map(str, sys.argv)) + "\n\n" + traceback.format_exc())
+        where = f"saved to {path}"
+    except Exception:  # noqa: BLE001 - no temp folder, full disk: the one line still goes out
+        pass
+    try:
+        first = str(err).splitlines()[0][:300] if str(err) else ""
+    except Exception:  # noqa: BLE001 - an exception whose str() fails
+        first = ""
+    print(f"error: internal error ({type(err).__name__}: {first}); traceback {where}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names in any encoding print, escaped, instead of raising
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # large tensors reuse freed memory instead of page-faulting fresh pages each step
     try:
@@ -495,14 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - a bug of ours: one line, the traceback kept for the report
-        import tempfile
-        import traceback
-
-        fd, path = tempfile.mkstemp(prefix="dilemma-traceback-", suffix=".txt")
-        with os.fdopen(fd, "w") as f:
-            f.write(" ".join(sys.argv) + "\n\n" + traceback.format_exc())
-        first = str(err).splitlines()[0] if str(err) else ""
-        print(f"error: internal error ({type(err).__name__}: {first}); traceback saved to {path}", file=sys.stderr)
+        _report_internal_error(err)
         return 1
     return 0
 

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import timm
 import torch
-import yaml
 
 from dilemma.build import load_splits
-from dilemma.config import config_from_dict, load_config
+from dilemma.config import config_from_dict, load_config, safe_yaml
 from dilemma.distributed import resolve_device
 from dilemma.errors import DilemmaError
 from dilemma.eval.occlusion import FRACTIONS, occlusion_curve
@@ -43,12 +42,17 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
         raise DilemmaError(f"--variant needs NAME=key=value,...; got {text!r}")
     if "/" in name or "\\" in name or name in (".", ".."):
         raise DilemmaError(f"--variant name {name!r} must be a plain name (it becomes a folder)")
+    if not name.isprintable() or name.strip() != name or "|" in name or len(name) > 64:
+        raise DilemmaError(
+            f"--variant name {name!r} must be a short printable name without '|' or surrounding spaces "
+            "(it heads a column of summary.md)"
+        )
     return name, [kv for kv in overrides.split(",") if kv]
 
 
 def _readout(path: Path, cfg, splits, probe_epochs: int, fractions=(1.0,)):
     device = resolve_device(cfg.train.device)
-    encoder, _ = encoder_from_checkpoint(path)
+    encoder, _ = encoder_from_checkpoint(path, method=cfg.method.name if ":" in cfg.method.name else None)
     e = cfg.eval
     return occlusion_curve(
         encoder.to(device),
@@ -74,21 +78,43 @@ def config_sha1(cfg) -> str:
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def readout_settings(cfg, probe_epochs: int) -> dict:
+    """Everything a run's read-outs depend on besides its weights: a result read out otherwise is
+    read out again (its training is reused)."""
+    return {"probe_epochs": probe_epochs, "fractions": list(FRACTIONS), "eval": cfg.to_dict()["eval"]}
+
+
+def _final_record(run: RunDir) -> dict:
+    finals = [r for r in read_records(run.metrics) if "stopped_by" in r]
+    if not finals:
+        raise DilemmaError(f"{run.path} has a result but no final record in metrics.jsonl: {_elsewhere}")
+    return finals[-1]
+
+
 def run_one(name: str, cfg, run_dir: Path, overrides: list[str], probe_epochs: int) -> dict:
-    """Pretrain ``cfg`` into ``run_dir`` (or continue it, or reuse its result) and read it out: the
-    occlusion curve of the final backbone and kNN / linear of every snapshot (the curve over time)."""
+    """Pretrain ``cfg`` into ``run_dir`` (or continue it, or reuse it) and read it out: the
+    occlusion curve of the final backbone and kNN / linear of every snapshot (the curve over time).
+    A finished run is read out again when a read-out setting changed, never trained again."""
     done, run, identity = run_dir / "result.json", RunDir(run_dir), config_sha1(cfg)
+    readout = readout_settings(cfg, probe_epochs)
     if done.exists():
         result = json.loads(done.read_text())
         if result.get("config_sha1", identity) != identity or result.get("overrides") != overrides:
             raise DilemmaError(f"{run_dir} holds a finished run of another configuration: {_elsewhere}")
-        return result
-    if run.config.exists() and config_sha1(config_from_dict(yaml.safe_load(run.config.read_text()))) != identity:
-        raise DilemmaError(f"{run_dir} holds an interrupted run of another configuration: {_elsewhere}")
-    try:
-        final = pretrain(cfg, run_dir, resume=run.holds_run(), log=lambda _: None)  # resumes an interrupted run
-    except Interrupted as stop:
-        raise Interrupted(stop.message, stop.signum, "Rerun the same dilemma compare command to continue.") from None
+        if result.get("readout") == readout:
+            return result
+        final = _final_record(run)
+    else:
+        if run.config.exists():
+            saved = safe_yaml(run.config.read_text(), str(run.config))
+            method = cfg.method.name if ":" in cfg.method.name else None
+            if config_sha1(config_from_dict(saved, method)) != identity:
+                raise DilemmaError(f"{run_dir} holds an interrupted run of another configuration: {_elsewhere}")
+        try:
+            final = pretrain(cfg, run_dir, resume=run.holds_run(), log=lambda _: None)  # resumes an interrupted run
+        except Interrupted as stop:
+            message = "Rerun the same dilemma compare command to continue."
+            raise Interrupted(stop.message, stop.signum, message) from None
     records = read_records(run.metrics)
     det = [r for r in records if r.get("det_bce") is not None]
     splits = load_splits(cfg)
@@ -101,6 +127,7 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str], probe_epochs: i
     over_time.append({"step": final["step"], "elapsed_s": final["elapsed_s"], **_accuracies(occlusion.points[0])})
     result = {
         "config_sha1": identity,
+        "readout": readout,
         "variant": name,
         "seed": cfg.train.seed,
         "overrides": overrides,

@@ -4,6 +4,12 @@ Each section is a dataclass whose defaults are the only place a default is writt
 (``models.ModelConfig``), ``method.<name>`` (each method's own ``Config``, in its file), and the
 sections below. Every key is checked: an unknown key is an error with the closest known key as a
 suggestion, and values are converted to the field's type or rejected with a message.
+
+Reading a config never runs code: YAML is read safely and bounded (size, nesting, aliases
+expanded), and a method kept in a file or module of one's own (``method.name: path.py:Class``) is
+imported only when the command line names it (``--method`` / ``--set method.name=...``); a YAML
+file or a checkpoint that names one is refused otherwise. A relative method file is stored
+resolved, so a run does not depend on the folder a later command runs from.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -73,9 +80,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 220
-    epochs: typing.Optional[float] = None  # train this many epochs instead of max_steps (null: use max_steps)
-    time_budget: typing.Optional[float] = 4.0  # minutes of training (null: none); schedules end when it runs out
+    # The run ends at whichever of these comes first (null: no such limit; at least one must be set)
+    max_steps: typing.Optional[int] = 220
+    epochs: typing.Optional[float] = None  # passes over the training split
+    time_budget: typing.Optional[float] = 4.0  # minutes of training; schedules end when it runs out
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 100
@@ -152,6 +160,12 @@ def _suggest(key: str, known: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _short(value, limit: int = 120) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error line stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _coerce(value, kind, key: str):
     """Convert a YAML value to the field type ``kind`` or raise a DilemmaError."""
     origin = typing.get_origin(kind)
@@ -177,13 +191,13 @@ def _coerce(value, kind, key: str):
             pass
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
-            raise DilemmaError(f"config key {key!r} needs a finite number, got {value!r}")
+            raise DilemmaError(f"config key {key!r} needs a finite number, got {_short(value)}")
         return float(value)
     if kind is str and isinstance(value, str):
         return value
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    raise DilemmaError(f"config key {key!r} needs a value of type {kind.__name__}, got {value!r}")
+    raise DilemmaError(f"config key {key!r} needs a value of type {kind.__name__}, got {_short(value)}")
 
 
 def _merge(target, updates: dict, known: list[str], prefix: str = "") -> None:
@@ -197,24 +211,79 @@ def _merge(target, updates: dict, known: list[str], prefix: str = "") -> None:
             while isinstance(value, dict) and len(value) == 1:  # a --set key: name the whole key
                 leaf, value = next(iter(value.items()))
                 path = f"{path}.{leaf}"
-            raise DilemmaError(f"unknown config key {path!r}{_suggest(path, known)}")
+            raise DilemmaError(f"unknown config key {_short(path)}{_suggest(path, known)}")
         section = getattr(target, key)
         if dataclasses.is_dataclass(section):
             if not isinstance(value, dict):
-                raise DilemmaError(f"config section {path!r} must be a mapping, got {value!r}")
+                raise DilemmaError(f"config section {path!r} must be a mapping, got {_short(value)}")
             _merge(section, value, known, prefix=f"{path}.")
         else:
             setattr(target, key, _coerce(value, hints[key], path))
+
+
+MAX_CONFIG_BYTES = 2**20  # a config is a few KB; this bounds what a mistaken path can make us read
+MAX_YAML_NODES = 100_000  # with every alias expanded: a 400-byte "billion laughs" file expands to billions
+MAX_YAML_DEPTH = 32
+
+
+def _expanded_shape(root: yaml.Node, where: str) -> tuple[int, int]:
+    """``(nodes, depth)`` of a composed YAML graph with every alias expanded, counted without
+    expanding (each shared node once); a recursive alias is refused."""
+    shapes: dict[int, tuple[int, int]] = {}
+    on_path: set[int] = set()
+    pending = [(root, False)]
+    while pending:
+        node, children_done = pending.pop()
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        if not children_done:
+            if id(node) in shapes:
+                continue
+            if id(node) in on_path:
+                raise DilemmaError(f"{where} holds a recursive YAML alias (a value that contains itself)")
+            on_path.add(id(node))
+            pending.append((node, True))
+            pending.extend((child, False) for child in children if id(child) not in shapes)
+            continue
+        on_path.discard(id(node))
+        nodes = 1 + sum(shapes[id(c)][0] for c in children)
+        depth = 1 + max((shapes[id(c)][1] for c in children), default=0)
+        shapes[id(node)] = (min(nodes, 2 * MAX_YAML_NODES), depth)  # capped: counts stay small integers
+    return shapes[id(root)]
+
+
+def safe_yaml(text: str, where: str):
+    """``yaml.safe_load`` with bounds: at most ``MAX_YAML_NODES`` nodes once aliases are expanded and
+    ``MAX_YAML_DEPTH`` levels of nesting (what a consumer walking the result would meet)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        nodes, depth = _expanded_shape(node, where)
+        if nodes > MAX_YAML_NODES or depth > MAX_YAML_DEPTH:
+            raise DilemmaError(
+                f"{where} is too large once its aliases are expanded (over {MAX_YAML_NODES} values or "
+                f"{MAX_YAML_DEPTH} levels of nesting); a config is a few sections of settings"
+            )
+        return loader.construct_document(node)
+    except RecursionError:
+        raise DilemmaError(f"{where} is nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
 
 
 def parse_override(text: str) -> dict:
     """``'optim.lr=3e-4'`` -> ``{'optim': {'lr': 0.0003}}`` (the value is read as YAML; the key is
     checked when the override is applied)."""
     if "=" not in text:
-        raise DilemmaError(f"--set needs key=value, got {text!r}")
+        raise DilemmaError(f"--set needs key=value, got {_short(text)}")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_yaml(raw, f"--set {_short(key, 60)}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     nested: dict = {}
@@ -228,10 +297,20 @@ def parse_override(text: str) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise DilemmaError(
+            f"config file {str(path)!r} is a folder; give a YAML file (e.g. configs/mocov3_dilemma.yaml)"
+        )
+    if not path.exists():
         raise DilemmaError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise DilemmaError(f"config file {str(path)!r} is not a regular file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise DilemmaError(f"config file {str(path)!r} is over {MAX_CONFIG_BYTES // 2**20} MB; a config is a few KB")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_yaml(path.read_text(encoding="utf-8"), f"config file {str(path)!r}")
+    except OSError as err:
+        raise DilemmaError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
         raise DilemmaError(f"config file {str(path)!r} is not UTF-8 (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
@@ -246,6 +325,16 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+MAX_IMG_SIZE = 4096
+WORKERS_PER_CORE, MIN_WORKER_CAP = 4, 16
+
+
+def max_workers() -> int:
+    """The most loader processes a setting may ask for on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(MIN_WORKER_CAP, WORKERS_PER_CORE * cores)
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that need no model or data (each method section checks itself); raises DilemmaError."""
     d, m, data, o, t, e = cfg.dilemma, cfg.model, cfg.data, cfg.optim, cfg.train, cfg.eval
@@ -254,11 +343,15 @@ def validate(cfg: Config) -> Config:
     require(d.weight >= 0, f"dilemma.weight must be >= 0, got {d.weight}")
     require(m.img_size > 0 and m.patch_size > 0, "model.img_size and model.patch_size must be positive")
     require(
+        m.img_size <= MAX_IMG_SIZE,
+        f"model.img_size must be <= {MAX_IMG_SIZE} px (tokens and memory grow with its square), got {m.img_size}",
+    )
+    require(
         m.img_size % m.patch_size == 0,
         f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}",
     )
     require(m.in_chans in (1, 3), f"model.in_chans must be 1 or 3, got {m.in_chans}")
-    require(m.depth is None or m.depth >= 1, f"model.depth must be >= 1 or null, got {m.depth}")
+    require(m.depth is None or 1 <= m.depth <= 64, f"model.depth must be in [1, 64] or null, got {m.depth}")
     require(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
     for key in ("mean", "std"):
         values = getattr(m, key)
@@ -272,6 +365,12 @@ def validate(cfg: Config) -> Config:
         data.batch_size >= 2, f"data.batch_size must be >= 2 (contrastive losses need negatives), got {data.batch_size}"
     )
     require(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
+    require(
+        data.num_workers <= max_workers(),
+        f"data.num_workers={data.num_workers} is more than {max_workers()} ({WORKERS_PER_CORE} per usable CPU core, "
+        f"at least {MIN_WORKER_CAP}): each worker is a process with its own memory, and more than the cores "
+        "can run only compete",
+    )
     require(0.0 < data.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
     require(0.0 < data.crop_min_scale <= 1.0, f"data.crop_min_scale must be in (0, 1], got {data.crop_min_scale}")
     for key in ("color_jitter", "saturation"):
@@ -292,9 +391,13 @@ def validate(cfg: Config) -> Config:
         o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0 or null (no clipping), got {o.grad_clip}"
     )
     require(0.0 <= o.warmup < 1.0, f"optim.warmup must be a fraction of training in [0, 1), got {o.warmup}")
-    require(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
+    require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}")
     require(t.epochs is None or t.epochs > 0, f"train.epochs must be > 0 or null, got {t.epochs}")
     require(t.time_budget is None or t.time_budget > 0, f"train.time_budget must be > 0 minutes, got {t.time_budget}")
+    require(
+        not (t.max_steps is None and t.epochs is None and t.time_budget is None),
+        "the run has no end: set train.max_steps, train.epochs or train.time_budget (whichever comes first ends it)",
+    )
     require(t.log_every >= 1 and t.ckpt_every >= 1, "train.log_every and train.ckpt_every must be >= 1")
     require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     require(
@@ -316,39 +419,77 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _method_name(layers: list[dict]) -> str:
-    """The ``method.name`` the layers end up with (the last one that sets it)."""
-    name = DEFAULT_METHOD
+def _method_name(layers: list[dict]) -> str | None:
+    """The ``method.name`` the layers set (the last one that sets it), or None."""
+    name = None
     for layer in layers:
         section = layer.get("method")
-        if isinstance(section, dict) and isinstance(section.get("name"), str):
+        if isinstance(section, dict) and "name" in section:
             name = section["name"]
     return name
 
 
-def _build(layers: list[dict]) -> Config:
-    """Defaults, then each layer in turn. The method is resolved first: a method from a user's file
+def resolved_method(name: str) -> str:
+    """``path/file.py:Class`` with the path made absolute (relative to the working folder now);
+    built-in names and ``module:Class`` unchanged."""
+    where, _, class_name = name.rpartition(":")
+    if where.endswith(".py"):
+        return f"{Path(where).expanduser().resolve()}:{class_name}"
+    return name
+
+
+def _trusted_method(files: list[dict], command_line: list[dict]) -> str:
+    """The method the layers name, imported only if it is built in or the command line names it:
+    a YAML file or a checkpoint that names a method in a file or module of one's own is refused
+    (reading them must not run code), unless ``--method`` names the same one."""
+    chosen = _method_name(command_line)
+    saved = _method_name(files)
+    name = chosen if chosen is not None else saved if saved is not None else DEFAULT_METHOD
+    if not isinstance(name, str):
+        raise DilemmaError(f"method.name must be a method's name, got {_short(name)}")
+    if name in METHODS or ":" not in name:
+        return name  # a built-in, or an unknown name (method_class says so)
+    if chosen is None:
+        raise DilemmaError(
+            f"the config names the method {_short(name)}, kept in a file or module of its own: reading a "
+            "config or checkpoint never imports code, so pass --method with that name to trust it"
+        )
+    return resolved_method(chosen)
+
+
+def _build(layers: list[dict], method: str) -> Config:
+    """Defaults, then each layer in turn. The method comes first: a method from a user's file
     brings its own config section, which the layers may set."""
-    cls = method_class(_method_name(layers))
-    cfg = Config(method=method_section(cls))
+    cfg = Config(method=method_section(method_class(method)))
     known = _all_keys(cfg)
     for layer in layers:
         _merge(cfg, layer, known)
+    cfg.method.name = method
     return cfg
 
 
 def load_config(
     path: str | Path | None = None, overrides: typing.Sequence[str] = (), base: dict | None = None
 ) -> Config:
-    """Defaults, then ``base`` (e.g. a checkpoint's config), then the YAML file, then ``--set`` overrides."""
-    saved = _without_retired(base or {})
-    layers = [saved, read_yaml(path) if path is not None else {}, *[parse_override(text) for text in overrides]]
-    return validate(_build(layers))
+    """Defaults, then ``base`` (e.g. a checkpoint's config), then the YAML file, then ``--set``
+    overrides (the command line: the only layer that may name a method kept in a file)."""
+    files = [_without_retired(base or {}), read_yaml(path) if path is not None else {}]
+    command_line = [parse_override(text) for text in overrides]
+    return validate(_build([*files, *command_line], _trusted_method(files, command_line)))
 
 
-def config_from_dict(data: dict) -> Config:
-    """A saved config (``Config.to_dict()``, e.g. a checkpoint's), unvalidated."""
-    return _build([_without_retired(data)])
+def config_from_dict(data: dict, method: str | None = None) -> Config:
+    """A saved config (``Config.to_dict()``, e.g. a checkpoint's), unvalidated. ``method``: the
+    method the user named (``--method``), which a saved config naming a method in a file or module
+    must match (``_trusted_method``)."""
+    saved = _without_retired(data)
+    trusted = _trusted_method([saved], [] if method is None else [{"method": {"name": method}}])
+    if method is not None and resolved_method(str(_method_name([saved]))) != trusted:
+        raise DilemmaError(
+            f"the checkpoint names the method {_short(_method_name([saved]))}, not {_short(method)}: "
+            "pass the --method it was trained with"
+        )
+    return _build([saved], trusted)
 
 
 def method_config(cfg: Config):

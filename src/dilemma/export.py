@@ -103,9 +103,10 @@ def model_card(cfg, source: str, what: str = "Backbone only (`num_classes=0`).")
     )
 
 
-def export_backbone(checkpoint: str | Path, out: str | Path) -> str:
-    """Write ``out`` (a folder, or a ``.safetensors`` file); returns the Python lines that load it."""
-    encoder, cfg = encoder_from_checkpoint(checkpoint)
+def export_backbone(checkpoint: str | Path, out: str | Path, method: str | None = None) -> str:
+    """Write ``out`` (a folder, or a ``.safetensors`` file); returns the Python lines that load it.
+    ``method``: as in ``encoder_from_checkpoint``."""
+    encoder, cfg = encoder_from_checkpoint(checkpoint, method=method)
     out = Path(out)
     if out.suffix == ".safetensors":
         return _export_file(_weights(encoder.vit), cfg, out)

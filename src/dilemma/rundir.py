@@ -28,6 +28,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+import yaml
 
 try:
     import fcntl
@@ -69,6 +70,46 @@ class RunDir:
 
     def holds_run(self) -> bool:
         return self.checkpoints.exists()
+
+    def run_id(self) -> str | None:
+        """The id this folder's run was started with (the first line of ``provenance.jsonl`` that
+        has one; None for a folder without, e.g. of an older version)."""
+        try:
+            lines = self.provenance.read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            try:
+                run_id = json.loads(line).get("run_id")
+            except (json.JSONDecodeError, AttributeError):  # a torn line
+                continue
+            if isinstance(run_id, str):
+                return run_id
+        return None
+
+    def check_owns(self, ckpt: dict, frozen: tuple[str, ...]) -> None:
+        """Refuse to resume from a checkpoint of another run (copied or moved into this folder)
+        before anything here is written: its run id, or where either has none its config's
+        ``frozen`` sections, must be this folder's."""
+        mine, theirs = self.run_id(), ckpt.get("run_id")
+        if mine and theirs:
+            if mine != theirs:
+                raise DilemmaError(
+                    f"{str(self.last)!r} belongs to another run (run id {theirs}; this folder's is {mine}): "
+                    "resume that run in its own folder, or start a new one"
+                )
+            return
+        try:
+            own = yaml.safe_load(self.config.read_text()) if self.config.is_file() else None
+        except (OSError, yaml.YAMLError):
+            own = None
+        if isinstance(own, dict):
+            differ = [s for s in frozen if own.get(s) != ckpt.get("config", {}).get(s)]
+            if differ:
+                raise DilemmaError(
+                    f"{str(self.last)!r} does not belong to the run in {str(self.path)!r} (its config differs "
+                    f"in {', '.join(differ)}): resume that run in its own folder, or start a new one"
+                )
 
     def resume_checkpoint(self, say: bool = True) -> tuple[Path, dict]:
         """The newest readable checkpoint ``--resume`` continues from: ``last.pt``, else (missing or
@@ -308,15 +349,21 @@ def _load_part(module, state: dict, prefix: str, path, what: str) -> None:
 
 
 def encoder_from_checkpoint(
-    path: str | Path, *, drop_path_rate: float | None = None, student: bool = False, ckpt: dict | None = None
+    path: str | Path,
+    *,
+    drop_path_rate: float | None = None,
+    student: bool = False,
+    ckpt: dict | None = None,
+    method: str | None = None,
 ) -> tuple[ViTEncoder, Config]:
     """The evaluated backbone of a checkpoint or run folder (``Method.eval_backbone``: the student,
     DINO's teacher; no projector, no detection head) and its config, in eval mode.
     ``student`` takes the student even where the teacher is evaluated (the detection head reads it);
     ``drop_path_rate`` rebuilds it with stochastic depth for fine-tuning; ``ckpt``: the checkpoint,
-    when the caller has loaded it already."""
+    when the caller has loaded it already; ``method``: the user's ``--method``, needed (and then
+    imported) only when the checkpoint names a method kept in a file or module of its own."""
     ckpt = ckpt if ckpt is not None else load_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"])
+    cfg = config_from_dict(ckpt["config"], method)
     encoder = build_encoder(cfg.model, **({} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}))
     prefix = ("encoder" if student else method_class(cfg.method.name).eval_backbone) + "."
     _load_part(encoder, ckpt["model"], prefix, path, "model config")
@@ -335,44 +382,92 @@ def detection_head_from_checkpoint(path: str | Path, embed_dim: int) -> Detectio
     return head.eval()
 
 
-def pretrained_state(spec: str) -> tuple[dict, str]:
+def _exported_folder_weights(path: Path) -> Path | None:
+    """The weights file of a folder ``dilemma export`` (or timm / Hugging Face) wrote, if it is one."""
+    if (path / "checkpoints").exists():
+        return None
+    return next((path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()), None)
+
+
+def _read_state_dict(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unreadable or unsafe: say which
+        raise DilemmaError(f"model.pretrained: cannot read {str(path)!r} as weights ({err})") from None
+    if not isinstance(state, dict):
+        raise DilemmaError(f"model.pretrained: {str(path)!r} holds no state dict")
+    return state
+
+
+def local_timm_weights(name: str) -> Path | None:
+    """The file of timm model ``name``'s pretrained weights if it is already on this machine (the
+    Hugging Face cache, ``$HF_HUB_CACHE``, or torch hub's), found without any network request."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown tag
+        return None
+    if cfg is None:
+        return None
+    if cfg.file and Path(cfg.file).is_file():
+        return Path(cfg.file)
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(repo, filename, cache_dir=cache, revision=revision or None)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+    if cfg.url and cfg.url.rsplit(".", 1)[-1] in ("pth", "pt", "bin", "safetensors"):
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / cfg.url.rsplit("/", 1)[-1]
+        if cached.is_file():
+            return cached
+    return None
+
+
+def pretrained_state(spec: str, method: str | None = None) -> tuple[dict, str]:
     """``model.pretrained`` -> ``(ViT state dict, where from)``: a run folder or dilemma checkpoint
-    (its evaluated backbone), a ``.safetensors`` / ``.pth`` / ``.bin`` state dict, or a timm model
-    name whose weights are already on this machine (nothing is downloaded by choice: a missing
-    file is an error that says how to provide it)."""
+    (its evaluated backbone; ``method`` as in ``encoder_from_checkpoint``), a folder ``dilemma
+    export`` wrote, a ``.safetensors`` / ``.pth`` / ``.bin`` state dict, or a timm model name
+    whose weights are already on this machine (nothing is downloaded, and no network request is
+    made: a missing file is an error that says how to provide it)."""
     path = Path(spec).expanduser()
+    if path.is_dir() and (exported := _exported_folder_weights(path)) is not None:
+        return _read_state_dict(exported), f"exported folder {str(path)!r}"
     ckpt = _dilemma_checkpoint_or_none(path)
     if path.is_dir() or ckpt is not None:
-        encoder, _ = encoder_from_checkpoint(path, ckpt=ckpt)
+        encoder, _ = encoder_from_checkpoint(path, ckpt=ckpt, method=method)
         return encoder.vit.state_dict(), f"run {str(path)!r}"
     if path.is_file():
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                return load_file(str(path)), f"file {str(path)!r}"
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - unreadable or unsafe: say which
-            raise DilemmaError(f"model.pretrained: cannot read {str(path)!r} as weights ({err})") from None
-        if not isinstance(state, dict):
-            raise DilemmaError(f"model.pretrained: {str(path)!r} holds no state dict")
-        return state, f"file {str(path)!r}"
+        return _read_state_dict(path), f"file {str(path)!r}"
     if os.sep in spec or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
         raise DilemmaError(f"model.pretrained: {spec!r} does not exist")
     import timm
 
     if not timm.is_model(spec.split(".")[0]):
         raise DilemmaError(f"model.pretrained: {spec!r} is neither a file, a run folder, nor a timm model name")
-    try:
-        vit = timm.create_model(spec, pretrained=True, num_classes=0)
-    except Exception as err:  # noqa: BLE001 - offline, no such tag, ...
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    weights = local_timm_weights(spec)
+    if weights is None:
         raise DilemmaError(
-            f"model.pretrained: timm weights {spec!r} are not available on this machine ({first}). "
+            f"model.pretrained: timm weights {spec!r} are not on this machine, and dilemma downloads nothing. "
             "Download them where there is internet (timm.create_model(name, pretrained=True) fills the "
             "Hugging Face cache), or point model.pretrained at a .safetensors file"
-        ) from None
-    return vit.state_dict(), f"timm {spec!r}"
+        )
+    state = _read_state_dict(weights)  # read here, safely (weights_only / safetensors), not by timm
+    try:
+        vit = timm.create_model(spec, pretrained=True, num_classes=0, pretrained_cfg_overlay={"state_dict": state})
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DilemmaError(f"model.pretrained: cannot load timm weights {str(weights)!r} ({first})") from None
+    return vit.state_dict(), f"timm {spec!r} ({weights})"
 
 
 def _dilemma_checkpoint_or_none(path: Path) -> dict | None:

@@ -12,7 +12,9 @@ Layouts (``sources.list_image_source`` notes which one was found, for the start 
   image files directly in ``ROOT`` beside class folders are ignored and counted.
 - ``ROOT/*.jpg``: a flat, unlabelled folder.
 - a text / CSV file list: one ``path[,label]`` per line (paths relative to the list's folder).
-Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) are never read.
+Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) are never read; only regular
+files are listed, each real folder is entered once (link loops are skipped), and every file or
+folder passed over is counted for the start line.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import csv
 import hashlib
 import io
 import os
+import shlex
 import sys
 import warnings
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +63,13 @@ class BadImage(Exception):
 
 
 class PathTable:
-    """Many file paths in two numpy arrays (utf-8 bytes and offsets), not a list of ``str``: a
-    DataLoader worker reading a Python list touches every object's refcount, so each worker would
-    end up with its own copy of a 1.28 M-path list."""
+    """Many file paths in two numpy arrays (the file system's bytes and offsets), not a list of
+    ``str``: a DataLoader worker reading a Python list touches every object's refcount, so each
+    worker would end up with its own copy of a 1.28 M-path list. Names that are not valid UTF-8
+    round-trip (``os.fsencode`` / ``os.fsdecode``)."""
 
     def __init__(self, paths: list[str]):
-        encoded = [p.encode() for p in paths]
+        encoded = [os.fsencode(p) for p in paths]
         self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
 
@@ -73,7 +78,7 @@ class PathTable:
 
     def __getitem__(self, i: int) -> str:
         start = int(self._ends[i - 1]) if i else 0
-        return self._bytes[start : int(self._ends[i])].tobytes().decode()
+        return os.fsdecode(self._bytes[start : int(self._ends[i])].tobytes())
 
 
 def _exif_upright(img: Image.Image) -> Image.Image:
@@ -190,34 +195,70 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def list_images(root: Path) -> list[str]:
-    """Image files below ``root`` (relative, sorted, hidden files and folders skipped)."""
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        rel = os.path.relpath(folder, root)
-        found += [
-            os.path.normpath(os.path.join(rel, f))
-            for f in files
-            if not _hidden(f) and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES
-        ]
-    return sorted(found)
-
-
 @dataclass
 class Listing:
-    """What a folder or list holds: absolute paths, labels (-1: unlabelled), class names, what was ignored."""
+    """What a folder or list holds: absolute paths, labels (-1: unlabelled), class names, what was
+    ignored or passed over, and notes for the start line."""
 
     paths: list[str]
     labels: list[int]
     classes: list[str]
     ignored: int = 0  # image files outside the layout (beside class folders)
+    skipped: Counter = field(default_factory=Counter)  # what was passed over, by reason
+    notes: list[str] = field(default_factory=list)
 
 
-def list_classes(root: Path) -> Listing:
+def list_images(root: Path, skip_bad: bool = False) -> tuple[list[str], Counter]:
+    """Image files below ``root`` (relative, sorted; hidden files and folders skipped) and what was
+    passed over. Only regular files are listed: a FIFO, socket or device named like an image would
+    block or mislead a reader, so it is skipped and counted, as is a broken link. Each real folder
+    is entered once (links followed, a link loop or a second link to a folder seen already skipped
+    and counted). A folder that cannot be read stops the listing with its name, or with
+    ``skip_bad`` is left out and counted. Names the file system's encoding cannot decode are kept
+    as Python's surrogate-escaped ``str`` (``PathTable`` stores their bytes)."""
+    found, skipped, seen = [], Counter(), set()
+    pending = [("", str(root))]
+    while pending:
+        rel, folder = pending.pop()
+        try:
+            status = os.stat(folder)
+            if (status.st_dev, status.st_ino) in seen:
+                skipped["folders reached again through a link: a loop or a second link"] += 1
+                continue
+            seen.add((status.st_dev, status.st_ino))
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError as err:
+            if not skip_bad:
+                raise DilemmaError(
+                    f"cannot read folder {folder!r}: {err.strerror or err}. Fix its permissions, or set "
+                    "data.skip_bad_images=true to leave it out"
+                ) from None
+            skipped["unreadable folders"] += 1
+            continue
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            try:
+                if entry.is_dir():  # follows links; each real folder once (above)
+                    pending.append((os.path.join(rel, entry.name), entry.path))
+                    continue
+                regular = entry.is_file()
+            except OSError:  # vanished, or a link we may not follow
+                regular = False
+            if os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            if regular:
+                found.append(os.path.join(rel, entry.name))
+            else:
+                skipped["special files (FIFOs, sockets, devices) or broken links named like images"] += 1
+    return sorted(found), skipped
+
+
+def list_classes(root: Path, skip_bad: bool = False) -> Listing:
     """Class folders if ``root`` has sub-folders holding images (loose files beside them ignored),
     else a flat, unlabelled folder."""
-    files = list_images(root)
+    files, skipped = list_images(root, skip_bad)
     nested = [f for f in files if os.sep in f]
     if nested:
         classes = sorted({f.split(os.sep, 1)[0] for f in nested})
@@ -227,50 +268,92 @@ def list_classes(root: Path) -> Listing:
             [index[f.split(os.sep, 1)[0]] for f in nested],
             classes,
             ignored=len(files) - len(nested),
+            skipped=skipped,
         )
-    return Listing([str(root / f) for f in files], [-1] * len(files), [])
+    return Listing([str(root / f) for f in files], [-1] * len(files), [], skipped=skipped)
+
+
+def _read_text(path: Path) -> str:
+    """A text file as spreadsheets and editors write it: UTF-8 (with or without a BOM) or UTF-16
+    with a BOM; any line ends."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DilemmaError(f"cannot read file list {str(path)!r}: {err.strerror or err}") from None
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise DilemmaError(
+            f"file list {str(path)!r} is not UTF-8 (byte {err.start}); save it as UTF-8 (or UTF-16 with a BOM)"
+        ) from None
+
+
+def _fields(line: str, folder: Path) -> list[str]:
+    """A list line's fields: comma- or tab-separated (quotes as CSV writes them), else a path and an
+    optional label separated by spaces; a line that names an existing file whole is a path alone
+    (file names may hold spaces)."""
+    if "," in line or "\t" in line:
+        return [f.strip() for f in next(csv.reader([line], delimiter="," if "," in line else "\t"))]
+    if '"' in line or "'" in line:
+        try:
+            return shlex.split(line)
+        except ValueError:
+            pass
+    whole = Path(line).expanduser()
+    if " " not in line or (whole if whole.is_absolute() else folder / whole).is_file():
+        return [line]
+    return [f.strip() for f in line.rsplit(None, 1)]
+
+
+def _integer_labels(values: list[str], where: str) -> tuple[list[int], list[str], list[str]]:
+    """Integer labels -> ``(labels 0..K-1, class names, notes)``: labels that are not 0..K-1 (gaps,
+    huge values) are renumbered in order, and the note says so."""
+    ints = [int(v) for v in values]
+    if min(ints) < 0:
+        raise DilemmaError(f"{where}: labels must be >= 0, got {min(ints)}")
+    distinct = sorted(set(ints))
+    if distinct == list(range(len(distinct))):
+        return ints, [str(c) for c in distinct], []
+    index = {value: i for i, value in enumerate(distinct)}
+    shown = ", ".join(str(v) for v in distinct[:5]) + (", ..." if len(distinct) > 5 else "")
+    note = f"labels {shown} renumbered 0..{len(distinct) - 1}"
+    return [index[v] for v in ints], [str(v) for v in distinct], [note]
 
 
 def read_file_list(path: Path) -> Listing:
     """``path[,label]`` lines (comma, tab or space separated; ``#`` comments; an optional header);
     labels are integers or class names; relative paths are relative to the list's folder."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DilemmaError(f"cannot read file list {str(path)!r}: {err}") from None
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if "," in line or "\t" in line:
-            fields = next(csv.reader([line], delimiter="," if "," in line else "\t"))
-        else:
-            fields = line.rsplit(None, 1) if " " in line else [line]
-        fields = [f.strip() for f in fields]
+        fields = _fields(line, path.parent)
         if number == 1 and fields[0].lower() in ("path", "file", "filename", "image"):
             continue  # a header
-        if len(fields) > 2:
-            raise DilemmaError(f"{str(path)!r} line {number}: expected 'path' or 'path,label', got {line!r}")
-        rows.append((fields[0], fields[1] if len(fields) == 2 else None))
+        if len(fields) > 2 or not fields[0]:
+            raise DilemmaError(f"{str(path)!r} line {number}: expected 'path' or 'path,label', got {line[:200]!r}")
+        rows.append((fields[0], fields[1] if len(fields) == 2 and fields[1] else None))
     if not rows:
         raise DilemmaError(f"file list {str(path)!r} names no images")
     labelled = [label is not None for _, label in rows]
     if any(labelled) and not all(labelled):
         raise DilemmaError(f"file list {str(path)!r}: give a label on every line or on none")
     paths = [str(p if (p := Path(name).expanduser()).is_absolute() else path.parent / p) for name, _ in rows]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = [p for p in paths if not os.path.isfile(p)]  # isfile: regular files only (no FIFO, device)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise DilemmaError(f"file list {str(path)!r} names {len(missing)} missing files: {missing[:3]}{more}")
+        kind = (
+            "missing files" if not any(os.path.exists(p) for p in missing) else "files that are missing or not regular"
+        )
+        raise DilemmaError(f"file list {str(path)!r} names {len(missing)} {kind}: {missing[:3]}{more}")
     if not all(labelled):
         return Listing(paths, [-1] * len(paths), [])
     names = [label for _, label in rows]
     if all(n.lstrip("-").isdigit() for n in names):
-        ints = [int(n) for n in names]
-        if min(ints) < 0:
-            raise DilemmaError(f"file list {str(path)!r}: labels must be >= 0")
-        return Listing(paths, ints, [str(c) for c in range(max(ints) + 1)])
+        labels, classes, notes = _integer_labels(names, f"file list {str(path)!r}")
+        return Listing(paths, labels, classes, notes=notes)
     classes = sorted(set(names))
     index = {c: i for i, c in enumerate(classes)}
     return Listing(paths, [index[n] for n in names], classes)

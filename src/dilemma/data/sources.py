@@ -131,11 +131,17 @@ def load_idx_folder(folder: Path, img_size: int, in_chans: int, val_fraction: fl
         if label_key not in files:
             raise DilemmaError(f"{str(files[key])!r} has no matching labels file {label_key}[.gz] beside it")
         pairs[prefix] = (read_idx(files[key]), read_idx(files[label_key]))
+    if not pairs:
+        raise DilemmaError(f"{str(folder)!r} holds IDX files but no *-images-idx3-ubyte[.gz] file")
     for prefix, (x, y) in pairs.items():
         if len(x) != len(y):
             raise DilemmaError(f"IDX pair {prefix!r} in {str(folder)!r} has {len(x)} images but {len(y)} labels")
-    classes = [str(c) for c in range(int(max(y.max() for _, y in pairs.values())) + 1)]
-    if "fashion" in str(folder).lower():
+    distinct = np.unique(np.concatenate([y for _, y in pairs.values()]))
+    classes, notes = [str(c) for c in distinct], []
+    if not np.array_equal(distinct, np.arange(len(distinct))):  # gaps: renumber, and say so
+        pairs = {k: (x, np.searchsorted(distinct, y)) for k, (x, y) in pairs.items()}
+        notes.append(f"labels {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''} renumbered")
+    elif len(classes) == 10 and "fashion" in str(folder).lower():
         classes = [
             "T-shirt/top",
             "Trouser",
@@ -150,15 +156,44 @@ def load_idx_folder(folder: Path, img_size: int, in_chans: int, val_fraction: fl
         ]
     if "train" in pairs and ("t10k" in pairs or "test" in pairs):
         (train_x, train_y), (val_x, val_y) = pairs["train"], pairs.get("t10k", pairs.get("test"))
-        return _tensor_splits_from(folder.name, train_x, train_y, val_x, val_y, classes, img_size, in_chans)
-    if len(pairs) != 1:
+        splits = _tensor_splits_from(folder.name, train_x, train_y, val_x, val_y, classes, img_size, in_chans)
+    elif len(pairs) != 1:
         raise DilemmaError(f"{str(folder)!r} holds IDX sets {sorted(pairs)}: expected one set, or train + t10k")
-    ((x, y),) = pairs.values()
-    return _tensor_splits(folder.name, x, y, classes, img_size, in_chans, val_fraction, seed)
+    else:
+        ((x, y),) = pairs.values()
+        splits = _tensor_splits(folder.name, x, y, classes, img_size, in_chans, val_fraction, seed)
+    splits.notes += ["MNIST-IDX folder", *notes]
+    return splits
 
 
-def _split(listing: Listing, val_fraction: float, seed: int) -> tuple[Listing, Listing]:
-    keys = [fingerprint(p) for p in listing.paths]
+def _fingerprints(listing: Listing, skip_bad: bool) -> tuple[Listing, list[bytes]]:
+    """Each file's fingerprint (8 KiB read). A file that cannot be opened stops the listing with its
+    name, or with ``skip_bad`` is left out and counted."""
+    keep, keys = [], []
+    for i, path in enumerate(listing.paths):
+        try:
+            keys.append(fingerprint(path))
+            keep.append(i)
+        except OSError as err:
+            if not skip_bad:
+                raise DilemmaError(
+                    f"cannot read image {path}: {err.strerror or err}. Fix its permissions, or set "
+                    "data.skip_bad_images=true to leave it out"
+                ) from None
+            listing.skipped["unreadable files"] += 1
+    if len(keep) < len(listing.paths):
+        listing = Listing(
+            [listing.paths[i] for i in keep],
+            [listing.labels[i] for i in keep],
+            listing.classes,
+            listing.ignored,
+            listing.skipped,
+            listing.notes,
+        )
+    return listing, keys
+
+
+def _split(listing: Listing, keys: list[bytes], val_fraction: float, seed: int) -> tuple[Listing, Listing]:
     train_idx, val_idx = split_train_val(keys, np.array(listing.labels), val_fraction, seed)
 
     def part(idx):
@@ -176,9 +211,13 @@ def _with_classes(listing: Listing, classes: list[str], where: str) -> Listing:
     return Listing(listing.paths, [index[listing.classes[y]] for y in listing.labels], classes)
 
 
-def list_image_source(source: Path, val_fraction: float, seed: int) -> tuple[Listing, Listing, list[str]]:
+def list_image_source(
+    source: Path, val_fraction: float, seed: int, skip_bad: bool = False
+) -> tuple[Listing, Listing, list[str]]:
     """``(train, val, notes)`` of an image folder or a file list (layouts: ``folders.py``)."""
     notes = []
+    if not (source.is_file() or source.is_dir()):
+        raise DilemmaError(f"data source {str(source)!r} is not a folder or a regular file (a FIFO, socket or device?)")
     if source.is_file():
         if source.suffix.lower() not in LIST_SUFFIXES:
             kinds = ", ".join(sorted(LIST_SUFFIXES))
@@ -186,12 +225,12 @@ def list_image_source(source: Path, val_fraction: float, seed: int) -> tuple[Lis
         listing, split = read_file_list(source), True
         notes.append("file list")
     elif (source / "train").is_dir():
-        listing = list_classes(source / "train")
+        listing = list_classes(source / "train", skip_bad)
         val_dir = next((source / v for v in VAL_FOLDERS if (source / v).is_dir()), None)
         split = val_dir is None
         notes.append("train/ split by data.val_fraction" if split else f"train/ + {val_dir.name}/")
         if not split:
-            val = list_classes(val_dir)
+            val = list_classes(val_dir, skip_bad)
             if listing.classes and not val.classes and val.paths:
                 raise DilemmaError(
                     f"{str(val_dir)!r} holds images but no class folders: sort them into class folders "
@@ -199,18 +238,31 @@ def list_image_source(source: Path, val_fraction: float, seed: int) -> tuple[Lis
                 )
             if listing.classes:
                 val = _with_classes(val, listing.classes, str(val_dir))
+            val, _ = _fingerprints(val, skip_bad)
+            listing.skipped.update(val.skipped)
     else:
-        listing, split = list_classes(source), True
+        listing, split = list_classes(source, skip_bad), True
         notes.append("class folders" if listing.classes else "flat folder, unlabelled")
     if not listing.paths:
         raise DilemmaError(
             f"no images found in {str(source)!r} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
             "point data.source at a folder of images, of class folders, or of train/ and val/"
         )
+    listing, keys = _fingerprints(listing, skip_bad)
+    notes += listing.notes
     if listing.ignored:
         notes.append(f"{listing.ignored} image files beside the class folders ignored")
-    train, val = _split(listing, val_fraction, seed) if split else (listing, val)
+    notes += [f"{count} skipped ({reason})" for reason, count in sorted(listing.skipped.items())]
+    train, val = _split(listing, keys, val_fraction, seed) if split else (listing, val)
+    train.skipped = listing.skipped
     if not val.paths:
+        distinct = len(set(keys))
+        if split and distinct < len(keys) and distinct * val_fraction < 0.5:
+            raise DilemmaError(
+                f"{str(source)!r} holds {len(keys)} images but only {distinct} distinct: exact duplicates "
+                "never go to val (a val image must have no copy in train), so none can be held out; "
+                "add distinct images"
+            )
         raise DilemmaError(
             f"{str(source)!r} is too small to hold out a val split: add images or raise data.val_fraction"
         )
@@ -221,7 +273,7 @@ def load_image_source(
     source: Path, img_size: int, in_chans: int, crop_pct: float, val_fraction: float, seed: int, skip_bad: bool
 ) -> Splits:
     """Files listed now, decoded when read (``FileImageSet``)."""
-    train, val, notes = list_image_source(source, val_fraction, seed)
+    train, val, notes = list_image_source(source, val_fraction, seed, skip_bad)
 
     def make(listing: Listing) -> FileImageSet:
         labels = torch.tensor(listing.labels, dtype=torch.long)

@@ -66,13 +66,21 @@ def knn_accuracy(
 
 
 def require_labels(splits: Splits, protocol: str) -> None:
+    """A read-out needs labels and at least two classes among the training images (one class makes
+    every accuracy 100 %, a number that means nothing)."""
     if not splits.labelled:
         raise DilemmaError(
             f"{protocol} needs labels, but {splits.name!r} is unlabelled: use a folder of class sub-folders"
         )
+    present = splits.train.labels.unique().numel()
+    if present < 2:
+        raise DilemmaError(f"{protocol} needs at least 2 classes, but {splits.name!r} has {present} in its train split")
 
 
 def knn_protocol(k: int, temperature: float, splits: Splits) -> str:
+    """The protocol, flagging a k larger than the memory bank (every training image then votes)."""
+    if k > len(splits.train):
+        k = f"{len(splits.train)} (k={k} asked, but the train split has only {len(splits.train)} images)"
     return (
         f"weighted kNN, k={k}, T={temperature}, cosine on L2-normalised final-norm class tokens of the "
         f"frozen dense backbone; bank = {splits.name} train ({len(splits.train)}), queries = val ({len(splits.val)})"

@@ -59,9 +59,11 @@ def occlusion_curve(
         points.append(
             {"keep_fraction": fraction, "tokens": tokens, "knn_top1": knn_top1, "linear_top1": probe.top1(val_f, val_y)}
         )
+    neighbours = str(k) if k <= len(splits.train) else f"{len(splits.train)} of {k} asked"  # the bank is smaller
     protocol = (
         f"occlusion: each val image keeps a random round(f x {encoder.num_patches}) patch tokens at their true "
-        f"positions (seed {seed}); kNN (k={k}, T={temperature}) against dense train features and a linear probe "
-        f"({probe_epochs} epochs, SGD, cosine) trained on dense train features; {splits.name} val ({len(splits.val)})"
+        f"positions (seed {seed}); kNN (k={neighbours}, T={temperature}) against dense train features and a "
+        f"linear probe ({probe_epochs} epochs, SGD, cosine) trained on dense train features; {splits.name} val "
+        f"({len(splits.val)})"
     )
     return OcclusionCurve(points, protocol)

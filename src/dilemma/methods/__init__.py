@@ -40,8 +40,12 @@ def _import_method(spec: str) -> type[Method]:
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
-    except ImportError as err:
-        raise DilemmaError(f"cannot import the method in {where!r}: {err}") from None
+    except DilemmaError:
+        raise
+    except (Exception, SystemExit) as err:  # a syntax error, or anything the file raises while it loads
+        sys.modules.pop(f"dilemma_user_method_{Path(where).stem}", None)
+        first = str(err).splitlines()[0][:200] if str(err) else ""
+        raise DilemmaError(f"cannot import the method in {where!r}: {type(err).__name__}: {first}") from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise DilemmaError(f"{spec!r}: {where} has no Method subclass named {class_name!r}")

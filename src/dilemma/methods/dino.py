@@ -56,12 +56,17 @@ class DINOConfig:
             0.0 <= self.center_momentum < 1.0,
             f"method.dino.center_momentum must be in [0, 1), got {self.center_momentum}",
         )
-        require(self.local_crops >= 0, f"method.dino.local_crops must be >= 0, got {self.local_crops}")
+        require(0 <= self.local_crops <= 64, f"method.dino.local_crops must be in [0, 64], got {self.local_crops}")
+        require(
+            1 <= self.local_crop_size <= 4096,
+            f"method.dino.local_crop_size must be in [1, 4096] px, got {self.local_crop_size}",
+        )
         require(
             0.05 < self.local_crop_scale < 1.0,
             f"method.dino.local_crop_scale must be in (0.05, 1), got {self.local_crop_scale}",
         )
-        require(min(self.out_dim, self.hidden_dim, self.bottleneck_dim) >= 1, "method.dino head sizes must be >= 1")
+        sizes = (self.out_dim, self.hidden_dim, self.bottleneck_dim)
+        require(1 <= min(sizes) and max(sizes) <= 2**18, f"method.dino head sizes must be in [1, 2^18], got {sizes}")
 
 
 def teacher_temperature_at(progress: float, warmup_temp: float, temp: float, warmup: float) -> float:
@@ -81,8 +86,8 @@ class DINO(EMATeacherMethod):
         super().__init__(encoder, dilemma, cfg)
         patch = encoder.vit.patch_embed.patch_size[0]
         require(
-            cfg.local_crop_size % patch == 0,
-            f"method.dino.local_crop_size {cfg.local_crop_size} is not divisible by model.patch_size {patch}",
+            cfg.local_crop_size >= patch and cfg.local_crop_size % patch == 0,
+            f"method.dino.local_crop_size {cfg.local_crop_size} must be a multiple of model.patch_size {patch}",
         )
         self.head = DINOHead(encoder.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
         self.teacher_encoder, self.teacher_head = self.teacher_of(encoder), self.teacher_of(self.head)

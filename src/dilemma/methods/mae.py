@@ -35,8 +35,10 @@ class MAEConfig:
     norm_pix_loss: bool = True  # reconstruct per-patch normalised pixels
 
     def check(self) -> None:
+        sizes = (self.decoder_dim, self.decoder_depth, self.decoder_heads)
         require(
-            min(self.decoder_dim, self.decoder_depth, self.decoder_heads) >= 1, "method.mae decoder sizes must be >= 1"
+            min(sizes) >= 1 and self.decoder_dim <= 2**14 and self.decoder_depth <= 64,
+            f"method.mae decoder sizes must be >= 1 (dim <= 2^14, depth <= 64), got {sizes}",
         )
 
 

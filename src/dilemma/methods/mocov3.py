@@ -33,7 +33,8 @@ class MoCoV3Config:
     def check(self) -> None:
         require(self.temperature > 0, f"method.mocov3.temperature must be > 0, got {self.temperature}")
         require(0.0 <= self.momentum <= 1.0, f"method.mocov3.momentum must be in [0, 1], got {self.momentum}")
-        require(min(self.proj_hidden_dim, self.proj_dim) >= 1, "method.mocov3 head sizes must be >= 1")
+        sizes = (self.proj_hidden_dim, self.proj_dim)
+        require(1 <= min(sizes) and max(sizes) <= 2**18, f"method.mocov3 head sizes must be in [1, 2^18], got {sizes}")
 
 
 class MoCoV3(EMATeacherMethod):

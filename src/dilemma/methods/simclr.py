@@ -32,7 +32,8 @@ class SimCLRConfig:
 
     def check(self) -> None:
         require(self.temperature > 0, f"method.simclr.temperature must be > 0, got {self.temperature}")
-        require(min(self.proj_hidden_dim, self.proj_dim) >= 1, "method.simclr head sizes must be >= 1")
+        sizes = (self.proj_hidden_dim, self.proj_dim)
+        require(1 <= min(sizes) and max(sizes) <= 2**18, f"method.simclr head sizes must be in [1, 2^18], got {sizes}")
 
 
 class SimCLR(Method):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,10 +100,37 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+NO_STEP_LIMIT = 10**12  # only the time budget ends the run
+
+
+def step_limits(cfg: Config, batches: PretrainBatches) -> dict[str, int]:
+    """The step limits the config sets: ``train.max_steps`` and ``train.epochs`` in steps."""
+    t, limits = cfg.train, {}
+    if t.max_steps is not None:
+        limits["train.max_steps"] = t.max_steps
+    if t.epochs is not None:
+        limits["train.epochs"] = max(1, round(t.epochs * batches.steps_per_epoch))
+    return limits
+
+
 def total_steps(cfg: Config, batches: PretrainBatches) -> int:
-    """``train.max_steps``, or ``train.epochs`` of the training split."""
-    epochs = cfg.train.epochs
-    return cfg.train.max_steps if epochs is None else max(1, round(epochs * batches.steps_per_epoch))
+    """The step the run ends at: the first of ``train.max_steps`` and ``train.epochs`` (one rule:
+    every limit set is a cap), or none when only the time budget is set."""
+    return min(step_limits(cfg, batches).values(), default=NO_STEP_LIMIT)
+
+
+def run_length(cfg: Config, batches: PretrainBatches) -> str:
+    """What ends the run, for the start line: each limit set, the one that binds first named."""
+    limits, t = step_limits(cfg, batches), cfg.train
+    parts = []
+    if limits:
+        key, steps = min(limits.items(), key=lambda kv: kv[1])
+        epochs = f" = {steps / batches.steps_per_epoch:.3g} epochs" if key == "train.max_steps" else ""
+        parts.append(f"ends at step {steps} ({key}{epochs}")
+        parts[-1] += "".join(f"; {k} would be {v} steps" for k, v in limits.items() if k != key) + ")"
+    if t.time_budget:
+        parts.append(f"{'or after' if limits else 'ends after'} {t.time_budget:g} min (train.time_budget)")
+    return " ".join(parts) + (", whichever comes first" if limits and t.time_budget else "")
 
 
 def peak_lr(cfg: Config) -> tuple[float, float]:
@@ -111,21 +139,19 @@ def peak_lr(cfg: Config) -> tuple[float, float]:
     return cfg.optim.lr * scale, cfg.optim.min_lr * scale
 
 
-def start_line(cfg: Config, run_dir: RunDir, splits: Splits, method: Method, device, steps: int) -> str:
+def start_line(cfg: Config, run_dir: RunDir, splits: Splits, method: Method, device, length: str) -> str:
     """What was understood: data (layout, classes, images, size, channels), model, schedule, device."""
-    m, t = cfg.model, cfg.train
+    m = cfg.model
     classes = f"{len(splits.classes)} classes" if splits.labelled else "unlabelled"
     notes = "".join(f"; {note}" for note in splits.notes)
     params = sum(p.numel() for p in method.encoder.parameters()) / 1e6
-    length = f"{steps} steps" + (f" ({t.epochs:g} epochs)" if t.epochs is not None else "")
-    budget = f" or {t.time_budget:g} min" if t.time_budget else ""
     pretrained = f", from {m.pretrained}" if m.pretrained else ""
     return (
         f"run folder: {run_dir.path}  ({splits.name}: {len(splits.train)} train / {len(splits.val)} val, "
         f"{classes}{notes}; {m.img_size} px x {m.in_chans} channel(s); {cfg.method.name} on {m.name} "
         f"({params:.2f}M-parameter encoder{pretrained}), p={cfg.dilemma.misplace_prob:g} r={cfg.dilemma.drop_rate:g}; "
-        f"{length}{budget}, batch {cfg.data.batch_size}, lr {peak_lr(cfg)[0]:.3g}; "
-        f"device {device}, {world_size()} process(es), {t.precision})"
+        f"{length}; batch {cfg.data.batch_size}, lr {peak_lr(cfg)[0]:.3g}; "
+        f"device {device}, {world_size()} process(es), {cfg.train.precision})"
     )
 
 
@@ -155,7 +181,8 @@ class Run:
     batches: PretrainBatches
     checkpoints: CheckpointDir
     metrics: MetricsLog
-    total_steps: int = 0  # train.max_steps or train.epochs in steps
+    total_steps: int = 0  # the step the run ends at (total_steps())
+    run_id: str = ""  # made when the run starts; its checkpoints and this folder's provenance carry it
     step: int = 0
     elapsed: float = 0.0  # seconds of training so far (across resumes): the clock of the schedules
     skipped: int = 0  # optimiser steps skipped for a non-finite loss
@@ -164,6 +191,7 @@ class Run:
     def state(self) -> dict:
         return {
             "format": FORMAT,
+            "run_id": self.run_id,
             "config": self.cfg.to_dict(),
             "step": self.step,
             "epoch": self.step / self.batches.steps_per_epoch,
@@ -229,12 +257,15 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
         if is_main():
             run_dir.lock()  # before reading: a second resume of a running folder is refused
         ckpt = run_dir.resume_checkpoint(say=is_main())[1]
+        run_dir.check_owns(ckpt, FROZEN_ON_RESUME)  # before anything in the folder is written
         check_resume_config(ckpt["config"], cfg)
     seed_everything(cfg.train.seed + rank())
     d, t = cfg.data, cfg.train
 
     splits = load_splits(cfg)
-    pretrained = pretrained_state(cfg.model.pretrained) if cfg.model.pretrained and ckpt is None else None
+    pretrained = None
+    if cfg.model.pretrained and ckpt is None:
+        pretrained = pretrained_state(cfg.model.pretrained, method=cfg.method.name if ":" in cfg.method.name else None)
     method = build_method(cfg, pretrained, log=_stderr if is_main() else None)
     method.encoder.vit.set_grad_checkpointing(t.grad_checkpointing)
     method.to(device)
@@ -252,7 +283,7 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
         problem = err
     fail_together(problem)  # every process stops, or none does
     if is_main():
-        _stderr(start_line(cfg, run_dir, splits, method, device, steps))
+        _stderr(start_line(cfg, run_dir, splits, method, device, run_length(cfg, batches)))
 
     optimizer = adamw(param_groups(method, cfg.optim.weight_decay), cfg.optim.lr, use_scaler=t.precision == "fp16")
     probe = (
@@ -281,13 +312,15 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
         checkpoints=CheckpointDir(run_dir.path, t.keep_checkpoints),
         metrics=MetricsLog(run_dir.path, enabled=is_main()),
         total_steps=steps,
+        run_id=(ckpt or {}).get("run_id") or uuid.uuid4().hex,
     )  # fmt: skip
     if ckpt is not None:
         run.restore(ckpt)
         run.metrics.truncate_after(run.step)  # steps logged after the checkpoint will be run (and logged) again
     if is_main():
         atomic_write_text(run_dir.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        run_dir.record_provenance({**provenance(device, world_size()), "resumed_at_step": run.step})
+        record = {**provenance(device, world_size()), "run_id": run.run_id, "resumed_at_step": run.step}
+        run_dir.record_provenance(record)
     return run
 
 
@@ -339,7 +372,13 @@ def train(run: Run) -> str:
     budget = t.time_budget * 60 if t.time_budget else None
     end, (peak, floor) = run.total_steps, peak_lr(cfg)
     loader = pretrain_loader(run.batches, run.step, end, cfg.data.num_workers, pin_memory=run.device.type == "cuda")
-    bar = tqdm(total=end, initial=run.step, disable=not (t.progress and is_main()), unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=None if end == NO_STEP_LIMIT else end,
+        initial=run.step,
+        disable=not (t.progress and is_main()),
+        unit="step",
+        dynamic_ncols=True,
+    )
     resume_hint = f"Continue with: dilemma pretrain --out {run.dir.path} --resume"
     run.method.train()
     start = time.perf_counter() - run.elapsed  # the clock continues from the checkpoint's
@@ -427,7 +466,9 @@ def finish(run: Run, stopped_by: str, log) -> dict:
         images = run.method.encoder.normalize(next(eval_batches(run.splits.val, 8))[0].to(run.device))
         pictures = run.method.pictures(images, run.dir.path)
         final.update({"pictures": [str(p) for p in pictures]} if pictures else {})
-        if e.knn_at_end and run.splits.labelled:
+        if e.knn_at_end and run.splits.labelled and run.splits.train.labels.unique().numel() < 2:
+            _stderr("note: no kNN read-out: the train split holds one class")
+        elif e.knn_at_end and run.splits.labelled:
             knn = knn_eval(
                 run.method.evaluated_encoder(),
                 run.splits,

@@ -62,8 +62,14 @@ class MetricsLog:
         if not self.enabled:
             return
         record = as_json(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk, a folder made read-only under the run
+            raise DilemmaError(
+                f"cannot append to {str(self.path)!r}: {err.strerror or err}. The last checkpoint is intact: "
+                "free space and continue with --resume"
+            ) from None
         if self.tensorboard is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
