@@ -463,18 +463,24 @@ def argv_for(case_argv: list[str], fixtures: dict[str, str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    import collections
     import contextlib
     import tempfile
 
     from dilemma.cli import main
     from tests.test_reliability import checkpoint_fixtures
 
+    outcomes = collections.Counter()
     with tempfile.TemporaryDirectory() as tmp:
         fixtures = make_fixtures(Path(tmp))
         fixtures.update(checkpoint_fixtures(Path(tmp)))
-        for name, case, _ in CASES:
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        for number, (name, case, _) in enumerate(CASES + NOTED):
+            out, err = io.StringIO(), io.StringIO()
+            (Path(tmp) / f"case_{number}").mkdir()  # a fresh working folder per case, as the tests give
+            os.chdir(Path(tmp) / f"case_{number}")
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
                 code = main(argv_for(case, fixtures))
-            message = err.getvalue().strip().splitlines()[-1].replace(tmp, "<tmp>")
-            print(f"- {name} (exit {code}): `{message}`")
+            lines = (err.getvalue() or out.getvalue()).strip().splitlines() or [""]
+            outcomes[code] += 1
+            print(f"- {name} (exit {code}): `{lines[-1].replace(tmp, '<tmp>')[:300]}`")
+    print(f"exit statuses: {dict(outcomes)}")
