@@ -149,11 +149,27 @@ def _round_three_fixtures(root: Path) -> dict[str, Path]:
         "{comments_only}": _file_list(lists / "comments.txt", "# nothing here\n\n"),
         "{idx_labels_only}": root / "idx",
         "{missing_json_folder}": root / "no" / "such" / "knn.json",
+        "{idx_2d}": root / "idx_2d",
+        "{idx_2d_labels}": root / "idx_2d_labels",
+        "{idx_overflow}": root / "idx_overflow",
+        "{empty_val}": root / "empty_val",
         "{json_folder}": root / "results.json",
         "{save_under_missing}": root / "no" / "such" / "ft",
     }
     (root / "idx").mkdir()
     (root / "idx" / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x00")
+    for name, images, labels in [
+        ("idx_2d", np.zeros((4, 9), np.uint8), np.zeros(4, np.uint8)),
+        ("idx_2d_labels", np.zeros((4, 3, 3), np.uint8), np.zeros((4, 2), np.uint8)),
+    ]:
+        (root / name).mkdir()
+        _idx(root / name / "train-images-idx3-ubyte", images)
+        _idx(root / name / "train-labels-idx1-ubyte", labels)
+    (root / "idx_overflow").mkdir()
+    (root / "idx_overflow" / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + b"\xff\xff\xff\xff" * 3)
+    _idx(root / "idx_overflow" / "train-labels-idx1-ubyte", np.zeros(4, np.uint8))
+    _folder(root / "empty_val" / "train", {"a": 3, "b": 3})
+    (root / "empty_val" / "val" / "a").mkdir(parents=True)
     fixtures.update(_noted_fixtures(root))
     return fixtures
 
@@ -188,6 +204,10 @@ def _noted_fixtures(root: Path) -> dict[str, Path]:
         "{utf16}": _file_list(lists / "utf16.csv", "".join(f"{{png:u{i}.png}},{i % 2}\n" for i in range(8)), "utf-16"),
         "{quoted}": _file_list(lists / "quoted.csv", "".join(f'"{{png:q, {i}.png}}",{i % 2}\n' for i in range(8))),
         "{idx}": idx,
+        "{commented}": _file_list(
+            lists / "commented.csv",
+            "# made by hand\npath,label\n" + "".join(f"{{png:m{i}.png}},{i % 2}\n" for i in range(8)),
+        ),
     }
 
 
@@ -262,7 +282,11 @@ CASES = [
     ("eval batch size 0", ["pretrain", "--set", "eval.batch_size=0"], "eval.batch_size must be >= 1"),
     ("kNN with k = 0", ["eval", "knn", "--checkpoint", "{ckpt}", "--k", "0"], "--k must be >= 1"),
     ("linear probe lr nan", ["eval", "linear", "--checkpoint", "{ckpt}", "--lr", "nan"], "--lr must be a finite"),
-    ("fine-tune 0 epochs", ["eval", "finetune", "--checkpoint", "{ckpt}", "--epochs", "0"], "--epochs must be >= 1"),
+    (
+        "fine-tune 0 epochs",
+        ["eval", "finetune", "--checkpoint", "{ckpt}", "--epochs", "0"],
+        "--epochs must be in [1, 100000]",
+    ),
     ("occlusion fraction 0", ["eval", "occlusion", "--checkpoint", "{ckpt}", "--fractions", "0"], "must be in (0, 1]"),
     ("negative workers", ["eval", "knn", "--checkpoint", "{ckpt}", "--workers", "-1"], "--workers must be >= 0"),
     ("compare with a seed twice", ["compare", "--variant", "a=", "--seeds", "0", "0", "--out", "{out}"], "seed twice"),
@@ -288,11 +312,11 @@ CASES = [
     ("two input channels", ["pretrain", "--set", "model.in_chans=2"], "model.in_chans must be 1 or 3"),
     ("three means for one channel", ["pretrain", "--set", "model.mean=[0.1,0.2,0.3]"], "model.mean needs 1 or"),
     ("zero std", ["pretrain", "--set", "model.std=[0]"], "model.std values must be > 0"),
-    ("crop fraction 0", ["pretrain", "--set", "model.crop_pct=0"], "model.crop_pct must be in (0, 1]"),
+    ("crop fraction 0", ["pretrain", "--set", "model.crop_pct=0"], "model.crop_pct must be in [0.5, 1]"),
     ("unknown positional embedding", ["pretrain", "--set", "model.pos_embed=rope"], "model.pos_embed must be one of"),
     ("pretrained weights that do not exist", ["pretrain", "--set", "model.pretrained=/no/such.pt"], "does not exist"),
     ("zero steps", ["pretrain", "--set", "train.max_steps=0"], "train.max_steps must be >= 1"),
-    ("negative epochs", ["pretrain", "--set", "train.epochs=-1"], "train.epochs must be > 0"),
+    ("negative epochs", ["pretrain", "--set", "train.epochs=-1"], "train.epochs must be in (0, 1e5]"),
     ("zero time budget", ["pretrain", "--set", "train.time_budget=0"], "train.time_budget must be > 0"),
     ("log every 0 steps", ["pretrain", "--set", "train.log_every=0"], "must be >= 1"),
     ("keep no checkpoint", ["pretrain", "--set", "train.keep_checkpoints=0"], "train.keep_checkpoints must be >= 1"),
@@ -307,11 +331,19 @@ CASES = [
     ("kNN temperature 0 on the CLI", ["eval", "knn", "--checkpoint", "{ckpt}", "--temperature", "0"], "must be > 0"),
     ("eval batch size 0 on the CLI", ["eval", "knn", "--checkpoint", "{ckpt}", "--batch-size", "0"], "must be >= 1"),
     ("inspect no image", ["inspect", "{ckpt}", "--num-images", "0"], "--num-images must be in [1, 256]"),
-    ("compare read out at no point", ["compare", "--variant", "a=", "--curve-points", "0", "--out", "{out}"], ">= 1"),
+    (
+        "compare read out at no point",
+        ["compare", "--variant", "a=", "--curve-points", "0", "--out", "{out}"],
+        "in [1, 99]",
+    ),
     ("check-data on a missing folder", ["check-data", "/nonexistent/images"], "does not exist"),
     ("export a missing checkpoint", ["export", "/nonexistent/run", "--out", "{out}"], "does not exist"),
     ("plot a folder that is not a run", ["plot", "{empty}"], "is not a run folder"),
-    ("compare with no time", ["compare", "--variant", "a=", "--time-budget", "0", "--out", "{out}"], "must be > 0"),
+    (
+        "compare with no time",
+        ["compare", "--variant", "a=", "--time-budget", "0", "--out", "{out}"],
+        "must be in (0, 10000000]",
+    ),
     # ---- round three: configs that could exhaust memory or run code ----
     ("YAML billion laughs", ["pretrain", "--config", "{bomb}"], "is too large once its aliases are expanded"),
     ("YAML nested 40 deep", ["pretrain", "--config", "{nested}"], "levels of nesting"),
@@ -332,7 +364,7 @@ CASES = [
     (
         "checkpoint naming a method file: pretrained",
         ["pretrain", "--set", "model.pretrained={plugin_run}"],
-        "pass --method",
+        "export its backbone first",
     ),
     (
         "checkpoint of another method than --method",
@@ -417,18 +449,83 @@ CASES = [
     ("fine-tune weight decay -1", ["eval", "finetune", "--checkpoint", "{ckpt}", "--weight-decay", "-1"], ">= 0"),
     ("fine-tune drop-path 1", ["eval", "finetune", "--checkpoint", "{ckpt}", "--drop-path", "1"], "[0, 1)"),
     ("fine-tune smoothing 1", ["eval", "finetune", "--checkpoint", "{ckpt}", "--label-smoothing", "1"], "[0, 1)"),
-    ("fine-tune warm-up -1", ["eval", "finetune", "--checkpoint", "{ckpt}", "--warmup-epochs", "-1"], ">= 0"),
-    ("fine-tune mixup -1", ["eval", "finetune", "--checkpoint", "{ckpt}", "--mixup", "-1"], "--mixup must be >= 0"),
-    ("fine-tune cutmix -1", ["eval", "finetune", "--checkpoint", "{ckpt}", "--cutmix", "-1"], "--cutmix must be >= 0"),
+    ("fine-tune warm-up -1", ["eval", "finetune", "--checkpoint", "{ckpt}", "--warmup-epochs", "-1"], "in [0, 100000]"),
+    (
+        "fine-tune mixup -1",
+        ["eval", "finetune", "--checkpoint", "{ckpt}", "--mixup", "-1"],
+        "--mixup must be in [0, 100]",
+    ),
+    (
+        "fine-tune cutmix -1",
+        ["eval", "finetune", "--checkpoint", "{ckpt}", "--cutmix", "-1"],
+        "--cutmix must be in [0, 100]",
+    ),
     ("fine-tune erasing 2", ["eval", "finetune", "--checkpoint", "{ckpt}", "--reprob", "2"], "--reprob must be in"),
     ("fine-tune lr infinite", ["eval", "finetune", "--checkpoint", "{ckpt}", "--lr", "inf"], "a finite number"),
     ("check-data val fraction 0", ["check-data", "{two_classes}", "--val-fraction", "0"], "(0, 1)"),
     ("occlusion fraction nan", ["eval", "occlusion", "--checkpoint", "{ckpt}", "--fractions", "nan"], "finite"),
-    ("linear probe 0 epochs", ["eval", "linear", "--checkpoint", "{ckpt}", "--epochs", "0"], "--epochs must be >= 1"),
+    (
+        "linear probe 0 epochs",
+        ["eval", "linear", "--checkpoint", "{ckpt}", "--epochs", "0"],
+        "--epochs must be in [1, 100000]",
+    ),
     ("compare probe 0 epochs", ["compare", "--variant", "a=", "--probe-epochs", "0", "--out", "{out}"], ">= 1"),
     ("compare 0 steps", ["compare", "--variant", "a=", "--max-steps", "0", "--out", "{out}"], "--max-steps must be"),
-    ("pretrain time budget -1", ["pretrain", "--time-budget", "-1"], "--time-budget must be > 0"),
+    ("pretrain time budget -1", ["pretrain", "--time-budget", "-1"], "--time-budget must be in (0, 10000000]"),
     ("pretrain 0 steps on the CLI", ["pretrain", "--max-steps", "0"], "--max-steps must be >= 1"),
+    # ---- round three, second pass (an adversarial review) ----
+    ("a snapshot every 1e-7 of the run", ["pretrain", "--set", "train.snapshot_every=1e-7"], "at most 99 snapshots"),
+    ("compare read out 1000 times", ["compare", "--variant", "a=", "--curve-points", "1000", "--out", "{out}"], "99]"),
+    ("crop fraction 1e-4", ["pretrain", "--set", "model.crop_pct=0.0001"], "model.crop_pct must be in [0.5, 1]"),
+    ("a data name YAML would read as a number", ["pretrain", "--data", "010"], "data source '010' is neither"),
+    ("a data name with a hash", ["pretrain", "--data", "data #1"], "data source 'data #1' is neither"),
+    ("IDX images of two dimensions", ["pretrain", "--data", "{idx_2d}"], "images must be (N, H, W)"),
+    ("IDX labels of two dimensions", ["pretrain", "--data", "{idx_2d_labels}"], "labels must be one number per image"),
+    ("IDX header of 2^96 values", ["pretrain", "--data", "{idx_overflow}"], "is truncated: header says"),
+    (
+        "a projector of 2^36 weights",
+        ["pretrain", "--set", "method.mocov3.proj_hidden_dim=262144", "--set", "method.mocov3.proj_dim=262144"],
+        "product <= 2^28",
+    ),
+    (
+        "a million tokens per image",
+        ["pretrain", "--set", "model.img_size=4096", "--set", "model.patch_size=1"],
+        "patch tokens per image",
+    ),
+    (
+        "local crops larger than the image",
+        ["pretrain", "--method", "dino", "--set", "method.dino.local_crop_size=4096"],
+        "up to model.img_size 28",
+    ),
+    ("micro-batches of one image", ["pretrain", "--set", "train.accum_steps=32"], "micro-batches of at least 2"),
+    ("epochs 1e308", ["pretrain", "--set", "train.epochs=1e308"], "train.epochs must be in (0, 1e5]"),
+    ("checkpoint of a 100000 px model", ["eval", "knn", "--checkpoint", "{huge_model}"], "model.img_size must be <="),
+    ("checkpoint without a config", ["eval", "knn", "--checkpoint", "{no_config}"], "not a whole dilemma checkpoint"),
+    ("fine-tune lr 1e39", ["eval", "finetune", "--checkpoint", "{ckpt}", "--lr", "1e39"], "--lr must be in (0, 100]"),
+    ("fine-tune warm-up 1e308", ["eval", "finetune", "--checkpoint", "{ckpt}", "--warmup-epochs", "1e308"], "in [0,"),
+    ("fine-tune cutmix 1e-320", ["eval", "finetune", "--checkpoint", "{ckpt}", "--cutmix", "1e-320"], "at least 0.001"),
+    (
+        "RandAugment spec of garbage",
+        ["eval", "finetune", "--checkpoint", "{ckpt}", "--auto-augment", "garbage"],
+        "timm",
+    ),
+    (
+        "RandAugment of 10^8 ops",
+        ["eval", "finetune", "--checkpoint", "{ckpt}", "--auto-augment", "rand-m9-n100000000"],
+        "n <= 20",
+    ),
+    ("compare into a file", ["compare", "--variant", "a=", "--out", "{file}"], "is a file; give a folder"),
+    (
+        "compare variant named results.json",
+        ["compare", "--variant", "results.json=", "--out", "{out}"],
+        "compare writes",
+    ),
+    (
+        "start a built-in from a plug-in run",
+        ["pretrain", "--set", "model.pretrained={plugin_run}", "--method", "mocov3"],
+        "export its backbone first",
+    ),
+    ("val folder with no images", ["pretrain", "--data", "{empty_val}"], "holds no images: add the held-out"),
 ]
 
 # Inputs that are not errors but were once handled silently or wrongly: each run must succeed and
@@ -442,6 +539,7 @@ NOTED = [
     ("file list with a quoted comma", ["pretrain", "--data", "{quoted}", *SMALL_IMAGES], "file list"),
     ("an exported folder as the start", ["pretrain", "--set", "model.pretrained={exported}"], "exported folder"),
     ("check-data on an IDX folder", ["check-data", "{idx}"], "nothing to decode file by file"),
+    ("file list with a comment above its header", ["pretrain", "--data", "{commented}", *SMALL_IMAGES], "file list"),
     ("kNN with k above the bank", ["eval", "knn", "--checkpoint", "{ckpt}", "--data", "{two_classes}", "--k", "50"],
      "k=50 asked"),
     ("a plug-in checkpoint with its --method", ["eval", "knn", "--checkpoint", "{plugin_run}", "--method", "{toy}"],

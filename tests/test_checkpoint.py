@@ -44,7 +44,7 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "c.pt"
-    atomic_save({"format": FORMAT, "step": 1}, path)
+    atomic_save({"format": FORMAT, "config": {}, "model": {}, "step": 1}, path)
 
     def broken(obj, f):
         f.write(b"partial")
@@ -52,7 +52,7 @@ def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(DilemmaError, match="No space left"):
-        atomic_save({"format": FORMAT, "step": 2}, path)
+        atomic_save({"format": FORMAT, "config": {}, "model": {}, "step": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
@@ -61,7 +61,7 @@ def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path, monkeypatc
 def test_checkpoint_dir_keeps_last_k(tmp_path):
     ckpts = CheckpointDir(tmp_path, keep=2)
     for step in (1, 2, 3):
-        ckpts.save({"format": FORMAT, "step": step}, step)
+        ckpts.save({"format": FORMAT, "config": {}, "model": {}, "step": step}, step)
     assert sorted(p.name for p in ckpts.dir.glob("step_*.pt")) == ["step_0000002.pt", "step_0000003.pt"]
     assert load_checkpoint(ckpts.last)["step"] == 3
     assert load_checkpoint(tmp_path)["step"] == 3  # a run folder resolves to its last checkpoint

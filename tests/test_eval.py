@@ -209,3 +209,24 @@ def test_confidence_interval_of_the_mean():
     mean, half = compare_module.mean_ci95([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 / 3**0.5, rel=1e-4)  # t(2) = 4.303, sd 1
     assert math.isnan(compare_module.mean_ci95([5.0])[1])  # one seed: no interval
+
+
+def test_knn_votes_stay_finite_at_any_temperature():
+    """exp(similarity / T) overflows float32 for T <= 0.01 (cosine 1 / 0.01 = 100 > 88.7): every vote
+    was inf, and argmax then picked class 0. The votes are scaled by each query's best similarity
+    first, which changes no ranking; at a tiny T the weighted vote is the nearest neighbour's."""
+    from dilemma.eval.knn import knn_predict
+
+    g = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(200, 16, generator=g), dim=1)
+    labels = torch.randint(0, 5, (200,), generator=g)
+    queries = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=1)
+    nearest = labels[(queries @ bank.T).argmax(1)]
+    for temperature in (0.001, 0.005, 0.01):
+        scores = knn_predict(bank, labels, queries, k=20, temperature=temperature, num_classes=5)
+        assert torch.isfinite(scores).all() and torch.equal(scores.argmax(1), nearest), temperature
+    usual = knn_predict(bank, labels, queries, k=20, temperature=0.07, num_classes=5)
+    reference = torch.zeros(50, 5)  # the unscaled vote, where it does not overflow
+    top = (queries @ bank.T).topk(20, dim=1)
+    reference.scatter_add_(1, labels[top.indices], (top.values / 0.07).exp())
+    assert torch.equal(usual.argmax(1), reference.argmax(1))

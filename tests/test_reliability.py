@@ -54,6 +54,12 @@ def checkpoint_fixtures(root: Path) -> dict[str, str]:
     runs["{foreign}"] = str(root / "foreign")
     assert main(["export", str(root / "ckpt"), "--out", str(root / "exported")]) == 0
     runs["{exported}"] = str(root / "exported")
+    huge = load_checkpoint(root / "ckpt")
+    huge["config"]["model"]["img_size"] = 100_000  # a checkpoint is untrusted input: its sizes decide allocations
+    torch.save(huge, root / "huge_model.pt")
+    runs["{huge_model}"] = str(root / "huge_model.pt")
+    torch.save({"format": "dilemma-checkpoint-v1", "model": {}, "step": 1}, root / "no_config.pt")
+    runs["{no_config}"] = str(root / "no_config.pt")
     return runs
 
 
@@ -118,6 +124,13 @@ def test_a_fifo_named_like_an_image_is_skipped_not_opened(tmp_path):
     assert (
         done.returncode == 2 and done.stderr.startswith("error: ") and "not a folder or a regular file" in done.stderr
     )
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    os.mkfifo(idx / "train-images-idx3-ubyte")  # an IDX set is read whole: never from a FIFO
+    (idx / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 1, 0]))
+    for argv in (["pretrain", *TINY_SETS, "--data", str(idx), "--out", "t"], ["check-data", str(idx)]):
+        done = _real_process(argv, tmp_path, timeout=60)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "is not a regular file" in done.stderr
 
 
 def test_a_link_loop_is_entered_once(tmp_path):
@@ -169,6 +182,32 @@ def test_unreadable_folders_and_files_are_named_or_skipped(tmp_path, monkeypatch
         load_source(str(data), img_size=8, in_chans=1)
     splits = load_source(str(data), img_size=8, in_chans=1, skip_bad=True)
     assert len(splits.train) + len(splits.val) == 8 and "1 skipped (unreadable files)" in splits.notes
+
+
+def test_command_line_mistakes_are_one_error_line_too(capsys):
+    for argv in (["pretrain", "--bogus"], ["eval", "knn"], ["pretrain", "--max-steps", "many"], ["nothing"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_check_data_names_what_it_could_not_read(tmp_path, monkeypatch, capsys):
+    data = _small_folder(tmp_path / "d")
+    (data / "c").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith(os.sep + "c"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(SystemExit):
+        main(["check-data", str(data), "--workers", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    assert f"bad: {data / 'c'}: Permission denied (a folder; its images not counted)" in out
+    assert "1 of 9 images cannot be used" in out
 
 
 def test_a_full_disk_while_appending_metrics_is_one_line(tmp_path, capsys, monkeypatch):
@@ -238,6 +277,10 @@ def test_compare_reads_out_again_when_a_read_out_setting_changes(tmp_path, capsy
     again = json.loads((out / "a" / "seed_0" / "result.json").read_text())
     assert first["readout"]["probe_epochs"] == 1 and again["readout"]["probe_epochs"] == 3
     assert (out / "a" / "seed_0" / "metrics.jsonl").read_text() == metrics  # read out again, not trained again
+    (out / "a" / "seed_0" / "result.json").write_text("{ half a file")
+    capsys.readouterr()
+    assert main([*argv, "--probe-epochs", "3"]) == 2
+    assert "result.json is damaged (not a JSON object): remove it" in capsys.readouterr().err
 
 
 def test_bad_images_can_be_skipped_and_counted(tmp_path, capsys):
@@ -322,7 +365,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
 
 def test_kill_during_a_checkpoint_write_never_damages_the_previous_one(tmp_path, monkeypatch):
     ckpts = CheckpointDir(tmp_path, keep=2)
-    ckpts.save({"format": checkpoint_module.FORMAT, "step": 1, "w": torch.ones(3)}, 1)
+    ckpts.save({"format": checkpoint_module.FORMAT, "config": {}, "model": {}, "step": 1, "w": torch.ones(3)}, 1)
 
     def killed_mid_write(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
@@ -330,7 +373,7 @@ def test_kill_during_a_checkpoint_write_never_damages_the_previous_one(tmp_path,
 
     monkeypatch.setattr(checkpoint_module.torch, "save", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        ckpts.save({"format": checkpoint_module.FORMAT, "step": 2, "w": torch.zeros(3)}, 2)
+        ckpts.save({"format": checkpoint_module.FORMAT, "config": {}, "model": {}, "step": 2, "w": torch.zeros(3)}, 2)
     assert load_checkpoint(tmp_path)["step"] == 1 and torch.equal(load_checkpoint(tmp_path)["w"], torch.ones(3))
     assert list(ckpts.dir.glob(".*.tmp-*"))  # the torn temp file is there ...
     CheckpointDir(tmp_path, keep=2)  # ... and the next run's checkpoint folder removes it

@@ -36,8 +36,9 @@ def _pretrain(args) -> None:
         ("device", "train.device"),
         ("precision", "train.precision"),
     ]:
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
+        value = getattr(args, flag)
+        if value is not None:  # strings as typed (quoted: YAML would read 010 as 8, "a #1" as "a")
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     # a default name no other start can take: the time, and the pid (torchrun's, shared by its ranks)
     launcher = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
     out = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{launcher}"
@@ -245,8 +246,8 @@ def _check_data(args) -> None:
     train, val, notes = list_image_source(source, args.val_fraction, 0, skip_bad=True)
     classes = f"{len(train.classes)} classes" if train.classes else "unlabelled"
     print(f"{source}: {'; '.join(notes)}; {classes}; {len(train.paths)} train / {len(val.paths)} val images")
-    unreadable = sum(n for reason, n in train.skipped.items() if reason.startswith("unreadable"))
     bad, sides, modes = [], [], collections.Counter()
+    bad += [tuple(entry.rsplit(": ", 1)) for entry in train.unreadable]  # "path: reason"
     for path, problem, size, mode in scan_files(train.paths + val.paths, args.workers, not args.no_progress):
         if problem:
             bad.append((path, problem))
@@ -260,9 +261,8 @@ def _check_data(args) -> None:
         )
     for path, problem in bad:
         print(f"bad: {path}: {problem}")
-    total = len(train.paths) + len(val.paths) + unreadable
-    print(f"{len(bad) + unreadable} of {total} images cannot be used")
-    if bad or unreadable:
+    print(f"{len(bad)} of {len(train.paths) + len(val.paths) + len(train.unreadable)} images cannot be used")
+    if bad:
         raise SystemExit(1)
 
 
@@ -344,10 +344,18 @@ def _eval_parser(ev, name: str, help: str, run) -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one ``error:`` line like every other."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dilemma.methods import METHODS
 
-    parser = argparse.ArgumentParser(prog="dilemma", description="Self-supervised ViT pretraining with DILEMMA.")
+    parser = _Parser(prog="dilemma", description="Self-supervised ViT pretraining with DILEMMA.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser(
@@ -468,15 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
 SEED_BOUND = 2**31
 ARG_BOUNDS = {
     "k": (1, None, "[]"),
-    "epochs": (1, None, "[]"),
+    "epochs": (1, 100_000, "[]"),
     "batch_size": (1, None, "[]"),
     "workers": (0, None, "[]"),  # and at most config.max_workers()
     "probe_epochs": (1, None, "[]"),
-    "curve_points": (1, None, "[]"),
+    "curve_points": (1, 99, "[]"),
     "max_steps": (1, None, "[]"),
     "num_images": (1, 256, "[]"),
-    "time_budget": (0, None, "(]"),
-    "lr": (0, None, "(]"),
+    "time_budget": (0, 10_000_000, "(]"),
+    "lr": (0, 100, "(]"),
     "temperature": (0, None, "(]"),
     "seed": (0, SEED_BOUND, "[)"),
     "val_fraction": (0, 1, "()"),
@@ -486,9 +494,9 @@ ARG_BOUNDS = {
     "weight_decay": (0, None, "[]"),
     "drop_path": (0, 1, "[)"),
     "label_smoothing": (0, 1, "[)"),
-    "warmup_epochs": (0, None, "[]"),
-    "mixup": (0, None, "[]"),
-    "cutmix": (0, None, "[]"),
+    "warmup_epochs": (0, 100_000, "[]"),
+    "mixup": (0, 100, "[]"),  # Beta(alpha, alpha); 0: off, and no alpha below 1e-3 (checked below)
+    "cutmix": (0, 100, "[]"),
     "reprob": (0, 1, "[]"),
 }
 
@@ -527,6 +535,25 @@ def _check_output(flag: str, value: str, new_folder: bool = False) -> None:
         raise DilemmaError(f"cannot write {value!r}: {err.strerror or err}") from None
 
 
+def _check_auto_augment(spec: str) -> None:
+    """timm's RandAugment spec, parsed by timm itself, with at most 20 ops per image."""
+    import re
+
+    from timm.data.auto_augment import rand_augment_transform
+
+    ops = re.search(r"-n(\d+)", spec)
+    if not spec.startswith("rand") or (ops and int(ops.group(1)) > 20):
+        raise DilemmaError(
+            f"--auto-augment {spec!r}: give a timm RandAugment spec such as rand-m9-mstd0.5-inc1 (n <= 20)"
+        )
+    try:
+        rand_augment_transform(spec, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except Exception as err:  # noqa: BLE001 - timm's parser asserts
+        raise DilemmaError(
+            f"--auto-augment {spec!r} is not a RandAugment spec timm reads ({err or 'bad field'})"
+        ) from None
+
+
 def check_args(args) -> None:
     """Ranges and finiteness of numeric arguments, so no value reaches torch as a traceback or a
     meaningless result; output paths (pictures, JSON, saved models) before any work is done.
@@ -542,6 +569,12 @@ def check_args(args) -> None:
             f"--workers {args.workers} is more than {max_workers()} (4 per usable CPU core, at least 16): each "
             "worker is a process with its own memory"
         )
+    for name in ("mixup", "cutmix"):
+        alpha = getattr(args, name, None)
+        if alpha is not None and 0 < alpha < 1e-3:
+            raise DilemmaError(f"--{name} must be 0 (off) or at least 0.001, got {alpha}")
+    if getattr(args, "auto_augment", None):
+        _check_auto_augment(args.auto_augment)
     for fraction in getattr(args, "fractions", None) or []:
         _check_number("--fractions", fraction, 0, 1, "(]")
     for seed in getattr(args, "seeds", None) or []:

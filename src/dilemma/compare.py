@@ -34,6 +34,8 @@ from dilemma.train.loop import pretrain
 from dilemma.train.metrics import read_records
 from dilemma.train.signals import Interrupted
 
+OUTPUTS = ("results.json", "summary.md", "occlusion.png", "over_time.png")  # what compare writes in --out
+
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """``'name=key=value,key=value'`` -> ``('name', ['key=value', ...])``; ``'name='`` has no overrides."""
@@ -42,6 +44,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
         raise DilemmaError(f"--variant needs NAME=key=value,...; got {text!r}")
     if "/" in name or "\\" in name or name in (".", ".."):
         raise DilemmaError(f"--variant name {name!r} must be a plain name (it becomes a folder)")
+    if name in OUTPUTS:
+        raise DilemmaError(f"--variant name {name!r} is the name of a file compare writes in --out; choose another")
     if not name.isprintable() or name.strip() != name or "|" in name or len(name) > 64:
         raise DilemmaError(
             f"--variant name {name!r} must be a short printable name without '|' or surrounding spaces "
@@ -98,7 +102,12 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str], probe_epochs: i
     done, run, identity = run_dir / "result.json", RunDir(run_dir), config_sha1(cfg)
     readout = readout_settings(cfg, probe_epochs)
     if done.exists():
-        result = json.loads(done.read_text())
+        try:
+            result = json.loads(done.read_text())
+        except (OSError, ValueError):
+            result = None
+        if not isinstance(result, dict):
+            raise DilemmaError(f"{done} is damaged (not a JSON object): remove it, and the run is read out again")
         if result.get("config_sha1", identity) != identity or result.get("overrides") != overrides:
             raise DilemmaError(f"{run_dir} holds a finished run of another configuration: {_elsewhere}")
         if result.get("readout") == readout:
@@ -308,7 +317,12 @@ def compare(
         for seed in seeds
         for name, variant_overrides in parsed
     ]
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DilemmaError(f"--out {str(out)!r} is a file; give a folder for the comparison")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DilemmaError(f"cannot write to --out {str(out)!r}: {err.strerror or err}") from None
     results = []
     for seed, name, variant_overrides, cfg in runs:
         start = time.perf_counter()

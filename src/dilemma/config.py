@@ -335,16 +335,21 @@ def max_workers() -> int:
     return max(MIN_WORKER_CAP, WORKERS_PER_CORE * cores)
 
 
-def validate(cfg: Config) -> Config:
-    """Range checks that need no model or data (each method section checks itself); raises DilemmaError."""
-    d, m, data, o, t, e = cfg.dilemma, cfg.model, cfg.data, cfg.optim, cfg.train, cfg.eval
-    require(0.0 <= d.drop_rate < 1.0, f"dilemma.drop_rate must be in [0, 1), got {d.drop_rate}")
-    require(0.0 <= d.misplace_prob <= 1.0, f"dilemma.misplace_prob must be in [0, 1], got {d.misplace_prob}")
-    require(d.weight >= 0, f"dilemma.weight must be >= 0, got {d.weight}")
+MAX_TOKENS = 16_384  # patch tokens per image (1024 px in 8 px patches); attention memory grows with its square
+
+
+def validate_model(m: ModelConfig) -> None:
+    """The model section's ranges; also checked for a checkpoint's saved config, which is untrusted
+    input whose sizes decide what is allocated."""
     require(m.img_size > 0 and m.patch_size > 0, "model.img_size and model.patch_size must be positive")
     require(
         m.img_size <= MAX_IMG_SIZE,
         f"model.img_size must be <= {MAX_IMG_SIZE} px (tokens and memory grow with its square), got {m.img_size}",
+    )
+    require(
+        (m.img_size // m.patch_size) ** 2 <= MAX_TOKENS,
+        f"model.img_size / model.patch_size gives {(m.img_size // m.patch_size) ** 2} patch tokens per image, "
+        f"over {MAX_TOKENS}: use larger patches",
     )
     require(
         m.img_size % m.patch_size == 0,
@@ -360,7 +365,16 @@ def validate(cfg: Config) -> Config:
             f"model.{key} needs 1 or model.in_chans={m.in_chans} values, got {values}",
         )
     require(all(s > 0 for s in m.std), f"model.std values must be > 0, got {m.std}")
-    require(0.0 < m.crop_pct <= 1.0, f"model.crop_pct must be in (0, 1], got {m.crop_pct}")
+    require(0.5 <= m.crop_pct <= 1.0, f"model.crop_pct must be in [0.5, 1] (timm's are 0.875-1), got {m.crop_pct}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that need no model or data (each method section checks itself); raises DilemmaError."""
+    d, m, data, o, t, e = cfg.dilemma, cfg.model, cfg.data, cfg.optim, cfg.train, cfg.eval
+    require(0.0 <= d.drop_rate < 1.0, f"dilemma.drop_rate must be in [0, 1), got {d.drop_rate}")
+    require(0.0 <= d.misplace_prob <= 1.0, f"dilemma.misplace_prob must be in [0, 1], got {d.misplace_prob}")
+    require(d.weight >= 0, f"dilemma.weight must be >= 0, got {d.weight}")
+    validate_model(m)
     require(
         data.batch_size >= 2, f"data.batch_size must be >= 2 (contrastive losses need negatives), got {data.batch_size}"
     )
@@ -392,7 +406,7 @@ def validate(cfg: Config) -> Config:
     )
     require(0.0 <= o.warmup < 1.0, f"optim.warmup must be a fraction of training in [0, 1), got {o.warmup}")
     require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}")
-    require(t.epochs is None or t.epochs > 0, f"train.epochs must be > 0 or null, got {t.epochs}")
+    require(t.epochs is None or 0 < t.epochs <= 1e5, f"train.epochs must be in (0, 1e5] or null, got {t.epochs}")
     require(t.time_budget is None or t.time_budget > 0, f"train.time_budget must be > 0 minutes, got {t.time_budget}")
     require(
         not (t.max_steps is None and t.epochs is None and t.time_budget is None),
@@ -401,15 +415,17 @@ def validate(cfg: Config) -> Config:
     require(t.log_every >= 1 and t.ckpt_every >= 1, "train.log_every and train.ckpt_every must be >= 1")
     require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     require(
-        t.snapshot_every is None or 0.0 < t.snapshot_every < 1.0,
-        f"train.snapshot_every must be a fraction of training in (0, 1) or null, got {t.snapshot_every}",
+        t.snapshot_every is None or 0.01 <= t.snapshot_every < 1.0,
+        f"train.snapshot_every must be a fraction of training in [0.01, 1) (at most 99 snapshots) or null, "
+        f"got {t.snapshot_every}",
     )
     require(t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     require(t.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips must be >= 0, got {t.max_nonfinite_skips}")
     require(t.precision in ("fp32", "bf16", "fp16"), f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
     require(
-        t.accum_steps >= 1 and data.batch_size % t.accum_steps == 0,
-        f"train.accum_steps must be >= 1 and divide data.batch_size {data.batch_size}, got {t.accum_steps}",
+        t.accum_steps >= 1 and data.batch_size % t.accum_steps == 0 and data.batch_size // t.accum_steps >= 2,
+        f"train.accum_steps must divide data.batch_size {data.batch_size} into micro-batches of at least 2 images "
+        f"(batch norm and contrastive losses need two), got {t.accum_steps}",
     )
     require(e.knn_k >= 1, f"eval.knn_k must be >= 1, got {e.knn_k}")
     require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
@@ -489,7 +505,9 @@ def config_from_dict(data: dict, method: str | None = None) -> Config:
             f"the checkpoint names the method {_short(_method_name([saved]))}, not {_short(method)}: "
             "pass the --method it was trained with"
         )
-    return _build([saved], trusted)
+    cfg = _build([saved], trusted)
+    validate_model(cfg.model)
+    return cfg
 
 
 def method_config(cfg: Config):

@@ -35,7 +35,7 @@ try:
 except ImportError:  # Windows: no advisory locks
     fcntl = None
 
-from dilemma.config import Config, config_from_dict
+from dilemma.config import Config, config_from_dict, resolved_method, safe_yaml
 from dilemma.errors import DilemmaError
 from dilemma.files import written_whole
 from dilemma.methods import method_class
@@ -100,8 +100,8 @@ class RunDir:
                 )
             return
         try:
-            own = yaml.safe_load(self.config.read_text()) if self.config.is_file() else None
-        except (OSError, yaml.YAMLError):
+            own = safe_yaml(self.config.read_text(), str(self.config)) if self.config.is_file() else None
+        except (OSError, yaml.YAMLError, DilemmaError):
             own = None
         if isinstance(own, dict):
             differ = [s for s in frozen if own.get(s) != ckpt.get("config", {}).get(s)]
@@ -291,6 +291,13 @@ def load_checkpoint(path: str | Path) -> dict:
         raise DilemmaError(f"{str(path)!r} is not a readable checkpoint: {err}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise DilemmaError(f"{str(path)!r} is not a dilemma checkpoint (expected format {FORMAT})")
+    shapes = {"config": dict, "model": dict, "step": int}
+    wrong = [key for key, kind in shapes.items() if not isinstance(ckpt.get(key), kind)]
+    wrong += [f"config.{k}" for k, v in ckpt.get("config", {}).items() if not isinstance(v, dict)] if not wrong else []
+    if wrong:
+        raise DilemmaError(
+            f"{str(path)!r} is not a whole dilemma checkpoint (missing or malformed: {', '.join(wrong)})"
+        )
     return ckpt
 
 
@@ -444,6 +451,14 @@ def pretrained_state(spec: str, method: str | None = None) -> tuple[dict, str]:
         return _read_state_dict(exported), f"exported folder {str(path)!r}"
     ckpt = _dilemma_checkpoint_or_none(path)
     if path.is_dir() or ckpt is not None:
+        ckpt = ckpt if ckpt is not None else load_checkpoint(path)
+        saved = ckpt["config"].get("method", {}).get("name", "")
+        if ":" in str(saved) and (method is None or resolved_method(method) != resolved_method(str(saved))):
+            raise DilemmaError(
+                f"model.pretrained: {spec!r} was trained with the method {saved!r}, kept in a file of its own, "
+                f"and reading it never imports code: export its backbone first (dilemma export {spec} --out DIR "
+                f"--method {saved}) and start from that folder"
+            )
         encoder, _ = encoder_from_checkpoint(path, ckpt=ckpt, method=method)
         return encoder.vit.state_dict(), f"run {str(path)!r}"
     if path.is_file():

@@ -23,6 +23,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -206,9 +207,10 @@ class Listing:
     ignored: int = 0  # image files outside the layout (beside class folders)
     skipped: Counter = field(default_factory=Counter)  # what was passed over, by reason
     notes: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # "path: reason" of folders / files passed over
 
 
-def list_images(root: Path, skip_bad: bool = False) -> tuple[list[str], Counter]:
+def list_images(root: Path, skip_bad: bool = False) -> tuple[list[str], Counter, list[str]]:
     """Image files below ``root`` (relative, sorted; hidden files and folders skipped) and what was
     passed over. Only regular files are listed: a FIFO, socket or device named like an image would
     block or mislead a reader, so it is skipped and counted, as is a broken link. Each real folder
@@ -216,7 +218,7 @@ def list_images(root: Path, skip_bad: bool = False) -> tuple[list[str], Counter]
     and counted). A folder that cannot be read stops the listing with its name, or with
     ``skip_bad`` is left out and counted. Names the file system's encoding cannot decode are kept
     as Python's surrogate-escaped ``str`` (``PathTable`` stores their bytes)."""
-    found, skipped, seen = [], Counter(), set()
+    found, skipped, seen, unreadable = [], Counter(), set(), []
     pending = [("", str(root))]
     while pending:
         rel, folder = pending.pop()
@@ -235,6 +237,7 @@ def list_images(root: Path, skip_bad: bool = False) -> tuple[list[str], Counter]
                     "data.skip_bad_images=true to leave it out"
                 ) from None
             skipped["unreadable folders"] += 1
+            unreadable.append(f"{folder}: {err.strerror or err} (a folder; its images not counted)")
             continue
         for entry in entries:
             if _hidden(entry.name):
@@ -252,13 +255,13 @@ def list_images(root: Path, skip_bad: bool = False) -> tuple[list[str], Counter]
                 found.append(os.path.join(rel, entry.name))
             else:
                 skipped["special files (FIFOs, sockets, devices) or broken links named like images"] += 1
-    return sorted(found), skipped
+    return sorted(found), skipped, unreadable
 
 
 def list_classes(root: Path, skip_bad: bool = False) -> Listing:
     """Class folders if ``root`` has sub-folders holding images (loose files beside them ignored),
     else a flat, unlabelled folder."""
-    files, skipped = list_images(root, skip_bad)
+    files, skipped, unreadable = list_images(root, skip_bad)
     nested = [f for f in files if os.sep in f]
     if nested:
         classes = sorted({f.split(os.sep, 1)[0] for f in nested})
@@ -269,8 +272,9 @@ def list_classes(root: Path, skip_bad: bool = False) -> Listing:
             classes,
             ignored=len(files) - len(nested),
             skipped=skipped,
+            unreadable=unreadable,
         )
-    return Listing([str(root / f) for f in files], [-1] * len(files), [], skipped=skipped)
+    return Listing([str(root / f) for f in files], [-1] * len(files), [], skipped=skipped, unreadable=unreadable)
 
 
 def _read_text(path: Path) -> str:
@@ -330,8 +334,8 @@ def read_file_list(path: Path) -> Listing:
         if not line or line.startswith("#"):
             continue
         fields = _fields(line, path.parent)
-        if number == 1 and fields[0].lower() in ("path", "file", "filename", "image"):
-            continue  # a header
+        if not rows and fields[0].lower() in ("path", "file", "filename", "image"):
+            continue  # a header: the first line that is not a comment
         if len(fields) > 2 or not fields[0]:
             raise DilemmaError(f"{str(path)!r} line {number}: expected 'path' or 'path,label', got {line[:200]!r}")
         rows.append((fields[0], fields[1] if len(fields) == 2 and fields[1] else None))
@@ -351,7 +355,7 @@ def read_file_list(path: Path) -> Listing:
     if not all(labelled):
         return Listing(paths, [-1] * len(paths), [])
     names = [label for _, label in rows]
-    if all(n.lstrip("-").isdigit() for n in names):
+    if all(re.fullmatch(r"-?[0-9]+", n) for n in names):  # ASCII digits ("²".isdigit() is True)
         labels, classes, notes = _integer_labels(names, f"file list {str(path)!r}")
         return Listing(paths, labels, classes, notes=notes)
     classes = sorted(set(names))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.resources
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -40,22 +41,53 @@ EMBEDDED = {
 }
 
 
+MAX_IDX_BYTES = 2**30  # an IDX set is read whole into memory: larger ones belong in an image folder
+
+
+def _idx_bytes(path) -> bytes:
+    """The bytes of an IDX file (gzip-compressed or not), at most ``MAX_IDX_BYTES`` once decompressed;
+    a special file (FIFO, device) is refused unread."""
+    if isinstance(path, Path) and not path.is_file():
+        raise DilemmaError(f"{str(path)!r} is not a regular file (a FIFO, device or broken link?)")
+    with path.open("rb") as f:
+        head = f.read(2)
+        f.seek(0)
+        stream = gzip.GzipFile(fileobj=f) if head == b"\x1f\x8b" else f
+        raw = stream.read(MAX_IDX_BYTES + 1)
+    if len(raw) > MAX_IDX_BYTES:
+        raise DilemmaError(
+            f"IDX file {str(path)!r} holds over {MAX_IDX_BYTES >> 30} GB: sets that large are not read into memory; "
+            "convert it to an image folder"
+        )
+    return raw
+
+
 def read_idx(path) -> np.ndarray:
     """Read an MNIST IDX file (optionally gzip-compressed): uint8 images (N, H, W) or labels (N,)."""
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        raw = _idx_bytes(path)
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise DilemmaError(f"cannot read IDX file {str(path)!r}: {err}") from None
-    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DilemmaError(f"{str(path)!r} is not an MNIST IDX file of uint8 data")
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        raise DilemmaError(f"{str(path)!r} is not an MNIST IDX file of uint8 data (1 to 4 dimensions)")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
+    data = np.frombuffer(raw, dtype=np.uint8, offset=min(len(raw), 4 + 4 * ndim))
+    if data.size != math.prod(dims):  # Python integers: a header's product cannot overflow
         raise DilemmaError(f"IDX file {str(path)!r} is truncated: header says {dims}, found {data.size} values")
     return data.reshape(dims)
+
+
+def _check_idx_pair(prefix: str, images: np.ndarray, labels: np.ndarray, folder: Path) -> None:
+    where = f"IDX pair {prefix!r} in {str(folder)!r}"
+    if labels.ndim != 1:
+        raise DilemmaError(f"{where}: labels must be one number per image, got shape {list(labels.shape)}")
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise DilemmaError(f"{where}: images must be (N, H, W) or (N, H, W, 1 or 3), got shape {list(images.shape)}")
+    if len(images) != len(labels):
+        raise DilemmaError(f"{where} has {len(images)} images but {len(labels)} labels")
+    if not len(images) or min(images.shape[1:3]) < 1:
+        raise DilemmaError(f"{where} holds no images")
 
 
 def to_model_size(images: np.ndarray, img_size: int, in_chans: int) -> torch.Tensor:
@@ -134,8 +166,7 @@ def load_idx_folder(folder: Path, img_size: int, in_chans: int, val_fraction: fl
     if not pairs:
         raise DilemmaError(f"{str(folder)!r} holds IDX files but no *-images-idx3-ubyte[.gz] file")
     for prefix, (x, y) in pairs.items():
-        if len(x) != len(y):
-            raise DilemmaError(f"IDX pair {prefix!r} in {str(folder)!r} has {len(x)} images but {len(y)} labels")
+        _check_idx_pair(prefix, x, y, folder)
     distinct = np.unique(np.concatenate([y for _, y in pairs.values()]))
     classes, notes = [str(c) for c in distinct], []
     if not np.array_equal(distinct, np.arange(len(distinct))):  # gaps: renumber, and say so
@@ -181,6 +212,7 @@ def _fingerprints(listing: Listing, skip_bad: bool) -> tuple[Listing, list[bytes
                     "data.skip_bad_images=true to leave it out"
                 ) from None
             listing.skipped["unreadable files"] += 1
+            listing.unreadable.append(f"{path}: {err.strerror or err}")
     if len(keep) < len(listing.paths):
         listing = Listing(
             [listing.paths[i] for i in keep],
@@ -189,6 +221,7 @@ def _fingerprints(listing: Listing, skip_bad: bool) -> tuple[Listing, list[bytes
             listing.ignored,
             listing.skipped,
             listing.notes,
+            listing.unreadable,
         )
     return listing, keys
 
@@ -240,6 +273,9 @@ def list_image_source(
                 val = _with_classes(val, listing.classes, str(val_dir))
             val, _ = _fingerprints(val, skip_bad)
             listing.skipped.update(val.skipped)
+            listing.unreadable += val.unreadable
+            if not val.paths:
+                raise DilemmaError(f"{str(val_dir)!r} holds no images: add the held-out images, or remove the folder")
     else:
         listing, split = list_classes(source, skip_bad), True
         notes.append("class folders" if listing.classes else "flat folder, unlabelled")
@@ -254,7 +290,7 @@ def list_image_source(
         notes.append(f"{listing.ignored} image files beside the class folders ignored")
     notes += [f"{count} skipped ({reason})" for reason, count in sorted(listing.skipped.items())]
     train, val = _split(listing, keys, val_fraction, seed) if split else (listing, val)
-    train.skipped = listing.skipped
+    train.skipped, train.unreadable = listing.skipped, listing.unreadable
     if not val.paths:
         distinct = len(set(keys))
         if split and distinct < len(keys) and distinct * val_fraction < 0.5:

@@ -35,7 +35,9 @@ def knn_predict(
     for start in range(0, query_feats.shape[0], chunk):
         sims = query_feats[start : start + chunk] @ train_feats.T
         top_sims, top_idx = sims.topk(k, dim=1)
-        weights = (top_sims / temperature).exp()
+        # exp(s / T) relative to the query's best neighbour: the same ranking of classes, and no
+        # overflow to inf (float32 overflows past exp(88.7), i.e. any T < 0.0113 at similarity 1)
+        weights = ((top_sims - top_sims[:, :1]) / temperature).exp()
         votes = torch.zeros(top_sims.shape[0], num_classes, dtype=weights.dtype)
         votes.scatter_add_(1, train_labels[top_idx], weights)
         scores.append(votes)

@@ -66,7 +66,11 @@ class DINOConfig:
             f"method.dino.local_crop_scale must be in (0.05, 1), got {self.local_crop_scale}",
         )
         sizes = (self.out_dim, self.hidden_dim, self.bottleneck_dim)
-        require(1 <= min(sizes) and max(sizes) <= 2**18, f"method.dino head sizes must be in [1, 2^18], got {sizes}")
+        widest = max(self.hidden_dim * self.bottleneck_dim, self.bottleneck_dim * self.out_dim)
+        require(
+            1 <= min(sizes) and max(sizes) <= 2**18 and widest <= 2**28,
+            f"method.dino head sizes must be in [1, 2^18] with layers of <= 2^28 weights, got {sizes}",
+        )
 
 
 def teacher_temperature_at(progress: float, warmup_temp: float, temp: float, warmup: float) -> float:
@@ -86,8 +90,9 @@ class DINO(EMATeacherMethod):
         super().__init__(encoder, dilemma, cfg)
         patch = encoder.vit.patch_embed.patch_size[0]
         require(
-            cfg.local_crop_size >= patch and cfg.local_crop_size % patch == 0,
-            f"method.dino.local_crop_size {cfg.local_crop_size} must be a multiple of model.patch_size {patch}",
+            patch <= cfg.local_crop_size <= encoder.img_size[0] and cfg.local_crop_size % patch == 0,
+            f"method.dino.local_crop_size {cfg.local_crop_size} must be a multiple of model.patch_size {patch} "
+            f"up to model.img_size {encoder.img_size[0]}",
         )
         self.head = DINOHead(encoder.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
         self.teacher_encoder, self.teacher_head = self.teacher_of(encoder), self.teacher_of(self.head)

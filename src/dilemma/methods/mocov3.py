@@ -34,7 +34,10 @@ class MoCoV3Config:
         require(self.temperature > 0, f"method.mocov3.temperature must be > 0, got {self.temperature}")
         require(0.0 <= self.momentum <= 1.0, f"method.mocov3.momentum must be in [0, 1], got {self.momentum}")
         sizes = (self.proj_hidden_dim, self.proj_dim)
-        require(1 <= min(sizes) and max(sizes) <= 2**18, f"method.mocov3 head sizes must be in [1, 2^18], got {sizes}")
+        require(
+            1 <= min(sizes) and max(sizes) <= 2**18 and sizes[0] * sizes[1] <= 2**28,
+            f"method.mocov3 head sizes must be in [1, 2^18] with a product <= 2^28 (weights), got {sizes}",
+        )
 
 
 class MoCoV3(EMATeacherMethod):

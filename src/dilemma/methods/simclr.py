@@ -33,7 +33,10 @@ class SimCLRConfig:
     def check(self) -> None:
         require(self.temperature > 0, f"method.simclr.temperature must be > 0, got {self.temperature}")
         sizes = (self.proj_hidden_dim, self.proj_dim)
-        require(1 <= min(sizes) and max(sizes) <= 2**18, f"method.simclr head sizes must be in [1, 2^18], got {sizes}")
+        require(
+            1 <= min(sizes) and max(sizes) <= 2**18 and sizes[0] * sizes[1] <= 2**28,
+            f"method.simclr head sizes must be in [1, 2^18] with a product <= 2^28 (weights), got {sizes}",
+        )
 
 
 class SimCLR(Method):
