@@ -1,6 +1,6 @@
 import pytest
 
-from dilemma.config import Config, load_config, parse_override
+from dilemma.config import Config, TypedText, load_config, parse_override
 from dilemma.errors import DilemmaError
 
 
@@ -62,7 +62,8 @@ def test_bad_yaml_files(tmp_path):
 
 
 def test_parse_override_nests():
-    assert parse_override("train.time_budget=2.5") == {"train": {"time_budget": 2.5}}
+    assert parse_override("train.time_budget=2.5") == {"train": {"time_budget": TypedText("2.5", 2.5)}}
+    assert parse_override("model.name=vit") == {"model": {"name": "vit"}}
 
 
 def test_exponent_without_a_dot_is_a_float(tmp_path):
@@ -71,3 +72,10 @@ def test_exponent_without_a_dot_is_a_float(tmp_path):
     path.write_text("optim:\n  lr: 5e-4\n")
     assert load_config(path).optim.lr == 5e-4
     assert load_config(None, ["optim.min_lr=2e-6"]).optim.min_lr == 2e-6
+
+
+def test_a_set_value_keeps_its_text_where_the_key_holds_a_string():
+    """YAML reads 010 as 8, 3.10 as 3.1 and 'yes' as True; a string key gets what was typed."""
+    cfg = load_config(None, ["data.source=010", "model.name=3.10", "optim.lr=010", "data.hflip=no"])
+    assert (cfg.data.source, cfg.model.name) == ("010", "3.10")
+    assert cfg.optim.lr == 8.0 and cfg.data.hflip is False  # numbers and booleans still read as YAML

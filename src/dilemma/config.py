@@ -166,6 +166,15 @@ def _short(value, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
+@dataclass(frozen=True)
+class TypedText:
+    """A ``--set`` value YAML reads as a number, boolean or date, with the text as typed: a key
+    that holds a string keeps the text (``data.source=010`` is the folder ``010``, not ``8``)."""
+
+    text: str
+    value: typing.Any
+
+
 def _coerce(value, kind, key: str):
     """Convert a YAML value to the field type ``kind`` or raise a DilemmaError."""
     origin = typing.get_origin(kind)
@@ -174,6 +183,8 @@ def _coerce(value, kind, key: str):
         if value is None and type(None) in args:
             return None
         kind = next(a for a in args if a is not type(None))
+    if isinstance(value, TypedText):
+        value = value.text if kind is str else value.value
     if typing.get_origin(kind) is list:
         (item,) = typing.get_args(kind)
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -286,6 +297,8 @@ def parse_override(text: str) -> dict:
         value = safe_yaml(raw, f"--set {_short(key, 60)}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if value is not None and not isinstance(value, (str, list, dict)):
+        value = TypedText(raw.strip(), value)
     nested: dict = {}
     node = nested
     *parents, leaf = key.strip().split(".")
@@ -441,7 +454,7 @@ def _method_name(layers: list[dict]) -> str | None:
     for layer in layers:
         section = layer.get("method")
         if isinstance(section, dict) and "name" in section:
-            name = section["name"]
+            name = section["name"].text if isinstance(section["name"], TypedText) else section["name"]
     return name
 
 
