@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from dilemma.config import Config, TypedText, load_config, parse_override
 from dilemma.errors import DilemmaError
@@ -20,8 +21,10 @@ def test_shipped_configs_load():
     assert configs
     for path in configs:
         load_config(path)
-    full = load_config(Path(__file__).parents[1] / "configs" / "mocov3_dilemma.yaml")
-    assert full.to_dict() == Config().to_dict()  # the reference file lists the defaults
+    # the reference file lists every key with its default: read as YAML (a key missing from the
+    # file would otherwise fall back to its default and pass unnoticed)
+    reference = yaml.safe_load((Path(__file__).parents[1] / "configs" / "mocov3_dilemma.yaml").read_text())
+    assert reference == Config().to_dict()
     names = {p.stem: load_config(p).method.name for p in configs}
     assert {names["dino_dilemma"], names["simclr_dilemma"], names["mae_dilemma"]} == {"dino", "simclr", "mae"}
 

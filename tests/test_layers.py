@@ -1,62 +1,82 @@
-"""The package reads bottom-up: a module imports only modules of the layers listed before its own
-(README, "Layout"). A back-reference, e.g. a method importing the training loop, fails here."""
+"""The package reads bottom-up: a module imports only modules of the layers listed before its own,
+in the README's "Layout" list (read from the README, so the list and the code cannot drift apart).
+Every import form counts: ``import dilemma.x``, ``from dilemma.x import ...``, ``from dilemma import
+x`` and relative imports, also inside functions."""
 
 import ast
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dilemma"
-LAYERS = [
-    "errors",
-    "allocator",
-    "files",
-    "distributed",
-    "schedules",
-    "models",
-    "pretext",
-    "heads",
-    "losses",
-    "data",
-    "methods",
-    "config",
-    "build",
-    "rundir",
-    "eval",
-    "train",
-    "viz",
-    "compare",
-    "export",
-    "cli",
-]
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "dilemma"
 
 
-def _layer(module: str) -> str:
+def readme_layers() -> list[str]:
+    """``errors``, ``allocator``, ...: the modules and folders of the README's Layout, in order."""
+    layout = ROOT.joinpath("README.md").read_text().split("## Layout", 1)[1].split("```", 2)[1]
+    return re.findall(r"^  (\w+)(?:\.py|/)\s", layout, flags=re.M)
+
+
+def _layer_of(module: str) -> str:
     """``dilemma.methods.dino`` -> ``methods``; ``dilemma`` itself (the package __init__) -> ``""``."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 
 
-def _imports(path: Path) -> set[str]:
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, own: str | None = None) -> set[str]:
+    """Every ``dilemma`` module ``path`` (the module ``own``) imports, in any form."""
+    own = own or _module_name(path)
+    package = own if path.name == "__init__.py" else own.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
+        if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolved against this module's package
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)  # ``from dilemma import x``
     return {name for name in found if name.split(".")[0] == "dilemma"}
 
 
-def test_every_module_imports_only_lower_layers():
+def test_the_readme_lists_every_module():
     files = [p for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE or p.name != "__init__.py"]
-    assert {(p.relative_to(PACKAGE).parts[0]).removesuffix(".py") for p in files} == set(LAYERS)
+    assert {(p.relative_to(PACKAGE).parts[0]).removesuffix(".py") for p in files} == set(readme_layers())
+
+
+def test_every_module_imports_only_lower_layers():
+    layers = readme_layers()
+    files = [p for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE or p.name != "__init__.py"]
     back = []
     for path in files:
-        own = LAYERS.index(path.relative_to(PACKAGE).parts[0].removesuffix(".py"))
-        for name in _imports(path):
-            if _layer(name) and LAYERS.index(_layer(name)) > own:
+        own = layers.index(path.relative_to(PACKAGE).parts[0].removesuffix(".py"))
+        for name in imported_modules(path):
+            layer = _layer_of(name)
+            if layer in layers and layers.index(layer) > own:
                 back.append(f"{path.relative_to(PACKAGE)} imports {name}")
     assert not back, back
 
 
-def test_no_method_imports_the_training_loop():
-    for path in (PACKAGE / "methods").glob("*.py"):
-        assert not any(_layer(name) in ("train", "config", "build", "rundir") for name in _imports(path)), path
+def test_the_checker_sees_every_import_form(tmp_path):
+    """A module of the methods layer importing the training loop, in each form, is caught."""
+    layers = readme_layers()
+    for code in (
+        "import dilemma.train.loop\n",
+        "from dilemma.train import loop\n",
+        "from dilemma import train\n",
+        "from ..train import loop\n",
+        "def f():\n    from ...dilemma.train import loop\n",
+    ):
+        probe = tmp_path / "probe.py"
+        probe.write_text(code)
+        layers_seen = {_layer_of(name) for name in imported_modules(probe, own="dilemma.methods.probe")}
+        assert "train" in layers_seen and layers.index("train") > layers.index("methods"), code

@@ -107,7 +107,11 @@ def test_dino_loss_and_temperature_schedule():
         q = F.softmax(t[i] / 0.05, -1)
         expected += [-(q * F.log_softmax(s[v] / 0.1, -1)).sum(-1).mean() for v in range(3) if v != i]
     assert torch.allclose(dino_loss(s, t, c, 0.1, 0.05), torch.stack(expected).mean())
-    # identical student and teacher crops give no term: crop 0 never meets itself
+    # a global crop never meets itself: with the pairs v == i included the loss would be another number
+    with_self = [
+        -(F.softmax(t[i] / 0.05, -1) * F.log_softmax(s[v] / 0.1, -1)).sum(-1).mean() for i in range(2) for v in range(3)
+    ]
+    assert not torch.allclose(dino_loss(s, t, c, 0.1, 0.05), torch.stack(with_self).mean())
     assert teacher_temperature_at(0.0, 0.04, 0.07, 0.3) == pytest.approx(0.04)
     assert teacher_temperature_at(0.15, 0.04, 0.07, 0.3) == pytest.approx(0.055)
     assert teacher_temperature_at(0.5, 0.04, 0.07, 0.3) == pytest.approx(0.07)
