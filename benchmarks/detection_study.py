@@ -29,13 +29,14 @@ from dilemma.build import load_splits
 from dilemma.data import eval_batches
 from dilemma.methods.mae import patchify
 from dilemma.pretext import auroc, sample_tokens
-from dilemma.rundir import detection_head_from_checkpoint, encoder_from_checkpoint, load_checkpoint
+from dilemma.rundir import load_checkpoint
+from dilemma.weights import detection_head_from_checkpoint, encoder_from_checkpoint
 
 
 @torch.no_grad()
 def study(run: str, blank: float, seed: int, batch_size: int = 500) -> dict:
     encoder, cfg = encoder_from_checkpoint(run, student=True)
-    head = detection_head_from_checkpoint(run, encoder.embed_dim)
+    head = detection_head_from_checkpoint(run)
     splits = load_splits(cfg)
     p, r = cfg.dilemma.misplace_prob, cfg.dilemma.drop_rate
     generator = torch.Generator().manual_seed(seed)

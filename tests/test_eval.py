@@ -11,6 +11,7 @@ import torch
 
 from dilemma import compare as compare_module
 from dilemma.cli import main
+from dilemma.config import EvalConfig, FinetuneConfig
 from dilemma.data import Splits, load_source
 from dilemma.data.sources import TensorImageSet
 from dilemma.eval.features import extract_features
@@ -18,7 +19,7 @@ from dilemma.eval.finetune import finetune
 from dilemma.eval.knn import knn_eval
 from dilemma.eval.linear import train_linear_probe
 from dilemma.eval.occlusion import occlusion_curve
-from dilemma.rundir import encoder_from_checkpoint
+from dilemma.weights import encoder_from_checkpoint
 from tests.conftest import TINY
 
 
@@ -65,19 +66,20 @@ def test_eval_commands_state_protocols_and_compare_checkpoints(run_dir, tmp_path
 
 def test_occlusion_at_full_visibility_equals_the_plain_evals(run_dir, small_splits, tmp_path, capsys):
     encoder, _ = encoder_from_checkpoint(run_dir)
-    curve = occlusion_curve(encoder, small_splits, probe_epochs=10, seed=0)
+    settings = EvalConfig(linear_epochs=10)
+    curve = occlusion_curve(encoder, small_splits, settings)
     assert [p["keep_fraction"] for p in curve.points] == [1.0, 0.75, 0.5, 0.25, 0.1]
     assert [p["tokens"] for p in curve.points] == [49, 37, 25, 12, 5]
-    plain_knn = knn_eval(encoder, small_splits)
-    train_f, train_y = extract_features(encoder, small_splits.train, normalize=False)
-    val_f, val_y = extract_features(encoder, small_splits.val, normalize=False)
-    plain_linear = train_linear_probe(train_f, train_y, 10, epochs=10, seed=0).top1(val_f, val_y)
+    plain_knn = knn_eval(encoder, small_splits, settings)
+    train_f, train_y = extract_features(encoder, small_splits.train, l2_normalize=False)
+    val_f, val_y = extract_features(encoder, small_splits.val, l2_normalize=False)
+    plain_linear = train_linear_probe(train_f, train_y, 10, epochs=10, lr=settings.linear_lr, seed=0).top1(val_f, val_y)
     assert curve.points[0]["knn_top1"] == pytest.approx(plain_knn.top1)
     assert curve.points[0]["linear_top1"] == pytest.approx(plain_linear)
     assert all(0 <= p["knn_top1"] <= 100 and 0 <= p["linear_top1"] <= 100 for p in curve.points)
     assert "true positions" in curve.protocol
     # occluded features really differ (the encoder received fewer tokens)
-    occluded, _ = extract_features(encoder, small_splits.val, normalize=False, keep_fraction=0.25)
+    occluded, _ = extract_features(encoder, small_splits.val, l2_normalize=False, keep_fraction=0.25)
     assert not torch.allclose(occluded, val_f)
 
     png, js = tmp_path / "occ.png", tmp_path / "occ.json"
@@ -109,14 +111,14 @@ def test_linear_probe_learns_separable_features():
     torch.manual_seed(0)
     labels = torch.arange(300) % 3
     feats = torch.randn(300, 8) + 4 * torch.nn.functional.one_hot(labels, 8).float()
-    probe = train_linear_probe(feats[:200], labels[:200], 3, epochs=20)
+    probe = train_linear_probe(feats[:200], labels[:200], 3, epochs=20, lr=0.1, seed=0)
     assert probe.top1(feats[200:], labels[200:]) > 95
 
 
 def test_finetune_trains_all_weights_with_layer_decay(run_dir, small_splits):
     encoder, _ = encoder_from_checkpoint(run_dir, drop_path_rate=0.1)
     before = encoder.vit.blocks[0].attn.qkv.weight.clone()
-    result = finetune(encoder, small_splits, epochs=2, batch_size=50, progress=False)
+    result = finetune(encoder, small_splits, FinetuneConfig(epochs=2, batch_size=50), seed=0, progress=False)
     assert not torch.equal(before, encoder.vit.blocks[0].attn.qkv.weight)  # the backbone moved
     assert len(result.history) == 2 and 10 < result.top1 <= 100  # chance is 10 %
     assert "layer decay 0.75" in result.protocol and "drop-path 0.1" in result.protocol

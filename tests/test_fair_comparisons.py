@@ -13,8 +13,9 @@ from dilemma.config import load_config
 from dilemma.losses import info_nce_loss, nt_xent_loss
 from dilemma.models import create_encoder
 from dilemma.pretext import Dilemma
-from dilemma.rundir import encoder_from_checkpoint, load_checkpoint
+from dilemma.rundir import load_checkpoint
 from dilemma.schedules import learning_rate, progress
+from dilemma.weights import encoder_from_checkpoint
 from tests.conftest import TINY
 
 

@@ -212,7 +212,7 @@ def test_export_folder_loads_with_timm_and_its_data_config(tmp_path, trained):
     timm = pytest.importorskip("timm")
     if "local-dir" not in getattr(timm.models._factory, "_MODEL_SOURCES", ()):
         pytest.skip("this timm has no local-dir: source")
-    from dilemma.rundir import encoder_from_checkpoint
+    from dilemma.weights import encoder_from_checkpoint
 
     out = tmp_path / "export"
     assert main(["export", str(trained), "--out", str(out)]) == 0
@@ -230,7 +230,7 @@ def test_export_folder_loads_with_timm_and_its_data_config(tmp_path, trained):
 def test_pretrained_from_run_file_and_adapted_channels(tmp_path, trained, folder, capsys):
     from safetensors.torch import save_file
 
-    from dilemma.rundir import encoder_from_checkpoint
+    from dilemma.weights import encoder_from_checkpoint
 
     source, _ = encoder_from_checkpoint(trained)
     out = tmp_path / "cont"
@@ -303,7 +303,7 @@ def test_pretrained_errors_and_no_network(tmp_path, spec, match, capsys, monkeyp
 def test_timm_weights_on_this_machine_load_without_network(tmp_path, capsys, monkeypatch):
     import socket
 
-    from dilemma.rundir import pretrained_state
+    from dilemma.weights import pretrained_state
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     _cache_timm_weights(tmp_path / "hub", "vit_tiny_patch16_224")
@@ -354,7 +354,7 @@ def test_evaluation_uses_the_encoders_normalisation():
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.4, 0.3)
     encoder = create_encoder(img_size=16, patch_size=8, in_chans=3, depth=1, mean=mean, std=std).eval()
     pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
-    feats, _ = extract_features(encoder, TensorImageSet(pixels, torch.zeros(4, dtype=torch.long)), normalize=False)
+    feats, _ = extract_features(encoder, TensorImageSet(pixels, torch.zeros(4, dtype=torch.long)), l2_normalize=False)
     with torch.no_grad():
         expected = encoder(normalize(pixels, mean, std))[0]
         default = encoder(normalize(pixels))[0]

@@ -275,7 +275,7 @@ def test_compare_reads_out_again_when_a_read_out_setting_changes(tmp_path, capsy
     metrics = (out / "a" / "seed_0" / "metrics.jsonl").read_text()
     assert main([*argv, "--probe-epochs", "3"]) == 0
     again = json.loads((out / "a" / "seed_0" / "result.json").read_text())
-    assert first["readout"]["probe_epochs"] == 1 and again["readout"]["probe_epochs"] == 3
+    assert first["readout"]["linear_epochs"] == 1 and again["readout"]["linear_epochs"] == 3
     assert (out / "a" / "seed_0" / "metrics.jsonl").read_text() == metrics  # read out again, not trained again
     (out / "a" / "seed_0" / "result.json").write_text("{ half a file")
     capsys.readouterr()

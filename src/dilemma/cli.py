@@ -66,13 +66,56 @@ def _checkpoints(args, drop_path_rate: float | None = None):
     """Yield ``(path, encoder on the device, config, splits, device)`` for each ``--checkpoint``."""
     from dilemma.build import load_splits
     from dilemma.distributed import resolve_device
-    from dilemma.rundir import encoder_from_checkpoint
+    from dilemma.weights import encoder_from_checkpoint
 
     device = resolve_device(args.device)
     for path in args.checkpoint:
         encoder, cfg = encoder_from_checkpoint(path, drop_path_rate=drop_path_rate, method=args.method)
         splits = load_splits(cfg, source=args.data)
         yield str(path), encoder.to(device), cfg, splits, device
+
+
+# An eval flag and the eval setting it overrides (``eval.<key>``; fine-tuning: ``eval.finetune.<key>``).
+EVAL_FLAGS = {
+    "k": "knn_k",
+    "temperature": "knn_temperature",
+    "batch_size": "batch_size",
+    "epochs": "linear_epochs",
+    "lr": "linear_lr",
+    "fractions": "occlusion_fractions",
+    "seed": "seed",
+}
+FINETUNE_FLAGS = (
+    "epochs", "batch_size", "lr", "layer_decay", "weight_decay", "drop_path", "label_smoothing",
+    "warmup_epochs", "auto_augment", "mixup", "cutmix", "reprob",
+)  # fmt: skip
+
+
+def _eval_settings(args):
+    """The read-out settings: the ``eval`` section's defaults, this command's ``--set eval.x=...``,
+    then its flags (``--protocol`` first for fine-tuning: the flags and --set still win)."""
+    import dataclasses
+
+    from dilemma.config import load_config, validate_eval
+    from dilemma.eval.finetune import preset
+
+    if bad := [text for text in args.set if not text.strip().startswith("eval.")]:
+        raise DilemmaError(f"eval commands take --set eval.<key>=<value> only, got {bad[0]!r}")
+    settings = load_config(None, args.set).eval
+    flags = {"finetune": {f: getattr(args, f) for f in FINETUNE_FLAGS}} if args.run is _eval_finetune else {}
+    if args.run is _eval_finetune:
+        named = {text.split("=", 1)[0].strip().removeprefix("eval.finetune.") for text in args.set}
+        base = preset(type(settings.finetune)(), args.protocol)
+        chosen = {key: getattr(settings.finetune, key) for key in named if hasattr(base, key)}
+        finetune = dataclasses.replace(base, **chosen, **{k: v for k, v in flags["finetune"].items() if v is not None})
+        settings = dataclasses.replace(
+            settings, finetune=finetune, seed=args.seed if args.seed is not None else settings.seed
+        )
+    else:
+        given = {EVAL_FLAGS[f]: getattr(args, f) for f in EVAL_FLAGS if getattr(args, f, None) is not None}
+        settings = dataclasses.replace(settings, **given)
+    validate_eval(settings)
+    return settings
 
 
 def _loading(args, device, splits) -> dict:
@@ -82,7 +125,7 @@ def _loading(args, device, splits) -> dict:
     workers = args.workers
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if isinstance(splits.train, FileImageSet) else 0
-    return {"batch_size": args.batch_size, "device": device, "num_workers": workers}
+    return {"device": device, "num_workers": workers}
 
 
 def _progress(args) -> bool:
@@ -92,16 +135,9 @@ def _progress(args) -> bool:
 def _eval_knn(args) -> None:
     from dilemma.eval.knn import knn_eval
 
-    results = []
+    settings, results = _eval_settings(args), []
     for path, encoder, _, splits, device in _checkpoints(args):
-        result = knn_eval(
-            encoder,
-            splits,
-            k=args.k,
-            temperature=args.temperature,
-            **_loading(args, device, splits),
-            progress=_progress(args),
-        )
+        result = knn_eval(encoder, splits, settings, **_loading(args, device, splits), progress=_progress(args))
         print(f"{path}: {result.line()}")
         results.append(
             {
@@ -120,19 +156,19 @@ def _eval_linear(args) -> None:
     from dilemma.eval.knn import require_labels
     from dilemma.eval.linear import linear_protocol, train_linear_probe
 
-    results = []
+    s, results = _eval_settings(args), []
     for path, encoder, _, splits, device in _checkpoints(args):
         require_labels(splits, "the linear probe")
         bars = ("train features", "val features") if _progress(args) else (None, None)
-        loading = _loading(args, device, splits)
-        train_f, train_y = extract_features(encoder, splits.train, **loading, normalize=False, desc=bars[0])
-        val_f, val_y = extract_features(encoder, splits.val, **loading, normalize=False, desc=bars[1])
+        loading = {**_loading(args, device, splits), "batch_size": s.batch_size, "l2_normalize": False}
+        train_f, train_y = extract_features(encoder, splits.train, **loading, desc=bars[0])
+        val_f, val_y = extract_features(encoder, splits.val, **loading, desc=bars[1])
         probe = train_linear_probe(
-            train_f, train_y, len(splits.classes), epochs=args.epochs, lr=args.lr, seed=args.seed
+            train_f, train_y, len(splits.classes), epochs=s.linear_epochs, lr=s.linear_lr, seed=s.seed
         )
         top1 = probe.top1(val_f, val_y)
         protocol = (
-            linear_protocol(args.epochs, args.lr, 256)
+            linear_protocol(s.linear_epochs, s.linear_lr)
             + f"; {splits.name} train {len(splits.train)} / val {len(splits.val)}"
         )
         print(f"{path}: linear top-1 {top1:.2f}%  [{protocol}]")
@@ -143,19 +179,10 @@ def _eval_linear(args) -> None:
 def _eval_occlusion(args) -> None:
     from dilemma.eval.occlusion import occlusion_curve
 
-    results = []
+    settings, results = _eval_settings(args), []
     for path, encoder, _, splits, device in _checkpoints(args):
-        curve = occlusion_curve(
-            encoder,
-            splits,
-            fractions=args.fractions,
-            k=args.k,
-            temperature=args.temperature,
-            probe_epochs=args.epochs,
-            seed=args.seed,
-            **_loading(args, device, splits),
-            progress=_progress(args),
-        )
+        loading = _loading(args, device, splits)
+        curve = occlusion_curve(encoder, splits, settings, **loading, progress=_progress(args))
         print(f"{path}: occlusion  [{curve.protocol}]")
         print("  kept  tokens   kNN top-1   linear top-1")
         for p in curve.points:
@@ -171,41 +198,25 @@ def _eval_occlusion(args) -> None:
         print(f"wrote {plot_occlusion(results, args.plot)}")
 
 
-FINETUNE_PROTOCOLS = {
-    # a short protocol for small data and CPUs
-    "short": {"epochs": 5, "batch_size": 128, "lr": 1e-3, "layer_decay": 0.75, "weight_decay": 0.05,
-              "drop_path": 0.1, "label_smoothing": 0.1, "warmup_epochs": 1.0, "crop_min_scale": 0.35,
-              "auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0},
-    # MAE (He et al. 2022, FINETUNE.md, ViT-B): blr 5e-4 x 1024 / 256, layer decay 0.65, 100 epochs
-    "mae": {"epochs": 100, "batch_size": 1024, "lr": 2e-3, "layer_decay": 0.65, "weight_decay": 0.05,
-            "drop_path": 0.1, "label_smoothing": 0.1, "warmup_epochs": 5.0, "crop_min_scale": 0.08,
-            "auto_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25},
-}  # fmt: skip
-
-
 def _eval_finetune(args) -> None:
     from dilemma.eval.finetune import finetune
     from dilemma.eval.knn import require_labels
     from dilemma.export import model_card, save_timm_folder
 
-    settings = {
-        k: v if getattr(args, k, None) is None else getattr(args, k)
-        for k, v in FINETUNE_PROTOCOLS[args.protocol].items()
-    }
     if args.save and len(args.checkpoint) > 1:
         raise DilemmaError("--save takes one --checkpoint")
+    settings = _eval_settings(args)
     results = []
-    for path, encoder, cfg, splits, device in _checkpoints(args, drop_path_rate=settings.pop("drop_path")):
+    for path, encoder, cfg, splits, device in _checkpoints(args, drop_path_rate=settings.finetune.drop_path):
         require_labels(splits, "fine-tuning")
         result = finetune(
             encoder,
             splits,
-            **{k: v for k, v in settings.items() if k != "reprob"},
-            re_prob=settings["reprob"],
-            seed=args.seed,
+            settings.finetune,
+            seed=settings.seed,
             device=device,
             num_workers=_loading(args, device, splits)["num_workers"],
-            progress=not args.no_progress,
+            progress=_progress(args),
         )
         print(f"{path}: fine-tune top-1 {result.top1:.2f}%  [{result.protocol}]")
         results.append(
@@ -286,12 +297,12 @@ def _inspect(args) -> None:
     from dilemma.build import load_splits
     from dilemma.data import spread_over_classes
     from dilemma.pretext import sample_tokens
-    from dilemma.rundir import detection_head_from_checkpoint, encoder_from_checkpoint
     from dilemma.viz import inspect_detection
+    from dilemma.weights import detection_head_from_checkpoint, encoder_from_checkpoint
 
     # the encoder the head was trained on
     encoder, cfg = encoder_from_checkpoint(args.checkpoint, student=True, method=args.method)
-    head = detection_head_from_checkpoint(args.checkpoint, encoder.embed_dim)
+    head = detection_head_from_checkpoint(args.checkpoint, method=args.method)
     splits = load_splits(cfg, source=args.data)
     images = encoder.normalize(splits.val.load(spread_over_classes(splits.val.labels, args.num_images)))
     p = cfg.dilemma.misplace_prob if args.misplace_prob is None else args.misplace_prob
@@ -328,15 +339,19 @@ TRUST_METHOD = (
 
 
 def _eval_parser(ev, name: str, help: str, run) -> argparse.ArgumentParser:
+    """An eval sub-command; its numbers default to the config's ``eval`` section (flags override it)."""
     p = ev.add_parser(name, help=help)
     p.add_argument(
         "--checkpoint", nargs="+", required=True, help="checkpoint file(s) or run folder(s); several are compared"
     )
     p.add_argument("--method", help=TRUST_METHOD)
     p.add_argument("--data", help="data source (default: the one the checkpoint was trained on)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--set", action="append", default=[], metavar="eval.KEY=VALUE", help="override a read-out setting (eval.*)"
+    )
+    p.add_argument("--batch-size", type=int, help="images per forward (eval.batch_size)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="eval.seed")
     p.add_argument("--workers", type=int, help="processes decoding images (default: up to 8 for image files)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", help="also write the results and protocol to this JSON file")
@@ -379,39 +394,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_pretrain)
 
     ev = commands.add_parser("eval", help="evaluate backbones").add_subparsers(dest="protocol", required=True)
-    k = _eval_parser(ev, "knn", "weighted kNN on frozen class-token features (k=20, T=0.07)", _eval_knn)
-    k.add_argument("--k", type=int, default=20)
-    k.add_argument("--temperature", type=float, default=0.07)
+    k = _eval_parser(ev, "knn", "weighted kNN on frozen class-token features", _eval_knn)
+    k.add_argument("--k", type=int, help="eval.knn_k")
+    k.add_argument("--temperature", type=float, help="eval.knn_temperature")
     lin = _eval_parser(ev, "linear", "linear probe on frozen, cached class-token features", _eval_linear)
-    lin.add_argument("--epochs", type=int, default=100)
-    lin.add_argument("--lr", type=float, default=0.1, help="base lr for batch 256")
+    lin.add_argument("--epochs", type=int, help="eval.linear_epochs")
+    lin.add_argument("--lr", type=float, help="eval.linear_lr: base lr for batch 256")
     occ = _eval_parser(
         ev, "occlusion", "kNN and linear accuracy with only a fraction of each test image's tokens", _eval_occlusion
     )
-    occ.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25, 0.1])
-    occ.add_argument("--k", type=int, default=20)
-    occ.add_argument("--temperature", type=float, default=0.07)
-    occ.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
+    occ.add_argument("--fractions", type=float, nargs="+", help="eval.occlusion_fractions")
+    occ.add_argument("--k", type=int, help="eval.knn_k")
+    occ.add_argument("--temperature", type=float, help="eval.knn_temperature")
+    occ.add_argument("--epochs", type=int, help="eval.linear_epochs: linear probe epochs")
     occ.add_argument("--plot", help="also draw the curves to this PNG (needs matplotlib)")
     ft = _eval_parser(ev, "finetune", "fine-tune all weights (layer decay, drop-path, label smoothing)", _eval_finetune)
-    ft.set_defaults(batch_size=None)
     ft.add_argument(
         "--protocol",
-        choices=sorted(FINETUNE_PROTOCOLS),
+        choices=["short", "mae"],
         default="short",
-        help="starting values: short (5 epochs, small data) or mae (MAE's ImageNet recipe); flags below override",
+        help="starting values: short (eval.finetune: 5 epochs, small data) or mae (MAE's ImageNet recipe); "
+        "--set eval.finetune.* and the flags below override them",
     )
-    ft.add_argument("--epochs", type=int)
-    ft.add_argument("--lr", type=float, help="peak lr for the whole batch")
-    ft.add_argument("--layer-decay", type=float)
-    ft.add_argument("--weight-decay", type=float)
-    ft.add_argument("--drop-path", type=float)
-    ft.add_argument("--label-smoothing", type=float)
-    ft.add_argument("--warmup-epochs", type=float)
-    ft.add_argument("--auto-augment", help="timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
-    ft.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
-    ft.add_argument("--cutmix", type=float, help="cutmix alpha (0: off)")
-    ft.add_argument("--reprob", type=float, help="random erasing probability")
+    for flag, kind, text in [
+        ("epochs", int, ""), ("lr", float, "peak lr for the whole batch"), ("layer-decay", float, ""),
+        ("weight-decay", float, ""), ("drop-path", float, ""), ("label-smoothing", float, ""),
+        ("warmup-epochs", float, ""), ("auto-augment", str, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1"),
+        ("mixup", float, "mixup alpha (0: off)"), ("cutmix", float, "cutmix alpha (0: off)"),
+        ("reprob", float, "random erasing probability"),
+    ]:  # fmt: skip
+        ft.add_argument(
+            f"--{flag}", type=kind, help=f"eval.finetune.{flag.replace('-', '_')}" + (f": {text}" if text else "")
+        )
     ft.add_argument("--save", help="write the fine-tuned model (with its classifier) to this new timm folder")
 
     cmp = commands.add_parser(
@@ -431,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     cmp.add_argument("--time-budget", type=float, default=10.0, metavar="MINUTES", help="training wall-clock per run")
     cmp.add_argument("--max-steps", type=int, default=1_000_000, help="also stop here (default: only the budget)")
-    cmp.add_argument("--probe-epochs", type=int, default=100)
+    cmp.add_argument("--probe-epochs", type=int, help="eval.linear_epochs for every read-out")
     cmp.add_argument(
         "--curve-points", type=int, default=4, help="read out at this many points over training (the last is the end)"
     )

@@ -13,6 +13,7 @@ comparison continues where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -27,12 +28,13 @@ from dilemma.build import load_splits
 from dilemma.config import config_from_dict, load_config, safe_yaml
 from dilemma.distributed import resolve_device
 from dilemma.errors import DilemmaError
-from dilemma.eval.occlusion import FRACTIONS, occlusion_curve
+from dilemma.eval.occlusion import occlusion_curve
 from dilemma.files import atomic_write_text
-from dilemma.rundir import CheckpointDir, RunDir, encoder_from_checkpoint, load_checkpoint
+from dilemma.rundir import CheckpointDir, RunDir, load_checkpoint
 from dilemma.train.loop import pretrain
 from dilemma.train.metrics import read_records
 from dilemma.train.signals import Interrupted
+from dilemma.weights import encoder_from_checkpoint
 
 OUTPUTS = ("results.json", "summary.md", "occlusion.png", "over_time.png")  # what compare writes in --out
 
@@ -54,21 +56,12 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [kv for kv in overrides.split(",") if kv]
 
 
-def _readout(path: Path, cfg, splits, probe_epochs: int, fractions=(1.0,)):
+def _readout(path: Path, cfg, splits, fractions: list[float] | None = None):
+    """The occlusion curve (``cfg.eval``; only its 100 % point with ``fractions=[1.0]``) of a checkpoint."""
     device = resolve_device(cfg.train.device)
     encoder, _ = encoder_from_checkpoint(path, method=cfg.method.name if ":" in cfg.method.name else None)
-    e = cfg.eval
-    return occlusion_curve(
-        encoder.to(device),
-        splits,
-        fractions=fractions,
-        k=e.knn_k,
-        temperature=e.knn_temperature,
-        probe_epochs=probe_epochs,
-        batch_size=e.batch_size,
-        seed=0,
-        device=device,
-    )
+    settings = cfg.eval if fractions is None else dataclasses.replace(cfg.eval, occlusion_fractions=fractions)
+    return occlusion_curve(encoder.to(device), splits, settings, device=device)
 
 
 _elsewhere = "use another --out, or remove that folder to run it again"
@@ -82,10 +75,10 @@ def config_sha1(cfg) -> str:
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def readout_settings(cfg, probe_epochs: int) -> dict:
-    """Everything a run's read-outs depend on besides its weights: a result read out otherwise is
-    read out again (its training is reused)."""
-    return {"probe_epochs": probe_epochs, "fractions": list(FRACTIONS), "eval": cfg.to_dict()["eval"]}
+def readout_settings(cfg) -> dict:
+    """Everything a run's read-outs depend on besides its weights (the ``eval`` section): a result
+    read out otherwise is read out again (its training is reused)."""
+    return cfg.to_dict()["eval"]
 
 
 def _final_record(run: RunDir) -> dict:
@@ -95,12 +88,12 @@ def _final_record(run: RunDir) -> dict:
     return finals[-1]
 
 
-def run_one(name: str, cfg, run_dir: Path, overrides: list[str], probe_epochs: int) -> dict:
+def run_one(name: str, cfg, run_dir: Path, overrides: list[str]) -> dict:
     """Pretrain ``cfg`` into ``run_dir`` (or continue it, or reuse it) and read it out: the
     occlusion curve of the final backbone and kNN / linear of every snapshot (the curve over time).
     A finished run is read out again when a read-out setting changed, never trained again."""
     done, run, identity = run_dir / "result.json", RunDir(run_dir), config_sha1(cfg)
-    readout = readout_settings(cfg, probe_epochs)
+    readout = readout_settings(cfg)
     if done.exists():
         try:
             result = json.loads(done.read_text())
@@ -127,10 +120,10 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str], probe_epochs: i
     records = read_records(run.metrics)
     det = [r for r in records if r.get("det_bce") is not None]
     splits = load_splits(cfg)
-    occlusion = _readout(run.last, cfg, splits, probe_epochs, fractions=FRACTIONS)
+    occlusion = _readout(run.last, cfg, splits)
     over_time = []
     for path in CheckpointDir(run_dir, cfg.train.keep_checkpoints).snapshots():
-        point = _readout(path, cfg, splits, probe_epochs).points[0]
+        point = _readout(path, cfg, splits, fractions=[1.0]).points[0]
         ckpt = load_checkpoint(path)
         over_time.append({"step": ckpt["step"], "elapsed_s": ckpt["elapsed"], **_accuracies(point)})
     over_time.append({"step": final["step"], "elapsed_s": final["elapsed_s"], **_accuracies(occlusion.points[0])})
@@ -287,7 +280,7 @@ def compare(
     out: Path,
     time_budget: float,
     max_steps: int = 1_000_000,
-    probe_epochs: int = 100,
+    probe_epochs: int | None = None,
     curve_points: int = 4,
     config: str | None = None,
     overrides: list[str] = (),
@@ -300,6 +293,7 @@ def compare(
     if len(set(seeds)) != len(seeds):
         raise DilemmaError(f"--seeds lists a seed twice: {seeds}")
     fixed = [
+        *([f"eval.linear_epochs={probe_epochs}"] if probe_epochs is not None else []),
         f"train.time_budget={time_budget}",
         f"train.max_steps={max_steps}",
         "train.progress=false",
@@ -326,7 +320,7 @@ def compare(
     results = []
     for seed, name, variant_overrides, cfg in runs:
         start = time.perf_counter()
-        results.append(run_one(name, cfg, out / name / f"seed_{seed}", variant_overrides, probe_epochs))
+        results.append(run_one(name, cfg, out / name / f"seed_{seed}", variant_overrides))
         r = results[-1]
         print(
             f"{name} seed {seed}: {r['steps']} steps, {r['epochs']:.2f} epochs, kNN {r['knn_top1']:.2f}%, "

@@ -103,11 +103,39 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning all weights (``dilemma eval finetune``): a short protocol for small data and CPUs.
+    ``--protocol mae`` starts from MAE's recipe instead (``eval/finetune.py``: PRESETS)."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1e-3  # peak lr for the whole batch
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 1.0
+    crop_min_scale: float = 0.35
+    auto_augment: typing.Optional[str] = None  # timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1
+    mixup: float = 0.0  # alpha; 0: off
+    cutmix: float = 0.0  # alpha; 0: off
+    reprob: float = 0.0  # random erasing probability
+
+
+@dataclass
 class EvalConfig:
+    """The read-outs: ``dilemma eval``, ``compare`` and the end-of-run kNN read these (the one place of
+    their defaults); an eval command's flags, or its ``--set eval.x=...``, override them."""
+
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_at_end: bool = True
-    batch_size: int = 256
+    batch_size: int = 256  # images per forward when extracting features
+    linear_epochs: int = 100
+    linear_lr: float = 0.1  # per 256 images
+    occlusion_fractions: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.1])
+    seed: int = 0  # the linear probe's initialisation and order, the occlusion draws, fine-tuning
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass
@@ -440,12 +468,39 @@ def validate(cfg: Config) -> Config:
         f"train.accum_steps must divide data.batch_size {data.batch_size} into micro-batches of at least 2 images "
         f"(batch norm and contrastive losses need two), got {t.accum_steps}",
     )
-    require(e.knn_k >= 1, f"eval.knn_k must be >= 1, got {e.knn_k}")
-    require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    validate_eval(e)
     for key, seed in (("train.seed", t.seed), ("data.split_seed", data.split_seed)):
         require(0 <= seed < 2**31, f"{key} must be in [0, 2^31), got {seed}")
-    require(e.knn_temperature > 0, f"eval.knn_temperature must be > 0, got {e.knn_temperature}")
     return cfg
+
+
+def validate_eval(e: EvalConfig) -> None:
+    """The read-out settings' ranges (also for settings an eval command made from its flags)."""
+    require(e.knn_k >= 1, f"eval.knn_k must be >= 1, got {e.knn_k}")
+    require(e.knn_temperature > 0, f"eval.knn_temperature must be > 0, got {e.knn_temperature}")
+    require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    require(1 <= e.linear_epochs <= 100_000, f"eval.linear_epochs must be in [1, 100000], got {e.linear_epochs}")
+    require(0 < e.linear_lr <= 100, f"eval.linear_lr must be in (0, 100], got {e.linear_lr}")
+    require(
+        all(0 < f <= 1 for f in e.occlusion_fractions),
+        f"eval.occlusion_fractions must be in (0, 1], got {e.occlusion_fractions}",
+    )
+    require(0 <= e.seed < 2**31, f"eval.seed must be in [0, 2^31), got {e.seed}")
+    f = e.finetune
+    require(1 <= f.epochs <= 100_000 and f.batch_size >= 1, "eval.finetune.epochs must be in [1, 1e5], batch_size >= 1")
+    require(0 < f.lr <= 100, f"eval.finetune.lr must be in (0, 100], got {f.lr}")
+    require(0 < f.layer_decay <= 1, f"eval.finetune.layer_decay must be in (0, 1], got {f.layer_decay}")
+    require(f.weight_decay >= 0, f"eval.finetune.weight_decay must be >= 0, got {f.weight_decay}")
+    for key in ("drop_path", "label_smoothing"):
+        require(0 <= getattr(f, key) < 1, f"eval.finetune.{key} must be in [0, 1), got {getattr(f, key)}")
+    require(0 <= f.warmup_epochs <= 100_000, f"eval.finetune.warmup_epochs must be in [0, 1e5], got {f.warmup_epochs}")
+    require(0 < f.crop_min_scale <= 1, f"eval.finetune.crop_min_scale must be in (0, 1], got {f.crop_min_scale}")
+    for key in ("mixup", "cutmix"):
+        alpha = getattr(f, key)
+        require(
+            alpha == 0 or 1e-3 <= alpha <= 100, f"eval.finetune.{key} must be 0 (off) or in [0.001, 100], got {alpha}"
+        )
+    require(0 <= f.reprob <= 1, f"eval.finetune.reprob must be in [0, 1], got {f.reprob}")
 
 
 def _method_name(layers: list[dict]) -> str | None:

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from dilemma.errors import DilemmaError
 from dilemma.files import written_whole
 from dilemma.models import timm_kwargs
-from dilemma.rundir import encoder_from_checkpoint
+from dilemma.weights import encoder_from_checkpoint
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 

@@ -31,13 +31,13 @@ def extract_features(
     *,
     batch_size: int = 256,
     device="cpu",
-    normalize: bool = True,
+    l2_normalize: bool = True,
     keep_fraction: float = 1.0,
     seed: int = 0,
     num_workers: int = 0,
     desc: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features (N, D), labels (N,))`` on the CPU; L2-normalised when ``normalize``.
+    """``(features (N, D), labels (N,))`` on the CPU; L2-normalised when ``l2_normalize``.
 
     ``keep_fraction < 1`` occludes each image: only a random ``round(f * L)`` of its tokens enter
     the encoder, each with its own (true) position; the draw is fixed by ``seed``. ``num_workers``
@@ -55,4 +55,4 @@ def extract_features(
         labels.append(y)
     encoder.train(was_training)
     feats = torch.cat(feats)
-    return (F.normalize(feats, dim=1) if normalize else feats), torch.cat(labels)
+    return (F.normalize(feats, dim=1) if l2_normalize else feats), torch.cat(labels)

@@ -10,6 +10,7 @@ finetune --protocol mae`` sets MAE's values; the default is a short protocol for
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2.functional import to_pil_image
 from tqdm import tqdm
 
+from dilemma.config import FinetuneConfig
 from dilemma.data import Splits, eval_batches
 from dilemma.errors import DilemmaError
 from dilemma.models import ViTEncoder
@@ -81,30 +83,40 @@ def train_transform(encoder: ViTEncoder, crop_min_scale: float, auto_augment: st
     )
 
 
+# Named starting points for ``settings`` (``--protocol``): only what differs from ``eval.finetune``.
+PRESETS: dict[str, dict] = {
+    "short": {},  # eval.finetune as it is: small data, CPUs
+    # MAE (He et al. 2022, FINETUNE.md, ViT-B): blr 5e-4 x 1024 / 256, layer decay 0.65, 100 epochs
+    "mae": {"epochs": 100, "batch_size": 1024, "lr": 2e-3, "layer_decay": 0.65, "warmup_epochs": 5.0,
+            "crop_min_scale": 0.08, "auto_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0,
+            "reprob": 0.25},
+}  # fmt: skip
+
+
+def preset(settings: FinetuneConfig, name: str) -> FinetuneConfig:
+    if name not in PRESETS:
+        raise DilemmaError(f"unknown fine-tuning protocol {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(settings, **PRESETS[name])
+
+
 def finetune(
     encoder: ViTEncoder,
     splits: Splits,
+    settings: FinetuneConfig,
     *,
-    epochs: int = 5,
-    lr: float = 1e-3,
-    layer_decay: float = 0.75,
-    weight_decay: float = 0.05,
-    label_smoothing: float = 0.1,
-    warmup_epochs: float = 1.0,
-    batch_size: int = 128,
-    crop_min_scale: float = 0.35,
-    auto_augment: str | None = None,
-    mixup: float = 0.0,
-    cutmix: float = 0.0,
-    re_prob: float = 0.0,
-    seed: int = 0,
+    seed: int,
     device="cpu",
     num_workers: int = 0,
     progress: bool = True,
 ) -> FinetuneResult:
-    """Fine-tune ``encoder`` (built with the drop-path rate wanted) on ``splits``; returns val top-1.
+    """Fine-tune ``encoder`` (built with ``settings.drop_path``) on ``splits``; returns val top-1.
     ``auto_augment`` (e.g. ``rand-m9-mstd0.5-inc1``), ``mixup`` / ``cutmix`` (alphas) and
-    ``re_prob`` (random erasing) are timm's; MAE uses 0.8 / 1.0 / 0.25."""
+    ``reprob`` (random erasing) are timm's; MAE uses 0.8 / 1.0 / 0.25."""
+    f = settings
+    epochs, lr, layer_decay, weight_decay, batch_size = f.epochs, f.lr, f.layer_decay, f.weight_decay, f.batch_size
+    label_smoothing, warmup_epochs, auto_augment, mixup, cutmix = (
+        f.label_smoothing, f.warmup_epochs, f.auto_augment, f.mixup, f.cutmix
+    )  # fmt: skip
     torch.manual_seed(seed)
     vit = encoder.vit
     vit.reset_classifier(len(splits.classes))
@@ -113,7 +125,7 @@ def finetune(
         vit, weight_decay, no_weight_decay_list=vit.no_weight_decay(), layer_decay=layer_decay
     )
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    images = _TrainImages(splits.train, train_transform(encoder, crop_min_scale, auto_augment, re_prob))
+    images = _TrainImages(splits.train, train_transform(encoder, f.crop_min_scale, auto_augment, f.reprob))
     loader = DataLoader(
         images,
         batch_size=batch_size,
@@ -171,7 +183,7 @@ def finetune(
     bar.close()
     extras = [f"RandAugment {auto_augment}"] if auto_augment else []
     extras += [f"mixup {mixup} / cutmix {cutmix}"] if mix is not None else []
-    extras += [f"random erasing {re_prob}"] if re_prob else []
+    extras += [f"random erasing {f.reprob}"] if f.reprob else []
     protocol = (
         f"fine-tune: all weights, AdamW lr {lr} (batch {batch_size}), layer decay {layer_decay}, weight decay "
         f"{weight_decay}, warm-up {warmup_epochs} epoch + cosine, {epochs} epochs, drop-path "

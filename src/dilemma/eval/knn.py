@@ -2,7 +2,7 @@
 
 Cosine similarity of L2-normalised class-token features; the k most similar training images
 vote for their label with weight ``exp(similarity / T)``; the train split is the memory bank
-and the val split the queries. Defaults k = 20, T = 0.07 (`docs/method.md`).
+and the val split the queries. k and T: ``eval.knn_k``, ``eval.knn_temperature`` (`docs/method.md`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dilemma.config import EvalConfig
 from dilemma.data import Splits
 from dilemma.errors import DilemmaError
 from dilemma.eval.features import extract_features
@@ -23,8 +24,8 @@ def knn_predict(
     train_labels: torch.Tensor,
     query_feats: torch.Tensor,
     *,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int,
+    temperature: float,
     num_classes: int | None = None,
     chunk: int = 1024,
 ) -> torch.Tensor:
@@ -92,16 +93,16 @@ def knn_protocol(k: int, temperature: float, splits: Splits) -> str:
 def knn_eval(
     encoder: ViTEncoder,
     splits: Splits,
+    settings: EvalConfig,
     *,
-    k: int = 20,
-    temperature: float = 0.07,
-    batch_size: int = 256,
     device="cpu",
     num_workers: int = 0,
     progress: bool = False,
 ) -> KNNResult:
+    """kNN top-1 / top-5 of ``encoder``'s features: ``settings.knn_k``, ``knn_temperature``, ``batch_size``."""
     require_labels(splits, "kNN")
-    loading = {"batch_size": batch_size, "device": device, "num_workers": num_workers}
+    k, temperature = settings.knn_k, settings.knn_temperature
+    loading = {"batch_size": settings.batch_size, "device": device, "num_workers": num_workers}
     train_f, train_y = extract_features(
         encoder, splits.train, **loading, desc="kNN: train features" if progress else None
     )

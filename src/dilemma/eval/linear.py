@@ -29,15 +29,18 @@ class LinearProbe:
         return (self.predict(feats).argmax(1) == labels).float().mean().item() * 100
 
 
+PROBE_BATCH = 256  # the probe's own mini-batches of cached features (its lr is per 256 images)
+
+
 def train_linear_probe(
     feats: torch.Tensor,
     labels: torch.Tensor,
     num_classes: int,
     *,
-    epochs: int = 100,
-    lr: float = 0.1,
-    batch_size: int = 256,
-    seed: int = 0,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch_size: int = PROBE_BATCH,
 ) -> LinearProbe:
     """SGD (momentum 0.9, lr scaled by batch/256, cosine to 0, no weight decay) on standardised features."""
     generator = torch.Generator().manual_seed(seed)
@@ -62,7 +65,7 @@ def train_linear_probe(
     return LinearProbe(classifier.eval(), mean, std)
 
 
-def linear_protocol(epochs: int, lr: float, batch_size: int) -> str:
+def linear_protocol(epochs: int, lr: float, batch_size: int = PROBE_BATCH) -> str:
     return (
         f"linear probe: frozen dense backbone, final-norm class token (cached, no augmentation), standardised; "
         f"one linear layer, SGD momentum 0.9, lr {lr} x batch/256, batch {batch_size}, cosine, {epochs} epochs, "

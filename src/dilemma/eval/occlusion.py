@@ -3,7 +3,7 @@
 The paper (Sec. 4) claims that training on sparse inputs makes a ViT robust to occlusion. Here the
 memory bank (kNN) and the linear probe are built from dense train features; each val image then
 keeps a random ``round(f * L)`` of its patch tokens, at their true positions (a fixed draw per
-seed), for f in 100 / 75 / 50 / 25 / 10 %. At 100 % this is exactly the plain kNN / linear eval.
+seed), for each f of ``eval.occlusion_fractions``. At 100 % this is exactly the plain kNN / linear eval.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
+from dilemma.config import EvalConfig
 from dilemma.data import Splits
 from dilemma.eval.features import extract_features
 from dilemma.eval.knn import knn_accuracy, require_labels
 from dilemma.eval.linear import train_linear_probe
 from dilemma.models import ViTEncoder
-
-FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.1)
 
 
 @dataclass
@@ -30,26 +29,22 @@ class OcclusionCurve:
 def occlusion_curve(
     encoder: ViTEncoder,
     splits: Splits,
+    settings: EvalConfig,
     *,
-    fractions=FRACTIONS,
-    k: int = 20,
-    temperature: float = 0.07,
-    probe_epochs: int = 100,
-    probe_lr: float = 0.1,
-    batch_size: int = 256,
-    seed: int = 0,
     device="cpu",
     num_workers: int = 0,
     progress: bool = False,
 ) -> OcclusionCurve:
+    """kNN and linear top-1 at each of ``settings.occlusion_fractions`` of the tokens."""
     require_labels(splits, "occlusion")
-    num_classes = len(splits.classes)
-    loading = {"batch_size": batch_size, "device": device, "num_workers": num_workers, "normalize": False}
+    num_classes, seed, k, temperature = len(splits.classes), settings.seed, settings.knn_k, settings.knn_temperature
+    probe_epochs, probe_lr = settings.linear_epochs, settings.linear_lr
+    loading = {"batch_size": settings.batch_size, "device": device, "num_workers": num_workers, "l2_normalize": False}
     train_f, train_y = extract_features(encoder, splits.train, **loading, desc="train features" if progress else None)
     probe = train_linear_probe(train_f, train_y, num_classes, epochs=probe_epochs, lr=probe_lr, seed=seed)
     bank = F.normalize(train_f, dim=1)
     points = []
-    for fraction in fractions:
+    for fraction in settings.occlusion_fractions:
         desc = f"val features, {fraction:.0%} of tokens" if progress else None
         val_f, val_y = extract_features(encoder, splits.val, **loading, keep_fraction=fraction, seed=seed, desc=desc)
         knn_top1, _ = knn_accuracy(

@@ -35,13 +35,14 @@ from dilemma.errors import DilemmaError
 from dilemma.eval.knn import knn_eval
 from dilemma.files import atomic_write_text
 from dilemma.methods import Method
-from dilemma.rundir import FORMAT, CheckpointDir, RunDir, pretrained_state, provenance
+from dilemma.rundir import FORMAT, CheckpointDir, RunDir, provenance
 from dilemma.schedules import learning_rate, progress
 from dilemma.train.metrics import MetricsLog, as_json
 from dilemma.train.probe import OnlineProbe
 from dilemma.train.seeding import rng_state, seed_everything, set_rng_state
 from dilemma.train.signals import Interrupted, stop_on_signals
 from dilemma.train.step import Stepper
+from dilemma.weights import pretrained_state
 
 # Parts of the config that fix the shapes of the saved state, and the data it trains on: a resume
 # must not change them.
@@ -469,15 +470,8 @@ def finish(run: Run, stopped_by: str, log) -> dict:
         if e.knn_at_end and run.splits.labelled and run.splits.train.labels.unique().numel() < 2:
             _stderr("note: no kNN read-out: the train split holds one class")
         elif e.knn_at_end and run.splits.labelled:
-            knn = knn_eval(
-                run.method.evaluated_encoder(),
-                run.splits,
-                k=e.knn_k,
-                temperature=e.knn_temperature,
-                batch_size=e.batch_size,
-                device=run.device,
-                num_workers=run.cfg.data.num_workers,
-            )
+            encoder, workers = run.method.evaluated_encoder(), run.cfg.data.num_workers
+            knn = knn_eval(encoder, run.splits, e, device=run.device, num_workers=workers)
             final.update(knn_top1=knn.top1, knn_top5=knn.top5, knn_protocol=knn.protocol)
             log(knn.line())
     run.metrics.write(final)
