@@ -46,3 +46,11 @@ def tiny_encoder():
         return create_encoder("vit_tiny_patch16_224", **args)
 
     return make
+
+
+def view_settings(img_size: int, in_chans: int = 1, **data):
+    """``ViewSettings`` of the ``data`` section's defaults with ``data`` changed (e.g. ``hue=0.1``)."""
+    from dilemma.config import DataConfig
+    from dilemma.data import ViewSettings
+
+    return ViewSettings.from_data(DataConfig(**data), img_size, in_chans)

@@ -20,7 +20,7 @@ from dilemma.distributed import sync_batchnorm
 from dilemma.rundir import load_checkpoint
 from dilemma.train.loop import adamw, param_groups
 from dilemma.train.step import Stepper
-from tests.conftest import TINY
+from tests.conftest import TINY, view_settings
 
 pytestmark = [
     pytest.mark.cuda,
@@ -77,10 +77,12 @@ def test_pinned_loader_batches_equal_the_unpinned_ones():
 def test_the_device_stage_never_waits_for_the_gpu_and_equals_the_cpus():
     """Every RGB op, with pinned crops as the loader gives them: no host-device synchronisation
     (which would stall the CPU behind the queued step), and the CPU's pixels to float round-off."""
-    from dilemma.data import TensorImageSet, ViewSettings, multi_crop
+    from dilemma.data import TensorImageSet, multi_crop
 
     images = TensorImageSet(torch.randint(0, 256, (32, 3, 48, 48), dtype=torch.uint8), torch.zeros(32).long())
-    settings = ViewSettings(48, 3, saturation=0.2, hue=0.1, grayscale_prob=0.2, solarize_prob=0.2, asymmetric=True)
+    settings = view_settings(
+        48, 3, saturation=0.2, hue=0.1, grayscale_prob=0.2, solarize_prob=0.2, asymmetric_views=True
+    )
     batches = PretrainBatches(images, 16, multi_crop(settings, 16, 3, local_max_scale=0.4), seed=0)
     batch = next(iter(pretrain_loader(batches, 0, 1, num_workers=0, pin_memory=True)))
     finish = lambda device: batches.views.finish(batch.views, batch.draws, device, (0.4,) * 3, (0.2,) * 3)  # noqa: E731

@@ -22,7 +22,6 @@ from dilemma.data import (
     PretrainBatches,
     View,
     Views,
-    ViewSettings,
     decode,
     decode_pixels,
     load_source,
@@ -32,6 +31,7 @@ from dilemma.data import (
 )
 from dilemma.data import photometric as P
 from dilemma.data.folders import pil_to_uint8
+from tests.conftest import view_settings
 from tests.imagefolder import make_image_folder
 
 
@@ -93,8 +93,8 @@ def test_each_batched_op_is_torchvisions_per_image_on_uint8(ours, reference, spa
 
 
 def test_blur_of_a_224_px_view_uses_simclrs_kernel_of_a_tenth_of_the_side():
-    view = ViewSettings(224, 3).view()
-    assert view.photometric.blur_kernel == 23 and ViewSettings(96, 3).view().photometric.blur_kernel == 9
+    view = view_settings(224, 3).view()
+    assert view.photometric.blur_kernel == 23 and view_settings(96, 3).view().photometric.blur_kernel == 9
 
 
 # ---- the device stage, composed ------------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_settings_out_of_range_are_refused():
 
 def test_views_alike_share_one_device_call_and_finish_as_alone():
     """DINO's views: two asymmetric global crops, three alike local ones (one call for the three)."""
-    settings = ViewSettings(28, 3, saturation=0.2, hue=0.1, solarize_prob=0.2, asymmetric=True)
+    settings = view_settings(28, 3, saturation=0.2, hue=0.1, solarize_prob=0.2, asymmetric_views=True)
     views = multi_crop(settings, 12, 3, local_max_scale=0.4)
     assert views.alike == [[0], [1], [2, 3, 4]]
     images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
@@ -210,14 +210,14 @@ def test_views_alike_share_one_device_call_and_finish_as_alone():
 
 
 def test_grayscale_images_get_no_colour_only_ops():
-    view = ViewSettings(16, 1, saturation=0.2, hue=0.1, grayscale_prob=0.2).view()
+    view = view_settings(16, 1, saturation=0.2, hue=0.1, grayscale_prob=0.2).view()
     assert (view.photometric.saturation, view.photometric.hue, view.photometric.grayscale_prob) == (0, 0, 0)
-    rgb = ViewSettings(16, 3, color_jitter=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.2).view()
+    rgb = view_settings(16, 3, color_jitter=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.2).view()
     assert rgb.photometric.jitter_ranges == [(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]
 
 
 def test_asymmetric_views_differ_as_byol():
-    first, second = ViewSettings(16, 3, blur_prob=0.3, solarize_prob=0.2, asymmetric=True).pair()
+    first, second = view_settings(16, 3, blur_prob=0.3, solarize_prob=0.2, asymmetric_views=True).pair()
     assert (first.photometric.blur_prob, first.photometric.solarize_prob) == (1.0, 0.0)
     assert (second.photometric.blur_prob, second.photometric.solarize_prob) == (0.1, 0.2)
 
@@ -304,7 +304,7 @@ def test_a_truncated_jpeg_is_named_by_the_careful_decoder(tmp_path):
 
 
 def test_pretrain_batches_are_a_function_of_step(animal):
-    views = two_views(ViewSettings(28))
+    views = two_views(view_settings(28))
     batches = PretrainBatches(animal.train, 64, views, seed=3)
     (a1, a2), draws, labels, _ = batches[5]
     (b1, b2), again, _, _ = batches[5]
@@ -327,7 +327,7 @@ def _finished(batches: PretrainBatches, batch) -> tuple[torch.Tensor, ...]:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_an_image_gets_the_same_views_however_many_processes_share_the_batch(animal, world_size):
     """Rank r's views are rows r::world of the single process's, after both stages (DDP 2 == 1)."""
-    views = two_views(ViewSettings(28, blur_prob=0.5))
+    views = two_views(view_settings(28, blur_prob=0.5))
     single = PretrainBatches(animal.train, 16, views, seed=7)
     alone = _finished(single, single[3])
     for rank in range(world_size):
@@ -339,7 +339,7 @@ def test_an_image_gets_the_same_views_however_many_processes_share_the_batch(ani
 
 def test_streamed_batches_are_the_same_with_workers(folder):
     s = load_source(str(folder), img_size=16, in_chans=3)
-    settings = ViewSettings(16, 3, saturation=0.2, hue=0.1, grayscale_prob=0.2, solarize_prob=0.2)
+    settings = view_settings(16, 3, saturation=0.2, hue=0.1, grayscale_prob=0.2, solarize_prob=0.2)
     batches = PretrainBatches(s.train, 4, two_views(settings), seed=1)
     alone = [_finished(batches, b) for b in pretrain_loader(batches, 0, 3, num_workers=0, pin_memory=False)]
     workers = [_finished(batches, b) for b in pretrain_loader(batches, 0, 3, num_workers=2, pin_memory=False)]
@@ -348,7 +348,7 @@ def test_streamed_batches_are_the_same_with_workers(folder):
 
 def test_rgb_views_of_files_are_finished_on_the_device_stage(folder):
     s = load_source(str(folder), img_size=16, in_chans=3)
-    settings = ViewSettings(16, 3, crop_min_scale=0.08, saturation=0.2, hue=0.1, grayscale_prob=0.2)
+    settings = view_settings(16, 3, crop_min_scale=0.08, saturation=0.2, hue=0.1, grayscale_prob=0.2)
     batches = PretrainBatches(s.train, 4, two_views(settings), seed=0)
     batch = batches[1]
     v1, v2 = _finished(batches, batch)

@@ -30,20 +30,7 @@ def load_splits(cfg: Config, source: str | None = None) -> Splits:
 
 def build_views(cfg: Config) -> Views:
     """The method's views: crops in the loader workers, photometric ops on the training device."""
-    d, m = cfg.data, cfg.model
-    settings = ViewSettings(
-        img_size=m.img_size,
-        in_chans=m.in_chans,
-        crop_min_scale=d.crop_min_scale,
-        hflip=d.hflip,
-        color_jitter=d.color_jitter,
-        saturation=d.saturation,
-        hue=d.hue,
-        grayscale_prob=d.grayscale_prob,
-        blur_prob=d.blur_prob,
-        solarize_prob=d.solarize_prob,
-        asymmetric=d.asymmetric_views,
-    )
+    settings = ViewSettings.from_data(cfg.data, cfg.model.img_size, cfg.model.in_chans)
     return method_class(cfg.method.name).views(method_config(cfg), settings)
 
 

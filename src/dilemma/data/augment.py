@@ -9,7 +9,7 @@ second runs batched on the training device right before the encoder (``Views.fin
 
 The settings are the ``data`` config section; the defaults suit the 28 px grayscale silhouettes (no
 colour-only operations), ``configs/paper_*.yaml`` set the published RGB recipes. With
-``asymmetric`` the two views differ as in BYOL / MoCo v3 / DINO: view 1 is always blurred and
+``asymmetric_views`` the two views differ as in BYOL / MoCo v3 / DINO: view 1 is always blurred and
 never solarised, view 2 blurred with p = 0.1 and solarised with ``solarize_prob``.
 
 Every random number of an image's views comes from one generator seeded for that image
@@ -147,19 +147,27 @@ class Views:
 
 @dataclass(frozen=True)
 class ViewSettings:
-    """The augmentation settings a method's views start from (``model.*`` and ``data.*``)."""
+    """The augmentation settings a method's views start from: the model's size and channels, and
+    the ``data`` config section's view keys (``from_data``: by field name; their defaults and
+    meanings are written there, in ``config.DataConfig``)."""
 
     img_size: int
-    in_chans: int = 1
-    crop_min_scale: float = 0.35
-    hflip: bool = True
-    color_jitter: float = 0.4  # brightness and contrast strength, applied with p = 0.8
-    saturation: float = 0.0
-    hue: float = 0.0
-    grayscale_prob: float = 0.0
-    blur_prob: float = 0.2
-    solarize_prob: float = 0.0
-    asymmetric: bool = False
+    in_chans: int
+    crop_min_scale: float
+    hflip: bool
+    color_jitter: float  # brightness and contrast strength, applied with p = 0.8
+    saturation: float
+    hue: float
+    grayscale_prob: float
+    blur_prob: float
+    solarize_prob: float
+    asymmetric_views: bool
+
+    @classmethod
+    def from_data(cls, data, img_size: int, in_chans: int) -> ViewSettings:
+        """The settings of ``data`` (a ``DataConfig``, or anything with its view keys)."""
+        keys = [f.name for f in dataclasses.fields(cls) if f.name not in ("img_size", "in_chans")]
+        return cls(img_size=img_size, in_chans=in_chans, **{key: getattr(data, key) for key in keys})
 
     def view(self, *, size: int | None = None, scale: tuple[float, float] | None = None, **changes) -> View:
         """A view with these settings; ``size`` / ``scale`` set its crop, ``changes`` replace
@@ -185,7 +193,7 @@ class ViewSettings:
 
     def pair(self, **changes) -> tuple[View, View]:
         """The two views of a two-view method: alike, or BYOL's asymmetric blur / solarisation."""
-        if not self.asymmetric:
+        if not self.asymmetric_views:
             same = self.view(**changes)
             return same, same
         return (
@@ -204,7 +212,7 @@ def multi_crop(
 ) -> Views:
     """DINO's multi-crop: 2 global crops at ``img_size`` covering ``[crop_min_scale, 1]`` of the image and
     ``num_local`` local crops at ``local_size`` covering ``[local_min_scale, local_max_scale]`` (blurred
-    with p = 0.5 and never solarised when ``asymmetric``, as DINO's)."""
-    local_blur = {"blur_prob": 0.5, "solarize_prob": 0.0} if settings.asymmetric else {}
+    with p = 0.5 and never solarised when ``asymmetric_views``, as DINO's)."""
+    local_blur = {"blur_prob": 0.5, "solarize_prob": 0.0} if settings.asymmetric_views else {}
     local = settings.view(size=local_size, scale=(local_min_scale, local_max_scale), **local_blur)
     return Views(*settings.pair(), *[local] * num_local)
