@@ -11,7 +11,7 @@ import torch
 from dilemma.build import build_method
 from dilemma.config import load_config
 from dilemma.errors import DilemmaError
-from dilemma.methods.base import Method
+from dilemma.methods.base import Detection, Method, StudentOutput
 from dilemma.pretext import Dilemma, GlobalBatchRows, TokenSample, sample_tokens
 from dilemma.train.loop import Run, adamw, param_groups
 from tests.conftest import TINY
@@ -62,14 +62,13 @@ def _per_view_student(self, images, draws, with_metrics, corrupt=True, views=1, 
     """The direct definition: each stacked view encoded by its own call (a full forward, whether or
     not the patch tokens are read), then put back together."""
     outs = [_batched_student(self, chunk, draws, with_metrics, corrupt) for chunk in images.chunk(views)]
-    bces = [bce for _, _, bce, _ in outs if bce is not None]
-    logs = {k: sum(o[3][k] for o in outs) / views for k in outs[0][3]}
-    return (
-        torch.cat([o[0] for o in outs]),
-        torch.cat([o[1] for o in outs]),
-        torch.stack(bces).mean() if bces else None,
-        logs,
-    )
+    detections = [o.detection for o in outs if o.detection is not None]
+    detection = None
+    if detections:  # the mean over the views, counted as that many views
+        logs = {k: sum(d.logs[k] for d in detections) / views for k in detections[0].logs}
+        detection = Detection(torch.stack([d.bce for d in detections]).mean(), logs, views)
+    embeddings, patches = torch.cat([o.embedding for o in outs]), torch.cat([o.patches for o in outs])
+    return StudentOutput(embeddings, patches, detection)
 
 
 _batched_student = Method.student

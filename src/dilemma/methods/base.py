@@ -37,6 +37,25 @@ from dilemma.schedules import momentum_at
 
 
 @dataclass
+class Detection:
+    """The detection loss of some student views (``Dilemma.loss``): its mean over their tokens, the
+    metrics, and how many views it covers (its weight in the mean over views)."""
+
+    bce: torch.Tensor
+    logs: dict[str, Any]
+    views: int = 1
+
+
+@dataclass
+class StudentOutput:
+    """``Method.student``'s encoding of (stacked) student views."""
+
+    embedding: torch.Tensor  # (B, D): the image embedding (the class token for timm's ViTs)
+    patches: torch.Tensor | None  # (B, K, D) kept patch tokens; None when not asked for and not needed
+    detection: Detection | None  # None where nothing is detected (a clean view, p = 0)
+
+
+@dataclass
 class MethodOutput:
     """What one forward gives the training loop."""
 
@@ -80,17 +99,18 @@ class Method(nn.Module):
         corrupt: bool = True,
         views: int = 1,
         patches: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict]:
+    ) -> StudentOutput:
         """Encode student views, sparse and corrupted as configured (dense and clean when ``corrupt``
-        is False): ``(cls (B, D), patches (B, K, D), det_bce | None, det_logs)``. ``patches=False``:
-        the caller reads no patch tokens, so where nothing is detected either (a clean view, no
-        misplacement) the encoder skips what only they need (``ViTEncoder.embed``) and returns None.
+        is False). ``patches=False``: the caller reads no patch tokens, so where nothing is detected
+        either (a clean view, no misplacement) the encoder skips what only they need
+        (``ViTEncoder.embed``) and ``patches`` is None.
 
         ``images`` may stack ``views`` same-size views of the same n images (``torch.cat``, view by
         view): one encoder call over all of them is faster than one per view and computes the same,
         since the ViT has no batch statistics; each view draws its own tokens as it would alone and
-        ``det_bce`` is the mean over the views (``Dilemma.sample`` / ``Dilemma.loss``). Heads with
-        batch norm must still see each view on its own (split the outputs)."""
+        the detection loss is the mean over the views (``Dilemma.sample`` / ``Dilemma.loss``), which
+        counts as ``views`` views in ``output``. Heads with batch norm must still see each view on
+        its own (split the outputs)."""
         sample = None
         if corrupt:
             grid = self.encoder.grid_of(tuple(images.shape[-2:]))
@@ -99,31 +119,31 @@ class Method(nn.Module):
             )
         keep, positions = (None, None) if sample is None else (sample.keep, sample.positions)
         if not patches and not self.dilemma.detects(sample):  # only the embedding is read
-            return self.encoder.embed(images, keep, positions), None, None, {}
-        cls, patch_tokens = self.encoder(images, keep, positions)
+            return StudentOutput(self.encoder.embed(images, keep, positions), None, None)
+        embedding, patch_tokens = self.encoder(images, keep, positions)
         bce, logs = self.dilemma.loss(patch_tokens, sample, with_metrics=with_metrics, views=views)
-        return cls, patch_tokens, bce, logs
+        return StudentOutput(embedding, patch_tokens, None if bce is None else Detection(bce, logs, views))
 
     def output(
         self,
         ssl_loss: torch.Tensor,
-        detections: list[tuple[torch.Tensor | None, dict]],
+        detections: list[Detection | None],
         features: torch.Tensor,
         ssl_name: str = "ssl_loss",
     ) -> MethodOutput:
         """Total = SSL loss + lambda * mean detection BCE over the corrupted views (``docs/method.md``,
-        step 7). ``detections`` holds ``(det_bce | None, det_logs)`` per student view (``student``'s;
-        a call over N stacked views gives one mean for all N: repeat its entry N times)."""
+        step 7): each ``Detection`` counts as its ``views`` views; None (nothing detected) as none."""
         logs: dict[str, Any] = {ssl_name: ssl_loss.detach()}
-        detections = [(bce, view_logs) for bce, view_logs in detections if bce is not None]
+        detections = [d for d in detections if d is not None]
         loss = ssl_loss
         if detections:
-            det = torch.stack([bce for bce, _ in detections]).mean()
+            views = sum(d.views for d in detections)
+            det = sum(d.bce * d.views for d in detections) / views
             loss = loss + self.dilemma.weight * det
             logs["det_bce"] = det.detach()
             logs["det_entropy"] = self.dilemma.entropy
-            for key in detections[0][1]:
-                logs[key] = sum(view_logs[key] for _, view_logs in detections) / len(detections)
+            for key in detections[0].logs:
+                logs[key] = sum(d.logs[key] * d.views for d in detections) / views
         logs["loss"] = loss.detach()
         return MethodOutput(loss, logs, features.detach())
 

@@ -128,11 +128,12 @@ class DINO(EMATeacherMethod):
         # Global crops in one pass, local crops in another (as DINO's multi-resolution forward); each
         # crop draws its own token sample as it would alone, so batching changes nothing about the pretext.
         global_views = torch.cat(global_crops)  # (2n, C, H, W)
-        cls, _, bce, det_logs = self.student(global_views, draws, with_metrics, views=2, patches=False)  # (2n, D)
+        global_student = self.student(global_views, draws, with_metrics, views=2, patches=False)
+        cls = global_student.embedding  # (2n, D)
         student_out = list(self.head(cls).chunk(2))
-        detections = [(bce, det_logs)] * 2  # one entry per view: the mean is over views
+        detections = [global_student.detection]  # the mean over views: 2 global, then the local ones
         if local_crops:
-            cls_local, _, bce_local, logs_local = self.student(
+            local_student = self.student(
                 torch.cat(local_crops),
                 draws,
                 with_metrics,
@@ -140,8 +141,8 @@ class DINO(EMATeacherMethod):
                 views=len(local_crops),
                 patches=False,
             )
-            student_out += list(self.head(cls_local).split(n))
-            detections += [(bce_local, logs_local)] * len(local_crops)
+            student_out += list(self.head(local_student.embedding).split(n))
+            detections.append(local_student.detection)
 
         c = self.cfg
         temp = teacher_temperature_at(progress, c.warmup_teacher_temp, c.teacher_temp, c.teacher_temp_warmup)

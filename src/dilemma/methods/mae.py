@@ -20,7 +20,7 @@ from torchvision.utils import save_image
 
 from dilemma.data.augment import Views, ViewSettings
 from dilemma.errors import require
-from dilemma.methods.base import Method, MethodOutput
+from dilemma.methods.base import Detection, Method, MethodOutput
 from dilemma.models import ViTEncoder, sincos_pos_embed_2d
 from dilemma.pretext import Dilemma, TokenDraws, TokenSample
 
@@ -126,7 +126,8 @@ class MAE(Method):
         bce, det_logs = self.dilemma.loss(patches, sample, with_metrics=with_metrics)
         pred = self.decode(cls, patches, sample.keep)
         loss = self.reconstruction_loss(pred, images, sample)
-        return self.output(loss, [(bce, det_logs)], features=cls, ssl_name="recon_loss")
+        detection = None if bce is None else Detection(bce, det_logs)
+        return self.output(loss, [detection], features=cls, ssl_name="recon_loss")
 
     @torch.no_grad()
     def pictures(self, images: torch.Tensor, out_dir: Path) -> list[Path]:

@@ -58,7 +58,8 @@ class MoCoV3(EMATeacherMethod):
     ) -> MethodOutput:
         n = views[0].shape[0]
         both = torch.cat(views)  # (2n, C, H, W): each branch encodes the two views in one call
-        cls, _, bce, det_logs = self.student(both, draws, with_metrics, views=2, patches=False)  # cls: (2n, D)
+        student = self.student(both, draws, with_metrics, views=2, patches=False)
+        cls = student.embedding  # (2n, D)
         # the heads have batch norm: each view is its own batch, as in MoCo v3's per-view forwards
         q1, q2 = (self.predictor(self.projector(view_cls)) for view_cls in cls.split(n))
 
@@ -66,6 +67,6 @@ class MoCoV3(EMATeacherMethod):
             k1, k2 = (self.momentum_projector(view_cls) for view_cls in self.momentum_encoder.embed(both).split(n))
 
         ssl = self.criterion(q1, k2) + self.criterion(q2, k1)
-        out = self.output(ssl, [(bce, det_logs)] * 2, features=cls[:n])  # one entry per view
+        out = self.output(ssl, [student.detection], features=cls[:n])
         out.logs["momentum"] = self.momentum
         return out

@@ -54,13 +54,15 @@ class SimCLR(Method):
     ) -> MethodOutput:
         n = views[0].shape[0]
         if self.cfg.clean_view:  # a sparse view and a dense one: two encoder calls
-            cls1, _, bce, det_logs = self.student(views[0], draws, with_metrics, patches=False)
-            cls2, _, _, _ = self.student(views[1], draws, with_metrics, corrupt=False, patches=False)
-            detections = [(bce, det_logs), (None, {})]
+            first = self.student(views[0], draws, with_metrics, patches=False)
+            cls1 = first.embedding
+            cls2 = self.student(views[1], draws, with_metrics, corrupt=False, patches=False).embedding
+            detections = [first.detection]
         else:  # both views alike: one encoder call over both (same result, fewer, larger matmuls)
-            cls, _, bce, det_logs = self.student(torch.cat(views), draws, with_metrics, views=2, patches=False)
+            both = self.student(torch.cat(views), draws, with_metrics, views=2, patches=False)
+            cls = both.embedding
             cls1, cls2 = cls.split(n)
-            detections = [(bce, det_logs)] * 2  # one entry per view
+            detections = [both.detection]
         # the projector has batch norm: each view is its own batch
         ssl = self.criterion(self.projector(cls1), self.projector(cls2))
         return self.output(ssl, detections, features=cls1)
