@@ -219,7 +219,7 @@ cfg = load_config({str(ROOT / "configs" / "paper_mocov3_vits16.yaml")!r}, [f"tra
 dev = torch.device({device!r})
 method = build_method(cfg).to(dev)
 opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
-stepper = Stepper(method, method, opt, device=dev, precision=precision, accum_steps=1, grad_clip=None, seed=0)
+stepper = Stepper(method, opt, device=dev, precision=precision, accum_steps=1, grad_clip=None, seed=0)
 views = tuple(torch.randn({batch}, 3, 224, 224, device=dev) for _ in range(2))
 for i in range(2):
     stepper.step(views, 0.5, i, False)

@@ -16,6 +16,7 @@ throttled machine only ever slows a round down, so the fastest is the least dist
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -136,7 +137,9 @@ def training_step(cfg, device, precision: str, batch: int, compile: bool = False
         optimizer = loop.adamw(groups, 1e-4, use_scaler=precision == "fp16")
     else:  # a baseline commit from before it
         optimizer = torch.optim.AdamW(groups, lr=1e-4)
-    stepper = Stepper(model, model, optimizer, device=device, precision=precision, grad_clip=3.0)
+    # a baseline commit's Stepper took the module twice (model, method)
+    twice = "method" in inspect.signature(Stepper).parameters
+    stepper = Stepper(*([model] * (2 if twice else 1)), optimizer, device=device, precision=precision, grad_clip=3.0)
     batches = PretrainBatches(load_splits(cfg).train, batch, build_views(cfg), seed=0)
     finish, first = device_stage(batches, device, model.encoder), pinned(batches[0], device)
     counter = iter(range(1, 10**9))

@@ -44,7 +44,7 @@ def _setup(method: str, precision: str = "fp32", *extra):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_update_the_weights(method, precision):
     _, model, optimizer, views = _setup(method, precision)
-    stepper = Stepper(model, model, optimizer, device=CUDA, precision=precision, grad_clip=3.0)
+    stepper = Stepper(model, optimizer, device=CUDA, precision=precision, grad_clip=3.0)
     before = [p.detach().clone() for p in model.encoder.parameters() if p.requires_grad]
     for step in range(3):
         result = stepper.step(views, 0.1, step, with_metrics=True)
@@ -103,7 +103,7 @@ def test_sync_batchnorm_in_a_one_process_nccl_group_equals_the_plain_step(tmp_pa
         return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
 
     _, plain, _, views = _setup("mocov3")
-    Stepper(plain, plain, sgd(plain), device=CUDA, seed=0).step(views, 0.1, 0, False)
+    Stepper(plain, sgd(plain), device=CUDA, seed=0).step(views, 0.1, 0, False)
     dist.init_process_group(
         "nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60)
     )
@@ -111,7 +111,7 @@ def test_sync_batchnorm_in_a_one_process_nccl_group_equals_the_plain_step(tmp_pa
         _, model, _, views = _setup("mocov3")
         ddp = torch.nn.parallel.DistributedDataParallel(sync_batchnorm(model, CUDA), device_ids=[0])
         assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-        Stepper(ddp, model, sgd(model), device=CUDA, seed=0).step(views, 0.1, 0, False)
+        Stepper(ddp, sgd(model), device=CUDA, seed=0).step(views, 0.1, 0, False)
     finally:
         dist.destroy_process_group()
     for a, b in zip(plain.encoder.parameters(), model.encoder.parameters(), strict=True):
@@ -124,7 +124,7 @@ def test_compiled_step_equals_the_eager_step():
     compiled.compile()
     losses = []
     for model, optimizer in ((eager, eager_opt), (compiled, compiled_opt)):
-        stepper = Stepper(model, model, optimizer, device=CUDA, seed=0)
+        stepper = Stepper(model, optimizer, device=CUDA, seed=0)
         losses.append([stepper.step(views, 0.1, step, False).loss.item() for step in range(2)])
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
 

@@ -118,7 +118,7 @@ def test_linear_probe_learns_separable_features():
 def test_finetune_trains_all_weights_with_layer_decay(run_dir, small_splits):
     encoder, _ = encoder_from_checkpoint(run_dir, drop_path_rate=0.1)
     before = encoder.vit.blocks[0].attn.qkv.weight.clone()
-    result = finetune(encoder, small_splits, FinetuneConfig(epochs=2, batch_size=50), seed=0, progress=False)
+    result = finetune(encoder, small_splits, FinetuneConfig(epochs=2, batch_size=50), seed=0, show_progress=False)
     assert not torch.equal(before, encoder.vit.blocks[0].attn.qkv.weight)  # the backbone moved
     assert len(result.history) == 2 and 10 < result.top1 <= 100  # chance is 10 %
     assert "layer decay 0.75" in result.protocol and "drop-path 0.1" in result.protocol

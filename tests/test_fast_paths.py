@@ -217,7 +217,7 @@ def test_resume_keeps_the_optimiser_implementation_of_this_machine(tmp_path):
 
     def spy(run, state):
         real_restore(run, state)
-        restored.update(run.optimizer.param_groups[0])
+        restored.update(run.stepper.optimizer.param_groups[0])
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Run, "restore", spy)

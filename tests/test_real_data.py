@@ -20,7 +20,7 @@ from tests.imagefolder import make_image_folder
 ROOT = Path(__file__).parents[1]
 SMALL = [  # a recipe at a size a CPU test can run: every tensor shape shrinks, nothing else changes
     "--set", "model.img_size=32", "--set", "model.depth=1", "--set", "data.batch_size=4",
-    "--set", "data.num_workers=0", "--set", "train.progress=false", "--set", "train.precision=fp32",
+    "--set", "data.num_workers=0", "--set", "train.show_progress=false", "--set", "train.precision=fp32",
     "--set", "train.epochs=1", "--set", "eval.batch_size=16",
 ]  # fmt: skip
 
@@ -148,7 +148,8 @@ def test_bad_image_mid_training_fails_or_is_skipped(tmp_path, capsys):
     bad = Path(train.paths[0])  # a training image: every epoch of 2 steps x 5 images reads it
     bad.write_bytes(b"garbage")
     base = ["pretrain", "--data", str(root), "--set", "model.in_chans=3", "--set", "data.batch_size=5",
-            "--set", "train.progress=false", "--set", "train.epochs=1", "--set", "data.val_fraction=0.17"]  # fmt: skip
+            "--set", "train.show_progress=false", "--set", "train.epochs=1",
+            "--set", "data.val_fraction=0.17"]  # fmt: skip
     assert main([*base, "--out", str(tmp_path / "strict")]) == 2
     assert f"error: cannot read image {bad}: unreadable" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "skip"), "--set", "data.skip_bad_images=true"]) == 0
@@ -159,7 +160,8 @@ def test_bad_image_mid_training_fails_or_is_skipped(tmp_path, capsys):
 
 def test_start_line_says_what_was_understood(tmp_path, folder, capsys):
     args = ["pretrain", "--data", str(folder), "--out", str(tmp_path / "r"), "--max-steps", "1",
-            "--set", "model.in_chans=3", "--set", "data.batch_size=4", "--set", "train.progress=false"]  # fmt: skip
+            "--set", "model.in_chans=3", "--set", "data.batch_size=4",
+            "--set", "train.show_progress=false"]  # fmt: skip
     assert main(args) == 0
     line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("run folder:"))
     assert "3 classes; class folders; 28 px x 3 channel(s)" in line and "ends at step 1 (train.max_steps" in line
@@ -203,7 +205,8 @@ def trained(tmp_path_factory, folder):
     out = tmp_path_factory.mktemp("run") / "r"
     args = ["pretrain", "--data", str(folder), "--out", str(out), "--max-steps", "2", "--set", "model.in_chans=3",
             "--set", "model.mean=[0.485,0.456,0.406]", "--set", "model.std=[0.229,0.224,0.225]",
-            "--set", "model.crop_pct=0.875", "--set", "data.batch_size=4", "--set", "train.progress=false"]  # fmt: skip
+            "--set", "model.crop_pct=0.875", "--set", "data.batch_size=4",
+            "--set", "train.show_progress=false"]  # fmt: skip
     assert main(args) == 0
     return out
 
@@ -234,8 +237,8 @@ def test_pretrained_from_run_file_and_adapted_channels(tmp_path, trained, folder
 
     source, _ = encoder_from_checkpoint(trained)
     out = tmp_path / "cont"
-    common = ["--data", str(folder), "--max-steps", "1", "--set", "data.batch_size=4", "--set", "train.progress=false",
-              "--set", "optim.lr=1e-12", "--set", "optim.min_lr=0"]  # fmt: skip
+    common = ["--data", str(folder), "--max-steps", "1", "--set", "data.batch_size=4",
+              "--set", "train.show_progress=false", "--set", "optim.lr=1e-12", "--set", "optim.min_lr=0"]  # fmt: skip
     assert (
         main(
             [
@@ -311,7 +314,7 @@ def test_timm_weights_on_this_machine_load_without_network(tmp_path, capsys, mon
     state, where = pretrained_state("vit_tiny_patch16_224")
     assert state["pos_embed"].shape == (1, 197, 192) and "model.safetensors" in where
     argv = ["pretrain", "--out", str(tmp_path / "r"), "--max-steps", "1", "--set", "model.depth=null",
-            "--set", "model.pretrained=vit_tiny_patch16_224", "--set", "train.progress=false",
+            "--set", "model.pretrained=vit_tiny_patch16_224", "--set", "train.show_progress=false",
             "--set", "eval.knn_at_end=false"]  # fmt: skip
     assert main(argv) == 0 and "from vit_tiny_patch16_224" in capsys.readouterr().err
 

@@ -247,7 +247,7 @@ def test_max_steps_epochs_and_the_budget_are_caps_and_the_start_line_says_which_
     argv = ["pretrain", "--config", str(recipe), "--data", str(data), "--out", str(tmp_path / "r"),
             "--max-steps", "2", "--set", "model.img_size=16", "--set", "model.patch_size=4", "--set", "model.depth=1",
             "--set", "data.batch_size=2",
-            "--set", "data.num_workers=0", "--set", "train.precision=fp32", "--set", "train.progress=false",
+            "--set", "data.num_workers=0", "--set", "train.precision=fp32", "--set", "train.show_progress=false",
             "--set", "eval.knn_at_end=false", "--set", "method.mocov3.proj_hidden_dim=32"]  # fmt: skip
     assert main(argv) == 0
     line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("run folder:"))

@@ -57,7 +57,7 @@ def _ddp_worker(rank: int, port: int, method: str, out: str, nan_on_rank_1: bool
         _, model, optimizer = _build(method)
         before = _state(model)
         ddp = torch.nn.parallel.DistributedDataParallel(sync_batchnorm(model, torch.device("cpu")))
-        stepper = Stepper(ddp, model, optimizer, device=torch.device("cpu"), grad_clip=None, seed=0)
+        stepper = Stepper(ddp, optimizer, device=torch.device("cpu"), grad_clip=None, seed=0)
         views = _views(method, rank, world_size=2)  # rank r's images r::world, its views made here
         if nan_on_rank_1 and rank == 1:
             views[0][0, 0, 0, 0] = float("nan")
@@ -88,7 +88,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, meth
 
     _, model, optimizer = _build(method)
     before = _state(model)
-    single = Stepper(model, model, optimizer, device=torch.device("cpu"), grad_clip=None, seed=0)
+    single = Stepper(model, optimizer, device=torch.device("cpu"), grad_clip=None, seed=0)
     result = single.step(_views(method), 0.3, 5, False)
     assert torch.allclose(ddp["loss"], result.loss, rtol=1e-5, atol=1e-6), (ddp["loss"], result.loss)
     after = _state(model)
@@ -118,7 +118,7 @@ def test_accumulating_two_half_batches_equals_one_full_batch(method):
     states = []
     for accum in (1, 2):
         _, model, optimizer = _build(method)
-        stepper = Stepper(model, model, optimizer, device=torch.device("cpu"), accum_steps=accum, seed=0)
+        stepper = Stepper(model, optimizer, device=torch.device("cpu"), accum_steps=accum, seed=0)
         result = stepper.step(_views(method), 0.3, 5, True)
         states.append((result.loss, _state(model), result.logs))
     (loss1, state1, logs1), (loss2, state2, logs2) = states
@@ -149,7 +149,7 @@ def test_stepper_rejects_unknown_precision():
 
     _, model, optimizer = _build("mocov3")
     with pytest.raises(DilemmaError, match="train.precision"):
-        Stepper(model, model, optimizer, device=torch.device("cpu"), precision="fp8")
+        Stepper(model, optimizer, device=torch.device("cpu"), precision="fp8")
 
 
 def test_torchrun_two_cpu_processes_train_and_save_once(tmp_path):

@@ -128,7 +128,7 @@ def _loading(args, device, splits) -> dict:
     return {"device": device, "num_workers": workers}
 
 
-def _progress(args) -> bool:
+def _show_progress(args) -> bool:
     return not args.no_progress
 
 
@@ -137,7 +137,9 @@ def _eval_knn(args) -> None:
 
     settings, results = _eval_settings(args), []
     for path, encoder, _, splits, device in _checkpoints(args):
-        result = knn_eval(encoder, splits, settings, **_loading(args, device, splits), progress=_progress(args))
+        result = knn_eval(
+            encoder, splits, settings, **_loading(args, device, splits), show_progress=_show_progress(args)
+        )
         print(f"{path}: {result.line()}")
         results.append(
             {
@@ -159,7 +161,7 @@ def _eval_linear(args) -> None:
     s, results = _eval_settings(args), []
     for path, encoder, _, splits, device in _checkpoints(args):
         require_labels(splits, "the linear probe")
-        bars = ("train features", "val features") if _progress(args) else (None, None)
+        bars = ("train features", "val features") if _show_progress(args) else (None, None)
         loading = {**_loading(args, device, splits), "batch_size": s.batch_size, "l2_normalize": False}
         train_f, train_y = extract_features(encoder, splits.train, **loading, desc=bars[0])
         val_f, val_y = extract_features(encoder, splits.val, **loading, desc=bars[1])
@@ -182,7 +184,7 @@ def _eval_occlusion(args) -> None:
     settings, results = _eval_settings(args), []
     for path, encoder, _, splits, device in _checkpoints(args):
         loading = _loading(args, device, splits)
-        curve = occlusion_curve(encoder, splits, settings, **loading, progress=_progress(args))
+        curve = occlusion_curve(encoder, splits, settings, **loading, show_progress=_show_progress(args))
         print(f"{path}: occlusion  [{curve.protocol}]")
         print("  kept  tokens   kNN top-1   linear top-1")
         for p in curve.points:
@@ -216,7 +218,7 @@ def _eval_finetune(args) -> None:
             seed=settings.seed,
             device=device,
             num_workers=_loading(args, device, splits)["num_workers"],
-            progress=_progress(args),
+            show_progress=_show_progress(args),
         )
         print(f"{path}: fine-tune top-1 {result.top1:.2f}%  [{result.protocol}]")
         results.append(

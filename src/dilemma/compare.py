@@ -71,7 +71,7 @@ def config_sha1(cfg) -> str:
     """A run's identity: its resolved config, less what cannot change training (eval, progress bars)."""
     data = cfg.to_dict()
     data.pop("eval", None)
-    data["train"] = {k: v for k, v in data["train"].items() if k != "progress"}
+    data["train"] = {k: v for k, v in data["train"].items() if k != "show_progress"}
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -296,7 +296,7 @@ def compare(
         *([f"eval.linear_epochs={probe_epochs}"] if probe_epochs is not None else []),
         f"train.time_budget={time_budget}",
         f"train.max_steps={max_steps}",
-        "train.progress=false",
+        "train.show_progress=false",
         "eval.knn_at_end=false",
     ]
     if curve_points > 1:

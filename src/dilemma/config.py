@@ -92,7 +92,7 @@ class TrainConfig:
         None  # also keep checkpoints every this fraction of training (read-out curves)
     )
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    progress: bool = True
+    show_progress: bool = True  # a progress bar on the terminal
     on_nonfinite: str = "stop"  # non-finite loss: stop (keep the last good checkpoint) or skip the step
     max_nonfinite_skips: int = 10  # with on_nonfinite=skip: stop after this many skipped steps
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler)
@@ -156,6 +156,8 @@ class Config:
 RETIRED = {
     "optim.warmup_steps": "optim.warmup_steps was replaced by optim.warmup, a fraction of training "
     "(steps or wall-clock) such as 0.1, so that runs of equal time get the same lr schedule",
+    "train.progress": "train.show_progress was renamed train.show_progress (the progress bar); "
+    "'progress' is the fraction of training the schedules follow",
 }
 
 

@@ -107,7 +107,7 @@ def finetune(
     seed: int,
     device="cpu",
     num_workers: int = 0,
-    progress: bool = True,
+    show_progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``encoder`` (built with ``settings.drop_path``) on ``splits``; returns val top-1.
     ``auto_augment`` (e.g. ``rand-m9-mstd0.5-inc1``), ``mixup`` / ``cutmix`` (alphas) and
@@ -147,7 +147,7 @@ def finetune(
         )
     total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
     history, step = [], 0
-    bar = tqdm(total=total, disable=not progress, unit="step", desc="fine-tune")
+    bar = tqdm(total=total, disable=not show_progress, unit="step", desc="fine-tune")
     for epoch in range(epochs):
         vit.train()
         running = 0.0

@@ -97,16 +97,16 @@ def knn_eval(
     *,
     device="cpu",
     num_workers: int = 0,
-    progress: bool = False,
+    show_progress: bool = False,
 ) -> KNNResult:
     """kNN top-1 / top-5 of ``encoder``'s features: ``settings.knn_k``, ``knn_temperature``, ``batch_size``."""
     require_labels(splits, "kNN")
     k, temperature = settings.knn_k, settings.knn_temperature
     loading = {"batch_size": settings.batch_size, "device": device, "num_workers": num_workers}
     train_f, train_y = extract_features(
-        encoder, splits.train, **loading, desc="kNN: train features" if progress else None
+        encoder, splits.train, **loading, desc="kNN: train features" if show_progress else None
     )
-    val_f, val_y = extract_features(encoder, splits.val, **loading, desc="kNN: val features" if progress else None)
+    val_f, val_y = extract_features(encoder, splits.val, **loading, desc="kNN: val features" if show_progress else None)
     top1, top5 = knn_accuracy(
         train_f, train_y, val_f, val_y, k=k, temperature=temperature, num_classes=len(splits.classes)
     )

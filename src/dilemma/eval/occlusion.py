@@ -33,19 +33,21 @@ def occlusion_curve(
     *,
     device="cpu",
     num_workers: int = 0,
-    progress: bool = False,
+    show_progress: bool = False,
 ) -> OcclusionCurve:
     """kNN and linear top-1 at each of ``settings.occlusion_fractions`` of the tokens."""
     require_labels(splits, "occlusion")
     num_classes, seed, k, temperature = len(splits.classes), settings.seed, settings.knn_k, settings.knn_temperature
     probe_epochs, probe_lr = settings.linear_epochs, settings.linear_lr
     loading = {"batch_size": settings.batch_size, "device": device, "num_workers": num_workers, "l2_normalize": False}
-    train_f, train_y = extract_features(encoder, splits.train, **loading, desc="train features" if progress else None)
+    train_f, train_y = extract_features(
+        encoder, splits.train, **loading, desc="train features" if show_progress else None
+    )
     probe = train_linear_probe(train_f, train_y, num_classes, epochs=probe_epochs, lr=probe_lr, seed=seed)
     bank = F.normalize(train_f, dim=1)
     points = []
     for fraction in settings.occlusion_fractions:
-        desc = f"val features, {fraction:.0%} of tokens" if progress else None
+        desc = f"val features, {fraction:.0%} of tokens" if show_progress else None
         val_f, val_y = extract_features(encoder, splits.val, **loading, keep_fraction=fraction, seed=seed, desc=desc)
         knn_top1, _ = knn_accuracy(
             bank, train_y, F.normalize(val_f, dim=1), val_y, k=k, temperature=temperature, num_classes=num_classes

@@ -173,21 +173,34 @@ class Run:
 
     cfg: Config
     dir: RunDir
-    device: torch.device
     splits: Splits
-    method: Method  # the module whose state is saved (``model`` may wrap it in DDP or compile it)
-    optimizer: torch.optim.Optimizer
-    stepper: Stepper
+    method: Method  # the module whose state is saved (the stepper's model may wrap it in DDP)
+    stepper: Stepper  # the optimiser, precision, accumulation and the token draws
     probe: OnlineProbe | None
     batches: PretrainBatches
-    checkpoints: CheckpointDir
     metrics: MetricsLog
-    total_steps: int = 0  # the step the run ends at (total_steps())
-    run_id: str = ""  # made when the run starts; its checkpoints and this folder's provenance carry it
+    run_id: str  # made when the run starts; its checkpoints and this folder's provenance carry it
     step: int = 0
     elapsed: float = 0.0  # seconds of training so far (across resumes): the clock of the schedules
     skipped: int = 0  # optimiser steps skipped for a non-finite loss
     bad_images: set = field(default_factory=set)  # unreadable files met (and replaced), "path: reason"
+
+    @property
+    def device(self) -> torch.device:
+        return self.stepper.device
+
+    @property
+    def end(self) -> int:
+        return total_steps(self.cfg, self.batches)
+
+    @property
+    def checkpoints(self) -> CheckpointDir:
+        return CheckpointDir(self.dir.path, self.cfg.train.keep_checkpoints)
+
+    def progress(self) -> float:
+        """How far training is, in [0, 1]: steps or wall-clock, whichever is further (the schedules' clock)."""
+        budget = self.cfg.train.time_budget
+        return progress(self.step, self.end, self.elapsed, budget * 60 if budget else None)
 
     def state(self) -> dict:
         return {
@@ -199,7 +212,7 @@ class Run:
             "elapsed": self.elapsed,
             "nonfinite_skips": self.skipped,
             "model": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.stepper.optimizer.state_dict(),
             "scaler": self.stepper.scaler.state_dict(),
             "probe": self.probe.full_state() if self.probe is not None else None,
             "rng": rng_state(self.stepper.token_generator),
@@ -209,10 +222,10 @@ class Run:
         if is_main():  # one writer per run folder
             self.checkpoints.save(self.state(), self.step)
 
-    def save_snapshots(self, done: float) -> None:
-        """Keep a checkpoint at every ``train.snapshot_every`` fraction of training that ``done`` has
-        reached (once each, also across a resume)."""
-        every = self.cfg.train.snapshot_every
+    def save_snapshots(self) -> None:
+        """Keep a checkpoint at every ``train.snapshot_every`` fraction of training reached (once
+        each, also across a resume)."""
+        every, done = self.cfg.train.snapshot_every, self.progress()
         if not every or not is_main():
             return
         fractions = [i * every for i in range(1, int(1 / every + 1e-9) + 1) if i * every < 1 - 1e-9]
@@ -222,17 +235,17 @@ class Run:
 
     def restore(self, ckpt: dict) -> None:
         self.method.load_state_dict(ckpt["model"])
+        optimizer = self.stepper.optimizer
         # the saved groups carry their implementation (fused / foreach), which load_state_dict would
         # restore: keep the one chosen for this device and torch (a checkpoint may come from another)
         saved = {**ckpt["optimizer"], "param_groups": [dict(g) for g in ckpt["optimizer"]["param_groups"]]}
-        for group, current in zip(saved["param_groups"], self.optimizer.param_groups, strict=False):
+        for group, current in zip(saved["param_groups"], optimizer.param_groups, strict=False):
             group.update({key: current[key] for key in ("fused", "foreach") if key in current})
-        self.optimizer.load_state_dict(saved)
+        optimizer.load_state_dict(saved)
         if self.probe is not None and ckpt.get("probe"):
             self.probe.load_full_state(ckpt["probe"])
-        set_rng_state(
-            ckpt["rng"], self.stepper.token_generator
-        )  # rank 0's states: the other ranks draw their own again
+        # rank 0's RNG states: the other ranks draw their own again
+        set_rng_state(ckpt["rng"], self.stepper.token_generator)
         if rank():
             seed_everything(self.cfg.train.seed + rank() + 1_000_003 * ckpt["step"])
         if ckpt.get("scaler"):
@@ -251,56 +264,57 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
         run_dir.unlock()
 
 
-def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
-    device = init_from_env(cfg.train.device) or resolve_device(cfg.train.device)
-    ckpt = None
-    if resume:
-        if is_main():
-            run_dir.lock()  # before reading: a second resume of a running folder is refused
-        ckpt = run_dir.resume_checkpoint(say=is_main())[1]
-        run_dir.check_owns(ckpt, FROZEN_ON_RESUME)  # before anything in the folder is written
-        check_resume_config(ckpt["config"], cfg)
-    seed_everything(cfg.train.seed + rank())
-    d, t = cfg.data, cfg.train
+def _checkpoint_to_resume(cfg: Config, run_dir: RunDir) -> dict:
+    """The checkpoint ``--resume`` continues, checked to belong to this folder and config before
+    anything in the folder is written (the lock first: a second resume of a running folder is refused)."""
+    if is_main():
+        run_dir.lock()
+    ckpt = run_dir.resume_checkpoint(say=is_main())[1]
+    run_dir.check_owns(ckpt, FROZEN_ON_RESUME)
+    check_resume_config(ckpt["config"], cfg)
+    return ckpt
 
+
+def _model_and_data(cfg: Config, ckpt: dict | None, device: torch.device):
+    """``(splits, method on the device, batches)``; a pretrained start only for a new run."""
     splits = load_splits(cfg)
     pretrained = None
     if cfg.model.pretrained and ckpt is None:
         pretrained = pretrained_state(cfg.model.pretrained, method=cfg.method.name if ":" in cfg.method.name else None)
     method = build_method(cfg, pretrained, log=_stderr if is_main() else None)
-    method.encoder.vit.set_grad_checkpointing(t.grad_checkpointing)
+    method.encoder.vit.set_grad_checkpointing(cfg.train.grad_checkpointing)
     method.to(device)
-    if d.batch_size % world_size():
-        raise DilemmaError(f"data.batch_size {d.batch_size} is not divisible by the {world_size()} processes")
-    batches = PretrainBatches(splits.train, d.batch_size, build_views(cfg), t.seed, rank(), world_size())
-    steps = total_steps(cfg, batches)
+    if cfg.data.batch_size % world_size():
+        raise DilemmaError(f"data.batch_size {cfg.data.batch_size} is not divisible by the {world_size()} processes")
+    batches = PretrainBatches(splits.train, cfg.data.batch_size, build_views(cfg), cfg.train.seed, rank(), world_size())
+    return splits, method, batches
+
+
+def _first_batch_then_folder(cfg: Config, run_dir: RunDir, batches: PretrainBatches, resume: bool) -> None:
+    """Decode one batch now, so a wrong source fails before a run folder exists; then make the
+    folder. Every process stops, or none does."""
     problem = None
     try:
-        # decode one batch now: a wrong source fails before a run folder exists
-        bad_images(batches[0], d.skip_bad_images)
+        bad_images(batches[0], cfg.data.skip_bad_images)
         if not resume and is_main():
             run_dir.create()
     except DilemmaError as err:
         problem = err
-    fail_together(problem)  # every process stops, or none does
-    if is_main():
-        _stderr(start_line(cfg, run_dir, splits, method, device, run_length(cfg, batches)))
+    fail_together(problem)
 
+
+def _stepper(cfg: Config, method: Method, device: torch.device) -> Stepper:
+    """AdamW and the step: the method wrapped in DDP under torchrun, compiled with ``train.compile``."""
+    t = cfg.train
     optimizer = adamw(param_groups(method, cfg.optim.weight_decay), cfg.optim.lr, use_scaler=t.precision == "fp16")
-    probe = (
-        OnlineProbe(method.encoder.embed_dim, len(splits.classes)).to(device)
-        if t.online_probe and splits.labelled
-        else None
-    )
     model = method
     if is_distributed():
         device_ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(sync_batchnorm(method, device), device_ids=device_ids)
     if t.compile:
         model.compile()
-    stepper = Stepper(
+    return Stepper(
         model,
-        method,
         optimizer,
         device=device,
         precision=t.precision,
@@ -308,11 +322,22 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
         grad_clip=cfg.optim.grad_clip,
         seed=t.seed,
     )
+
+
+def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
+    """config -> data -> method -> AdamW -> (DDP) -> the state of the checkpoint resumed."""
+    device = init_from_env(cfg.train.device) or resolve_device(cfg.train.device)
+    ckpt = _checkpoint_to_resume(cfg, run_dir) if resume else None
+    seed_everything(cfg.train.seed + rank())
+    splits, method, batches = _model_and_data(cfg, ckpt, device)
+    _first_batch_then_folder(cfg, run_dir, batches, resume)
+    if is_main():
+        _stderr(start_line(cfg, run_dir, splits, method, device, run_length(cfg, batches)))
+    labelled = cfg.train.online_probe and splits.labelled
+    probe = OnlineProbe(method.encoder.embed_dim, len(splits.classes)).to(device) if labelled else None
     run = Run(
-        cfg, run_dir, device, splits, method, optimizer, stepper, probe, batches,
-        checkpoints=CheckpointDir(run_dir.path, t.keep_checkpoints),
+        cfg, run_dir, splits, method, _stepper(cfg, method, device), probe, batches,
         metrics=MetricsLog(run_dir.path, enabled=is_main()),
-        total_steps=steps,
         run_id=(ckpt or {}).get("run_id") or uuid.uuid4().hex,
     )  # fmt: skip
     if ckpt is not None:
@@ -367,87 +392,134 @@ def _read_problems(run: Run, batch: Batch) -> DilemmaError | None:
     return None
 
 
+# ---- the steps of ``train``'s loop, in their order ------------------------------------------------
+
+
+def check_images(run: Run, batch: Batch) -> None:
+    """Unreadable files the batch met: a warning, or (without ``data.skip_bad_images``, in any
+    process) a saved checkpoint and a stop. Also brings the processes' clocks together."""
+    error = _read_problems(run, batch)
+    failed, run.elapsed = _agree(error is not None, run.elapsed, run.device)
+    if failed:
+        run.save()
+        raise error or DilemmaError("another process met an unreadable image (see its error)")
+
+
+def out_of_time(run: Run) -> bool:
+    budget = run.cfg.train.time_budget
+    return bool(budget) and run.elapsed >= budget * 60
+
+
+def set_learning_rate(run: Run) -> float:
+    """Warm-up + cosine at the run's progress, set on every parameter group."""
+    peak, floor = peak_lr(run.cfg)
+    lr = learning_rate(run.progress(), lr=peak, min_lr=floor, warmup=run.cfg.optim.warmup)
+    for group in run.stepper.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@dataclass
+class Throughput:
+    """Images per second since the last log line, and the clock that continues a run's elapsed time."""
+
+    start: float  # time.perf_counter() at which the run's elapsed time was 0
+    since: float = field(default_factory=time.perf_counter)
+    images: int = 0
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate, self.since, self.images = self.images / (now - self.since), now, 0
+        return rate
+
+
+def take_step(run: Run, batch: Batch, with_metrics: bool, clock: Throughput):
+    """The device stage of the batch's views and one optimiser step; the online probe; the step
+    counted. Returns the step's result (``skipped`` for a non-finite loss, which may stop the run)."""
+    # uint8 crops travel to the device; their photometric ops and normalisation run there
+    encoder = run.method.encoder
+    views = run.batches.views.finish(batch.views, batch.draws, run.device, encoder.mean, encoder.std)
+    result = run.stepper.step(views, run.progress(), run.step, with_metrics)
+    if result.skipped:
+        _nonfinite(run, result.loss.item())
+    elif run.probe is not None:
+        run.probe.step(result.probe_features, batch.labels.to(run.device, non_blocking=True))
+    run.step += 1
+    run.elapsed = time.perf_counter() - clock.start
+    clock.images += 0 if result.skipped else run.cfg.data.batch_size
+    return result
+
+
+def log_step(run: Run, result, lr: float, clock: Throughput, bar) -> None:
+    """A line of ``metrics.jsonl`` every ``train.log_every`` steps; the progress bar."""
+    bar.update(1)
+    if run.step % run.cfg.train.log_every:
+        return
+    record = {
+        "step": run.step,
+        "epoch": run.step / run.batches.steps_per_epoch,
+        "elapsed_s": run.elapsed,
+        "lr": lr,
+        "img_per_s": clock.rate(),
+        **result.logs,
+    }
+    if run.probe is not None:
+        record["probe_acc"] = run.probe.window_accuracy()
+    if run.bad_images:
+        record["bad_images"] = len(run.bad_images)
+    run.metrics.write(record)
+    bar.set_postfix({k: f"{as_json({k: record[k]})[k]:.3f}" for k in ("loss", "det_bce") if k in record})
+
+
+def save_checkpoints(run: Run) -> None:
+    """Every ``train.ckpt_every`` steps, and the snapshots at fractions of training."""
+    if run.step % run.cfg.train.ckpt_every == 0:
+        run.save()
+    run.save_snapshots()
+
+
+def stop_if_asked(run: Run, stop_request, bar) -> None:
+    """SIGTERM / SIGINT (in any process): a checkpoint, then every process stops together."""
+    if not _agree(bool(stop_request), 0.0, run.device)[0]:
+        return
+    run.save()
+    bar.close()
+    if is_distributed():  # no process exits (and gets the others killed) before the save
+        torch.distributed.barrier()
+    name, signum = stop_request.name or "SIGTERM", stop_request.signum or 15  # another process: as for SIGTERM
+    raise Interrupted(f"stopped by {name} at step {run.step}; checkpoint saved.", signum, _resume_hint(run))
+
+
+def _resume_hint(run: Run) -> str:
+    return f"Continue with: dilemma pretrain --out {run.dir.path} --resume"
+
+
 def train(run: Run) -> str:
     """Step until the last step or the time budget; returns what stopped it."""
-    cfg, t = run.cfg, run.cfg.train
-    budget = t.time_budget * 60 if t.time_budget else None
-    end, (peak, floor) = run.total_steps, peak_lr(cfg)
-    loader = pretrain_loader(run.batches, run.step, end, cfg.data.num_workers, pin_memory=run.device.type == "cuda")
-    bar = tqdm(
-        total=None if end == NO_STEP_LIMIT else end,
-        initial=run.step,
-        disable=not (t.progress and is_main()),
-        unit="step",
-        dynamic_ncols=True,
+    loader = pretrain_loader(
+        run.batches, run.step, run.end, run.cfg.data.num_workers, pin_memory=run.device.type == "cuda"
     )
-    resume_hint = f"Continue with: dilemma pretrain --out {run.dir.path} --resume"
+    show = run.cfg.train.show_progress and is_main()
+    total = None if run.end == NO_STEP_LIMIT else run.end
+    bar = tqdm(total=total, initial=run.step, disable=not show, unit="step", dynamic_ncols=True)
+    clock = Throughput(start=time.perf_counter() - run.elapsed)  # the clock continues from the checkpoint's
     run.method.train()
-    start = time.perf_counter() - run.elapsed  # the clock continues from the checkpoint's
-    window_start, window_images = time.perf_counter(), 0  # throughput since the last log line
     with stop_on_signals() as stop_request:
         try:
             for batch in loader:
-                error = _read_problems(run, batch)
-                failed, run.elapsed = _agree(error is not None, run.elapsed, run.device)
-                if failed:  # an unreadable image (in any process) without data.skip_bad_images
-                    run.save()
-                    raise error or DilemmaError("another process met an unreadable image (see its error)")
-                if budget and run.elapsed >= budget:
+                check_images(run, batch)
+                if out_of_time(run):
                     return "time_budget"
-                train_progress = progress(run.step, end, run.elapsed, budget)
-                lr = learning_rate(train_progress, lr=peak, min_lr=floor, warmup=cfg.optim.warmup)
-                for group in run.optimizer.param_groups:
-                    group["lr"] = lr
-                with_metrics = (run.step + 1) % t.log_every == 0
-                # uint8 crops travel to the device; their photometric ops and normalisation run there
-                encoder = run.method.encoder
-                views = run.batches.views.finish(batch.views, batch.draws, run.device, encoder.mean, encoder.std)
-                result = run.stepper.step(views, train_progress, run.step, with_metrics)
-                if result.skipped:
-                    _nonfinite(run, result.loss.item())
-                    run.step += 1
-                    run.elapsed = time.perf_counter() - start
+                lr = set_learning_rate(run)
+                result = take_step(run, batch, with_metrics=(run.step + 1) % run.cfg.train.log_every == 0, clock=clock)
+                if result.skipped:  # a non-finite loss, warned of: no update to log or save
                     continue
-                if run.probe is not None:
-                    run.probe.step(result.probe_features, batch.labels.to(run.device, non_blocking=True))
-                run.step += 1
-                run.elapsed = time.perf_counter() - start
-                window_images += cfg.data.batch_size
-                bar.update(1)
-                if with_metrics:
-                    now = time.perf_counter()
-                    record = {
-                        "step": run.step,
-                        "epoch": run.step / run.batches.steps_per_epoch,
-                        "elapsed_s": run.elapsed,
-                        "lr": lr,
-                        "img_per_s": window_images / (now - window_start),
-                        **result.logs,
-                    }
-                    if run.probe is not None:
-                        record["probe_acc"] = run.probe.window_accuracy()
-                    if run.bad_images:
-                        record["bad_images"] = len(run.bad_images)
-                    window_start, window_images = now, 0
-                    run.metrics.write(record)
-                    bar.set_postfix(
-                        {k: f"{as_json({k: record[k]})[k]:.3f}" for k in ("loss", "det_bce") if k in record}
-                    )
-                if run.step % t.ckpt_every == 0:
-                    run.save()
-                run.save_snapshots(progress(run.step, end, run.elapsed, budget))
-                if _agree(bool(stop_request), 0.0, run.device)[0]:
-                    run.save()
-                    bar.close()
-                    if is_distributed():  # no process exits (and gets the others killed) before the save
-                        torch.distributed.barrier()
-                    signum = stop_request.signum or 15  # another process was signalled: stop as for SIGTERM
-                    name = stop_request.name or "SIGTERM"
-                    raise Interrupted(f"stopped by {name} at step {run.step}; checkpoint saved.", signum, resume_hint)
+                log_step(run, result, lr, clock, bar)
+                save_checkpoints(run)
+                stop_if_asked(run, stop_request, bar)
         except KeyboardInterrupt:  # a second Ctrl-C
             run.save()
-            bar.close()
-            raise Interrupted(f"interrupted at step {run.step}; checkpoint saved.", 2, resume_hint) from None
+            raise Interrupted(f"interrupted at step {run.step}; checkpoint saved.", 2, _resume_hint(run)) from None
         finally:
             bar.close()
     return "max_steps"

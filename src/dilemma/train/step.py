@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dilemma.distributed import all_reduce_mean, is_distributed, rank, world_size
 from dilemma.errors import DilemmaError
@@ -31,12 +32,11 @@ class StepResult:
 
 
 class Stepper:
-    """Runs ``model`` (the method, or the method wrapped in DDP / compiled) for one optimiser step."""
+    """Runs ``model`` (a method, or a method wrapped in DDP and / or compiled) for one optimiser step."""
 
     def __init__(
         self,
         model: nn.Module,
-        method: Method,
         optimizer: torch.optim.Optimizer,
         *,
         device: torch.device,
@@ -47,7 +47,8 @@ class Stepper:
     ):
         if precision not in PRECISIONS:
             raise DilemmaError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.model, self.method, self.optimizer, self.device = model, method, optimizer, device
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.method: Method = model.module if isinstance(model, DistributedDataParallel) else model
         self.dtype, self.accum_steps, self.grad_clip, self.seed = PRECISIONS[precision], accum_steps, grad_clip, seed
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.token_generator = torch.Generator(device=device)
