@@ -38,7 +38,12 @@ from dilemma.methods import METHODS
 from dilemma.models import build_encoder, normalize
 from dilemma.pretext import DetectionHead, sample_tokens
 from dilemma.train import loop
-from dilemma.train.step import PRECISIONS, Stepper
+from dilemma.train.step import Stepper
+
+try:
+    from dilemma.train.step import DTYPES as PRECISIONS  # precision name -> autocast dtype
+except ImportError:  # a baseline commit from before the name
+    from dilemma.train.step import PRECISIONS
 
 try:
     from dilemma.allocator import keep_freed_memory  # what the dilemma command sets at start

@@ -100,10 +100,10 @@ def test_generator_makes_it_deterministic():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"drop_rate": 1.0}, "drop rate"),
-        ({"drop_rate": -0.1}, "drop rate"),
-        ({"misplace_prob": 1.5}, "misplace probability"),
-        ({"misplace_prob": -0.01}, "misplace probability"),
+        ({"drop_rate": 1.0}, r"drop_rate must be in \[0, 1\)"),
+        ({"drop_rate": -0.1}, r"drop_rate must be in \[0, 1\)"),
+        ({"misplace_prob": 1.5}, r"misplace_prob must be in \[0, 1\]"),
+        ({"misplace_prob": -0.01}, r"misplace_prob must be in \[0, 1\]"),
         ({"drop_rate": 0.99}, "K = 0"),
     ],
 )

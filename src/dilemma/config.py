@@ -28,6 +28,7 @@ import yaml
 from dilemma.errors import DilemmaError, require
 from dilemma.methods import METHODS, Method, method_class
 from dilemma.models import ModelConfig
+from dilemma.pretext import check_switches
 
 
 @dataclass
@@ -411,13 +412,30 @@ def validate_model(m: ModelConfig) -> None:
     require(0.5 <= m.crop_pct <= 1.0, f"model.crop_pct must be in [0.5, 1] (timm's are 0.875-1), got {m.crop_pct}")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision: fp16 with a gradient scaler (train/step.py)
+
+
+def check_precision(precision: str) -> None:
+    require(precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def validate(cfg: Config) -> Config:
-    """Range checks that need no model or data (each method section checks itself); raises DilemmaError."""
-    d, m, data, o, t, e = cfg.dilemma, cfg.model, cfg.data, cfg.optim, cfg.train, cfg.eval
-    require(0.0 <= d.drop_rate < 1.0, f"dilemma.drop_rate must be in [0, 1), got {d.drop_rate}")
-    require(0.0 <= d.misplace_prob <= 1.0, f"dilemma.misplace_prob must be in [0, 1], got {d.misplace_prob}")
-    require(d.weight >= 0, f"dilemma.weight must be >= 0, got {d.weight}")
-    validate_model(m)
+    """Range checks that need no model or data, section by section (each method section checks
+    itself); raises DilemmaError. Each key is checked in one place."""
+    check_switches(cfg.dilemma.misplace_prob, cfg.dilemma.drop_rate, cfg.dilemma.weight)
+    validate_model(cfg.model)
+    validate_data(cfg.data)
+    for f in dataclasses.fields(cfg.method):
+        section = getattr(cfg.method, f.name)
+        if hasattr(section, "check"):
+            section.check()
+    validate_optim(cfg.optim)
+    validate_train(cfg.train, cfg.data)
+    validate_eval(cfg.eval)
+    return cfg
+
+
+def validate_data(data: DataConfig) -> None:
     require(
         data.batch_size >= 2, f"data.batch_size must be >= 2 (contrastive losses need negatives), got {data.batch_size}"
     )
@@ -437,10 +455,10 @@ def validate(cfg: Config) -> Config:
         require(
             0.0 <= getattr(data, key) <= 1.0, f"data.{key} must be a probability in [0, 1], got {getattr(data, key)}"
         )
-    for f in dataclasses.fields(cfg.method):
-        section = getattr(cfg.method, f.name)
-        if hasattr(section, "check"):
-            section.check()
+    require(0 <= data.split_seed < 2**31, f"data.split_seed must be in [0, 2^31), got {data.split_seed}")
+
+
+def validate_optim(o: OptimConfig) -> None:
     require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     require(0.0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr = {o.lr}], got {o.min_lr}")
     require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
@@ -448,6 +466,9 @@ def validate(cfg: Config) -> Config:
         o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0 or null (no clipping), got {o.grad_clip}"
     )
     require(0.0 <= o.warmup < 1.0, f"optim.warmup must be a fraction of training in [0, 1), got {o.warmup}")
+
+
+def validate_train(t: TrainConfig, data: DataConfig) -> None:
     require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}")
     require(t.epochs is None or 0 < t.epochs <= 1e5, f"train.epochs must be in (0, 1e5] or null, got {t.epochs}")
     require(t.time_budget is None or t.time_budget > 0, f"train.time_budget must be > 0 minutes, got {t.time_budget}")
@@ -464,16 +485,13 @@ def validate(cfg: Config) -> Config:
     )
     require(t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     require(t.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips must be >= 0, got {t.max_nonfinite_skips}")
-    require(t.precision in ("fp32", "bf16", "fp16"), f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
     require(
         t.accum_steps >= 1 and data.batch_size % t.accum_steps == 0 and data.batch_size // t.accum_steps >= 2,
         f"train.accum_steps must divide data.batch_size {data.batch_size} into micro-batches of at least 2 images "
         f"(batch norm and contrastive losses need two), got {t.accum_steps}",
     )
-    validate_eval(e)
-    for key, seed in (("train.seed", t.seed), ("data.split_seed", data.split_seed)):
-        require(0 <= seed < 2**31, f"{key} must be in [0, 2^31), got {seed}")
-    return cfg
+    check_precision(t.precision)
+    require(0 <= t.seed < 2**31, f"train.seed must be in [0, 2^31), got {t.seed}")
 
 
 def validate_eval(e: EvalConfig) -> None:

@@ -34,10 +34,20 @@ class TokenSample:
     misplaced: torch.Tensor
 
 
+def check_switches(misplace_prob: float = 0.0, drop_rate: float = 0.0, weight: float = 1.0) -> None:
+    """The ranges of the three switches (the one place they are checked; the config's
+    ``dilemma`` section is checked here too)."""
+    if not 0.0 <= drop_rate < 1.0:
+        raise DilemmaError(f"dilemma.drop_rate must be in [0, 1), got {drop_rate}")
+    if not 0.0 <= misplace_prob <= 1.0:
+        raise DilemmaError(f"dilemma.misplace_prob must be in [0, 1], got {misplace_prob}")
+    if weight < 0:
+        raise DilemmaError(f"dilemma.weight must be >= 0, got {weight}")
+
+
 def num_kept(num_patches: int, drop_rate: float) -> int:
     """``K = floor(L * (1 - r))`` (with a tolerance for float round-off), checked to be >= 1."""
-    if not 0.0 <= drop_rate < 1.0:
-        raise DilemmaError(f"drop rate must be in [0, 1), got {drop_rate}")
+    check_switches(drop_rate=drop_rate)
     kept = math.floor(num_patches * (1.0 - drop_rate) + 1e-9)
     if kept < 1:
         raise DilemmaError(
@@ -57,8 +67,7 @@ def sample_tokens(
     device: torch.device | str | None = None,
 ) -> TokenSample:
     """Draw keep sets, misplacement flags and wrong positions for a batch (rules in the module doc)."""
-    if not 0.0 <= misplace_prob <= 1.0:
-        raise DilemmaError(f"misplace probability must be in [0, 1], got {misplace_prob}")
+    check_switches(misplace_prob, drop_rate)
     if batch_size < 1 or num_patches < 1:
         raise DilemmaError(f"need batch_size >= 1 and num_patches >= 1, got {batch_size} and {num_patches}")
     if misplace_prob > 0 and num_patches < 2:
@@ -163,10 +172,7 @@ class Dilemma(nn.Module):
         self, embed_dim: int, num_patches: int, misplace_prob: float = 0.2, drop_rate: float = 0.75, weight: float = 1.0
     ):
         super().__init__()
-        if not 0.0 <= misplace_prob <= 1.0:
-            raise DilemmaError(f"dilemma.misplace_prob must be in [0, 1], got {misplace_prob}")
-        if weight < 0:
-            raise DilemmaError(f"dilemma.weight must be >= 0, got {weight}")
+        check_switches(misplace_prob, drop_rate, weight)
         self.num_patches = num_patches
         self.num_kept = num_kept(num_patches, drop_rate)
         # lambda = 0 turns detection off: no head and no misplaced tokens (a wrong position that

@@ -15,12 +15,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dilemma.config import check_precision
 from dilemma.distributed import all_reduce_mean, is_distributed, rank, world_size
 from dilemma.errors import DilemmaError
 from dilemma.methods import Method
 from dilemma.pretext import GlobalBatchRows
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
 
 
 @dataclass
@@ -45,11 +46,10 @@ class Stepper:
         grad_clip: float | None = None,
         seed: int = 0,
     ):
-        if precision not in PRECISIONS:
-            raise DilemmaError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         self.model, self.optimizer, self.device = model, optimizer, device
         self.method: Method = model.module if isinstance(model, DistributedDataParallel) else model
-        self.dtype, self.accum_steps, self.grad_clip, self.seed = PRECISIONS[precision], accum_steps, grad_clip, seed
+        self.dtype, self.accum_steps, self.grad_clip, self.seed = DTYPES[precision], accum_steps, grad_clip, seed
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.token_generator = torch.Generator(device=device)
 
