@@ -16,14 +16,14 @@ from dilemma.pretext import Dilemma
 def load_splits(cfg: Config, source: str | None = None) -> Splits:
     """The train / val splits of ``cfg.data`` at the model's size and channels (``source`` replaces
     ``data.source``, e.g. to evaluate a checkpoint on other data)."""
-    d = cfg.data
+    data = cfg.data
     return load_source(
-        source or d.source,
+        source or data.source,
         img_size=cfg.model.img_size,
         in_chans=cfg.model.in_chans,
-        val_fraction=d.val_fraction,
-        seed=d.split_seed,
-        skip_bad=d.skip_bad_images,
+        val_fraction=data.val_fraction,
+        seed=data.split_seed,
+        skip_bad=data.skip_bad_images,
         crop_pct=cfg.model.crop_pct,
     )
 
@@ -44,8 +44,12 @@ def build_method(cfg: Config, pretrained: tuple[dict, str] | None = None, log=No
         summary = load_backbone(encoder, *pretrained)
         if log is not None:
             log(summary)
-    d = cfg.dilemma
+    switches = cfg.dilemma
     dilemma = Dilemma(
-        encoder.embed_dim, encoder.num_patches, misplace_prob=d.misplace_prob, drop_rate=d.drop_rate, weight=d.weight
+        encoder.embed_dim,
+        encoder.num_patches,
+        misplace_prob=switches.misplace_prob,
+        drop_rate=switches.drop_rate,
+        weight=switches.weight,
     )
     return method_class(cfg.method.name)(encoder, dilemma, method_config(cfg))

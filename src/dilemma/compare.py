@@ -88,51 +88,38 @@ def _final_record(run: RunDir) -> dict:
     return finals[-1]
 
 
-def run_one(name: str, cfg, run_dir: Path, overrides: list[str]) -> dict:
-    """Pretrain ``cfg`` into ``run_dir`` (or continue it, or reuse it) and read it out: the
-    occlusion curve of the final backbone and kNN / linear of every snapshot (the curve over time).
-    A finished run is read out again when a read-out setting changed, never trained again."""
-    done, run, identity = run_dir / "result.json", RunDir(run_dir), config_sha1(cfg)
-    readout = readout_settings(cfg)
-    if done.exists():
-        try:
-            result = json.loads(done.read_text())
-        except (OSError, ValueError):
-            result = None
-        if not isinstance(result, dict):
-            raise DilemmaError(f"{done} is damaged (not a JSON object): remove it, and the run is read out again")
-        if result.get("config_sha1", identity) != identity or result.get("overrides") != overrides:
-            raise DilemmaError(f"{run_dir} holds a finished run of another configuration: {_elsewhere}")
-        if result.get("readout") == readout:
-            return result
-        final = _final_record(run)
-    else:
-        if run.config.exists():
-            saved = safe_yaml(run.config.read_text(), str(run.config))
-            method = cfg.method.name if ":" in cfg.method.name else None
-            if config_sha1(config_from_dict(saved, method)) != identity:
-                raise DilemmaError(f"{run_dir} holds an interrupted run of another configuration: {_elsewhere}")
-        try:
-            final = pretrain(cfg, run_dir, resume=run.holds_run(), log=lambda _: None)  # resumes an interrupted run
-        except Interrupted as stop:
-            message = "Rerun the same dilemma compare command to continue."
-            raise Interrupted(stop.message, stop.signum, message) from None
-    records = read_records(run.metrics)
+def _finished_result(done: Path, run_dir: Path, identity: str, overrides: list[str]) -> dict:
+    """The result a finished run left in ``done``, checked to be of this configuration."""
+    try:
+        result = json.loads(done.read_text())
+    except (OSError, ValueError):
+        result = None
+    if not isinstance(result, dict):
+        raise DilemmaError(f"{done} is damaged (not a JSON object): remove it, and the run is read out again")
+    if result.get("config_sha1", identity) != identity or result.get("overrides") != overrides:
+        raise DilemmaError(f"{run_dir} holds a finished run of another configuration: {_elsewhere}")
+    return result
+
+
+def _train(cfg, run: RunDir, run_dir: Path, identity: str) -> dict:
+    """Pretrain ``cfg`` into ``run_dir``, continuing an interrupted run of the same configuration;
+    the final metrics record."""
+    if run.config.exists():
+        saved = safe_yaml(run.config.read_text(), str(run.config))
+        method = cfg.method.name if ":" in cfg.method.name else None
+        if config_sha1(config_from_dict(saved, method)) != identity:
+            raise DilemmaError(f"{run_dir} holds an interrupted run of another configuration: {_elsewhere}")
+    try:
+        return pretrain(cfg, run_dir, resume=run.holds_run(), log=lambda _: None)  # resumes an interrupted run
+    except Interrupted as stop:
+        message = "Rerun the same dilemma compare command to continue."
+        raise Interrupted(stop.message, stop.signum, message) from None
+
+
+def _training(final: dict, records: list[dict]) -> dict:
+    """How far a run trained, and its last detector numbers (``None`` for a method without one)."""
     det = [r for r in records if r.get("det_bce") is not None]
-    splits = load_splits(cfg)
-    occlusion = _readout(run.last, cfg, splits)
-    over_time = []
-    for path in CheckpointDir(run_dir, cfg.train.keep_checkpoints).snapshots():
-        point = _readout(path, cfg, splits, fractions=[1.0]).points[0]
-        ckpt = load_checkpoint(path)
-        over_time.append({"step": ckpt["step"], "elapsed_s": ckpt["elapsed"], **_accuracies(point)})
-    over_time.append({"step": final["step"], "elapsed_s": final["elapsed_s"], **_accuracies(occlusion.points[0])})
-    result = {
-        "config_sha1": identity,
-        "readout": readout,
-        "variant": name,
-        "seed": cfg.train.seed,
-        "overrides": overrides,
+    return {
         "steps": final["step"],
         "epochs": final["epoch"],
         "train_seconds": final["elapsed_s"],
@@ -141,6 +128,44 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str]) -> dict:
         "det_entropy": det[-1]["det_entropy"] if det else None,
         "det_auroc": det[-1].get("det_auroc") if det else None,
         "det_auroc_curve": [[r["elapsed_s"], r["det_auroc"]] for r in det if r.get("det_auroc") is not None],
+    }
+
+
+def _over_time(cfg, run_dir: Path, splits, final: dict, end: dict) -> list[dict]:
+    """kNN / linear of every snapshot, then of the final backbone (its 100 % point ``end``)."""
+    over_time = []
+    for path in CheckpointDir(run_dir, cfg.train.keep_checkpoints).snapshots():
+        point = _readout(path, cfg, splits, fractions=[1.0]).points[0]
+        ckpt = load_checkpoint(path)
+        over_time.append({"step": ckpt["step"], "elapsed_s": ckpt["elapsed"], **_accuracies(point)})
+    over_time.append({"step": final["step"], "elapsed_s": final["elapsed_s"], **_accuracies(end)})
+    return over_time
+
+
+def run_one(name: str, cfg, run_dir: Path, overrides: list[str]) -> dict:
+    """Pretrain ``cfg`` into ``run_dir`` (or continue it, or reuse it) and read it out: the
+    occlusion curve of the final backbone and kNN / linear of every snapshot (the curve over time).
+    A finished run is read out again when a read-out setting changed, never trained again."""
+    done, run, identity = run_dir / "result.json", RunDir(run_dir), config_sha1(cfg)
+    readout = readout_settings(cfg)
+    if done.exists():
+        result = _finished_result(done, run_dir, identity, overrides)
+        if result.get("readout") == readout:
+            return result
+        final = _final_record(run)
+    else:
+        final = _train(cfg, run, run_dir, identity)
+    training = _training(final, read_records(run.metrics))
+    splits = load_splits(cfg)
+    occlusion = _readout(run.last, cfg, splits)
+    over_time = _over_time(cfg, run_dir, splits, final, occlusion.points[0])
+    result = {  # the key order is the order of results.json
+        "config_sha1": identity,
+        "readout": readout,
+        "variant": name,
+        "seed": cfg.train.seed,
+        "overrides": overrides,
+        **training,
         "knn_top1": occlusion.points[0]["knn_top1"],
         "linear_top1": occlusion.points[0]["linear_top1"],
         "occlusion": occlusion.points,
@@ -199,10 +224,11 @@ def paired_differences(results: list[dict]) -> list[tuple[str, str, list[float]]
     return rows
 
 
-def summarise(results: list[dict], *, time_budget: float, max_steps: int, seeds: list[int]) -> str:
-    variants = list(dict.fromkeys(r["variant"] for r in results))
-    fractions = [p["keep_fraction"] for p in results[0]["occlusion"]]
-    lines = [
+def _header(
+    results: list[dict], variants: list[str], *, time_budget: float, max_steps: int, seeds: list[int]
+) -> list[str]:
+    """The title, the machine and budget, and the read-out protocol."""
+    return [
         f"# Comparison on {results[0]['data']}: {', '.join(variants)}",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads; python {platform.python_version()}, "
@@ -211,6 +237,13 @@ def summarise(results: list[dict], *, time_budget: float, max_steps: int, seeds:
         "",
         f"Read-outs: {results[0]['protocol']}. kNN and linear = the 100 % point. Mean ± std over seeds.",
         "",
+    ]
+
+
+def _results_table(results: list[dict], variants: list[str]) -> list[str]:
+    """One row a variant: mean ± std over seeds of training, detector and read-outs."""
+    fractions = [p["keep_fraction"] for p in results[0]["occlusion"]]
+    lines = [
         "| variant | seeds | steps | epochs | train s | det BCE / H(p) | kNN top-1 | linear top-1 | "
         + " | ".join(f"linear @{f * 100:.0f}%" for f in fractions[1:])
         + " |",
@@ -227,38 +260,65 @@ def summarise(results: list[dict], *, time_budget: float, max_steps: int, seeds:
         }
         cells = [name, str(len(rows)), stats["steps"], stats["epochs"], stats["train_seconds"], det_text]
         lines.append("| " + " | ".join([*cells, stats["knn_top1"], stats["linear_top1"], *occl]) + " |")
+    return lines
 
+
+def _differences_table(results: list[dict], variants: list[str]) -> list[str]:
+    """The paired differences to the first variant with their 95 % intervals; none with one variant."""
     differences = paired_differences(results)
-    if differences:
-        lines += [
-            "",
-            f"Paired differences to `{variants[0]}` (same seed), in points: mean ± half-width of the 95 % "
-            "confidence interval (Student's t over seeds; a single seed has none).",
-            "",
-            "| variant | metric | seeds | difference | per seed |",
-            "|---|---|---:|---:|---|",
-        ]
-        for name, metric, diffs in differences:
-            mean, half = mean_ci95(diffs) if diffs else (float("nan"), float("nan"))
-            ci = f"{mean:+.2f} ± {half:.2f}" if diffs and half == half else (f"{mean:+.2f}" if diffs else "—")
-            lines.append(f"| {name} | {metric} | {len(diffs)} | {ci} | {', '.join(f'{d:+.2f}' for d in diffs)} |")
+    if not differences:
+        return []
+    lines = [
+        "",
+        f"Paired differences to `{variants[0]}` (same seed), in points: mean ± half-width of the 95 % "
+        "confidence interval (Student's t over seeds; a single seed has none).",
+        "",
+        "| variant | metric | seeds | difference | per seed |",
+        "|---|---|---:|---:|---|",
+    ]
+    for name, metric, diffs in differences:
+        mean, half = mean_ci95(diffs) if diffs else (float("nan"), float("nan"))
+        ci = f"{mean:+.2f} ± {half:.2f}" if diffs and half == half else (f"{mean:+.2f}" if diffs else "—")
+        lines.append(f"| {name} | {metric} | {len(diffs)} | {ci} | {', '.join(f'{d:+.2f}' for d in diffs)} |")
+    return lines
 
-    if any(len(r.get("over_time", [])) > 1 for r in results):
-        lines += ["", "Read-outs over training (snapshots; mean over seeds):", "",
-                  "| variant | train s | step | kNN top-1 | linear top-1 |", "|---|---:|---:|---:|---:|"]  # fmt: skip
-        for name in variants:
-            rows = [r["over_time"] for r in results if r["variant"] == name]
-            for i in range(min(len(points) for points in rows)):
-                column = [points[i] for points in rows]
-                elapsed = statistics.fmean(p["elapsed_s"] for p in column)
-                step = statistics.fmean(p["step"] for p in column)
-                knn, linear = (_mean_std([p[key] for p in column]) for key in ("knn_top1", "linear_top1"))
-                lines.append(f"| {name} | {elapsed:.0f} | {step:.0f} | {knn} | {linear} |")
 
-    lines += ["", "Variants (on top of the base config and --set):", ""]
+def _over_time_table(results: list[dict], variants: list[str]) -> list[str]:
+    """kNN / linear at each snapshot, mean over seeds; none when no run kept a snapshot."""
+    if not any(len(r.get("over_time", [])) > 1 for r in results):
+        return []
+    lines = ["", "Read-outs over training (snapshots; mean over seeds):", "",
+             "| variant | train s | step | kNN top-1 | linear top-1 |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name in variants:
+        rows = [r["over_time"] for r in results if r["variant"] == name]
+        for i in range(min(len(points) for points in rows)):  # the snapshots every seed has
+            column = [points[i] for points in rows]
+            elapsed = statistics.fmean(p["elapsed_s"] for p in column)
+            step = statistics.fmean(p["step"] for p in column)
+            knn, linear = (_mean_std([p[key] for p in column]) for key in ("knn_top1", "linear_top1"))
+            lines.append(f"| {name} | {elapsed:.0f} | {step:.0f} | {knn} | {linear} |")
+    return lines
+
+
+def _variants_list(results: list[dict], variants: list[str]) -> list[str]:
+    """What each variant overrides."""
+    lines = ["", "Variants (on top of the base config and --set):", ""]
     lines += [
         f"- `{name}`: {', '.join(next(r for r in results if r['variant'] == name)['overrides']) or '(no overrides)'}"
         for name in variants
+    ]
+    return lines
+
+
+def summarise(results: list[dict], *, time_budget: float, max_steps: int, seeds: list[int]) -> str:
+    """``summary.md``: the results table, the paired differences, the read-outs over time, the variants."""
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    lines = [
+        *_header(results, variants, time_budget=time_budget, max_steps=max_steps, seeds=seeds),
+        *_results_table(results, variants),
+        *_differences_table(results, variants),
+        *_over_time_table(results, variants),
+        *_variants_list(results, variants),
     ]
     return "\n".join(lines) + "\n"
 
@@ -271,6 +331,76 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         return plot_comparison(results, out)
     except DilemmaError:  # matplotlib missing: the tables are still written
         return []
+
+
+def _fixed_overrides(time_budget: float, max_steps: int, probe_epochs: int | None, curve_points: int) -> list[str]:
+    """The settings every run of a comparison shares (its budget, read-out, snapshots)."""
+    fixed = [
+        *([f"eval.linear_epochs={probe_epochs}"] if probe_epochs is not None else []),
+        f"train.time_budget={time_budget}",
+        f"train.max_steps={max_steps}",
+        "train.show_progress=false",
+        "eval.knn_at_end=false",
+    ]
+    if curve_points > 1:
+        fixed.append(f"train.snapshot_every={1 / curve_points}")
+    return fixed
+
+
+def _plan(
+    variants: list[str], seeds: list[int], config: str | None, overrides: list[str], fixed: list[str]
+) -> list[tuple]:
+    """``(seed, name, variant overrides, config)`` of every run, seed by seed; every configuration
+    is checked (names, seeds, overrides) before the first run starts."""
+    parsed = [parse_variant(v) for v in variants]
+    if len({name for name, _ in parsed}) != len(parsed):
+        raise DilemmaError("--variant names must be different")
+    if len(set(seeds)) != len(seeds):
+        raise DilemmaError(f"--seeds lists a seed twice: {seeds}")
+    return [
+        (
+            seed,
+            name,
+            variant_overrides,
+            load_config(config, [*overrides, *variant_overrides, f"train.seed={seed}", *fixed]),
+        )
+        for seed in seeds
+        for name, variant_overrides in parsed
+    ]
+
+
+def _make_out(out: Path) -> None:
+    """Create ``--out``, or say why it cannot hold the comparison."""
+    if out.exists() and not out.is_dir():
+        raise DilemmaError(f"--out {str(out)!r} is a file; give a folder for the comparison")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DilemmaError(f"cannot write to --out {str(out)!r}: {err.strerror or err}") from None
+
+
+def _run_all(runs: list[tuple], out: Path) -> list[dict]:
+    """Every run of the plan, one at a time, each reported as it finishes."""
+    results = []
+    for seed, name, variant_overrides, cfg in runs:
+        start = time.perf_counter()
+        results.append(run_one(name, cfg, out / name / f"seed_{seed}", variant_overrides))
+        r = results[-1]
+        print(
+            f"{name} seed {seed}: {r['steps']} steps, {r['epochs']:.2f} epochs, kNN {r['knn_top1']:.2f}%, "
+            f"linear {r['linear_top1']:.2f}%  ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+    return results
+
+
+def _write_outputs(results: list[dict], out: Path, *, time_budget: float, max_steps: int, seeds: list[int]) -> None:
+    """``results.json``, ``summary.md`` and the pictures in ``out``; the summary is printed too."""
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    summary = summarise(results, time_budget=time_budget, max_steps=max_steps, seeds=seeds)
+    atomic_write_text(out / "summary.md", summary)
+    pictures = plot(results, out)
+    print(summary + "".join(f"\nwrote {path}" for path in pictures))
 
 
 def compare(
@@ -287,49 +417,9 @@ def compare(
 ) -> list[dict]:
     """Each ``NAME=key=value,...`` variant x seed, trained for ``time_budget`` minutes and read out,
     also at ``curve_points - 1`` snapshots evenly spaced over training (the read-out over time)."""
-    parsed = [parse_variant(v) for v in variants]
-    if len({name for name, _ in parsed}) != len(parsed):
-        raise DilemmaError("--variant names must be different")
-    if len(set(seeds)) != len(seeds):
-        raise DilemmaError(f"--seeds lists a seed twice: {seeds}")
-    fixed = [
-        *([f"eval.linear_epochs={probe_epochs}"] if probe_epochs is not None else []),
-        f"train.time_budget={time_budget}",
-        f"train.max_steps={max_steps}",
-        "train.show_progress=false",
-        "eval.knn_at_end=false",
-    ]
-    if curve_points > 1:
-        fixed.append(f"train.snapshot_every={1 / curve_points}")
-    runs = [  # every configuration checked (seeds, overrides) before the first run starts
-        (
-            seed,
-            name,
-            variant_overrides,
-            load_config(config, [*overrides, *variant_overrides, f"train.seed={seed}", *fixed]),
-        )
-        for seed in seeds
-        for name, variant_overrides in parsed
-    ]
-    if out.exists() and not out.is_dir():
-        raise DilemmaError(f"--out {str(out)!r} is a file; give a folder for the comparison")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DilemmaError(f"cannot write to --out {str(out)!r}: {err.strerror or err}") from None
-    results = []
-    for seed, name, variant_overrides, cfg in runs:
-        start = time.perf_counter()
-        results.append(run_one(name, cfg, out / name / f"seed_{seed}", variant_overrides))
-        r = results[-1]
-        print(
-            f"{name} seed {seed}: {r['steps']} steps, {r['epochs']:.2f} epochs, kNN {r['knn_top1']:.2f}%, "
-            f"linear {r['linear_top1']:.2f}%  ({time.perf_counter() - start:.0f} s)",
-            flush=True,
-        )
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
-    summary = summarise(results, time_budget=time_budget, max_steps=max_steps, seeds=seeds)
-    atomic_write_text(out / "summary.md", summary)
-    pictures = plot(results, out)
-    print(summary + "".join(f"\nwrote {path}" for path in pictures))
+    fixed = _fixed_overrides(time_budget, max_steps, probe_epochs, curve_points)
+    runs = _plan(variants, seeds, config, overrides, fixed)
+    _make_out(out)
+    results = _run_all(runs, out)
+    _write_outputs(results, out, time_budget=time_budget, max_steps=max_steps, seeds=seeds)
     return results

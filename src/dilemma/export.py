@@ -90,11 +90,11 @@ def save_timm_folder(vit, model_cfg, out: str | Path, readme: str, label_names: 
 
 
 def model_card(cfg, source: str, what: str = "Backbone only (`num_classes=0`).") -> str:
-    d = cfg.dilemma
+    switches = cfg.dilemma
     return (
         f"# {cfg.model.name}, pretrained with dilemma\n\n"
-        f"Self-supervised: {cfg.method.name} with DILEMMA (misplaced-token detection, p = {d.misplace_prob}, "
-        f"token drop rate r = {d.drop_rate}, weight {d.weight}) on `{cfg.data.source}`.\n"
+        f"Self-supervised: {cfg.method.name} with DILEMMA (misplaced-token detection, p = {switches.misplace_prob}, "
+        f"token drop rate r = {switches.drop_rate}, weight {switches.weight}) on `{cfg.data.source}`.\n"
         f"Exported from `{source}`. {what}\n\n"
         "```python\nimport timm\n"
         'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True)\n'

@@ -8,6 +8,7 @@ tokens that were misplaced (truth) next to the detection head's P(misplaced) per
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -63,45 +64,52 @@ def _run_label(run_dir: str | Path) -> str:
     name, config = Path(run_dir).name, Path(run_dir) / "config.yaml"
     try:
         cfg = yaml.safe_load(config.read_text())
-        d = cfg["dilemma"]
-        return f"{name} ({cfg['method']['name']}, p={d['misplace_prob']}, r={d['drop_rate']}, {cfg['data']['source']})"
+        switches = cfg["dilemma"]
+        return (
+            f"{name} ({cfg['method']['name']}, p={switches['misplace_prob']}, r={switches['drop_rate']}, "
+            f"{cfg['data']['source']})"
+        )
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return name
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """One PNG, one line (colour) per run: losses, detection BCE against H(p) and its AUROC, learning
-    rate, the online probe on the (sparse) training views, the final kNN on dense val images, and
-    throughput. A run that logged fewer than two steps is drawn as points, with a warning."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+def _plot_losses(ax, records: list[dict], label: str) -> str:
+    """The total loss (its colour, returned, is the run's in every panel), its parts dashed."""
+    line = ax.plot(*_series(records, "loss"), "o-", ms=2, label=f"{label}: total")[0]
+    colour = line.get_color()
+    for key in ("ssl_loss", "recon_loss"):
+        if _series(records, key)[0]:
+            ax.plot(*_series(records, key), "--", color=colour, label=f"{label}: {key}")
+    return colour
+
+
+def _plot_detection(ax, records: list[dict], label: str, colour: str) -> None:
+    """Detection BCE, the entropy H(p) a constant guess scores, and the AUROC (when the run detects)."""
+    steps, bce = _series(records, "det_bce")
+    if steps:
+        ax.plot(steps, bce, "o-", ms=2, color=colour, label=f"{label}: BCE")
+        entropy = _series(records, "det_entropy")[1][-1]
+        ax.axhline(entropy, color=colour, ls=":", label=f"{label}: H(p) = {entropy:.3f}, a constant guess")
+        ax.plot(*_series(records, "det_auroc"), "-.", color=colour, alpha=0.7, label=f"{label}: AUROC")
+
+
+def _plot_run(axes, records: list[dict], label: str, index: int) -> None:
+    """One run's lines in every panel; ``index`` places its final kNN bar."""
     (ax_loss, ax_det, ax_lr), (ax_probe, ax_knn, ax_speed) = axes
-    labels = []
-    for run_dir in run_dirs:
-        records = read_metrics(run_dir)
-        label = _run_label(run_dir)
-        labels.append(label)
-        logged = [r for r in records if "stopped_by" not in r]
-        if len(logged) < 2:
-            print(f"warning: {run_dir} logged {len(logged)} step(s); its curves are single points", file=sys.stderr)
-        line = ax_loss.plot(*_series(records, "loss"), "o-", ms=2, label=f"{label}: total")[0]
-        colour = line.get_color()
-        for key in ("ssl_loss", "recon_loss"):
-            if _series(records, key)[0]:
-                ax_loss.plot(*_series(records, key), "--", color=colour, label=f"{label}: {key}")
-        steps, bce = _series(records, "det_bce")
-        if steps:
-            ax_det.plot(steps, bce, "o-", ms=2, color=colour, label=f"{label}: BCE")
-            entropy = _series(records, "det_entropy")[1][-1]
-            ax_det.axhline(entropy, color=colour, ls=":", label=f"{label}: H(p) = {entropy:.3f}, a constant guess")
-            ax_det.plot(*_series(records, "det_auroc"), "-.", color=colour, alpha=0.7, label=f"{label}: AUROC")
-        if _series(records, "probe_acc")[0]:
-            ax_probe.plot(*_series(records, "probe_acc"), "o-", ms=2, color=colour, label=label)
-        final = records[-1]
-        if final.get("knn_top1") is not None:
-            ax_knn.bar(len(labels) - 1, final["knn_top1"], color=colour, label=f"{label}: {final['knn_top1']:.1f} %")
-        ax_lr.plot(*_series(records, "lr"), color=colour, label=label)
-        ax_speed.plot(*_series(records, "img_per_s"), color=colour, label=label)
+    colour = _plot_losses(ax_loss, records, label)
+    _plot_detection(ax_det, records, label, colour)
+    if _series(records, "probe_acc")[0]:
+        ax_probe.plot(*_series(records, "probe_acc"), "o-", ms=2, color=colour, label=label)
+    final = records[-1]
+    if final.get("knn_top1") is not None:
+        ax_knn.bar(index, final["knn_top1"], color=colour, label=f"{label}: {final['knn_top1']:.1f} %")
+    ax_lr.plot(*_series(records, "lr"), color=colour, label=label)
+    ax_speed.plot(*_series(records, "img_per_s"), color=colour, label=label)
+
+
+def _label_run_panels(axes) -> None:
+    """Titles and axis labels, a legend, or "not logged" on a panel no run drew in."""
+    (ax_loss, ax_det, ax_lr), (ax_probe, ax_knn, ax_speed) = axes
     for ax, title, ylabel in (
         (ax_loss, "training loss", "loss"),
         (ax_det, "misplaced-token detection (training batches)", "BCE (nats) / AUROC"),
@@ -118,6 +126,22 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     ax_knn.set_xticks([])
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """One PNG, one line (colour) per run: losses, detection BCE against H(p) and its AUROC, learning
+    rate, the online probe on the (sparse) training views, the final kNN on dense val images, and
+    throughput. A run that logged fewer than two steps is drawn as points, with a warning."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    for index, run_dir in enumerate(run_dirs):
+        records = read_metrics(run_dir)
+        label = _run_label(run_dir)
+        logged = [r for r in records if "stopped_by" not in r]
+        if len(logged) < 2:
+            print(f"warning: {run_dir} logged {len(logged)} step(s); its curves are single points", file=sys.stderr)
+        _plot_run(axes, records, label, index)
+    _label_run_panels(axes)
     fig.tight_layout()
     out = Path(out)
     _save(fig, out)
@@ -226,6 +250,40 @@ def _accuracy_panels(plt, draw, subtitle: str, xlabel: str, chance: float, title
     return path
 
 
+def _occlusion_lines(ax, key: str, results: list[dict], variants: list[str]) -> None:
+    """Accuracy against the share of tokens kept, one band per variant."""
+    for name in variants:
+        rows = [r["occlusion"] for r in results if r["variant"] == name]
+        kept = [p["keep_fraction"] * 100 for p in rows[0]]
+        _band(ax, kept, [[p[key] for p in points] for points in rows], name)
+
+
+def _over_time_lines(ax, key: str, results: list[dict], variants: list[str]) -> None:
+    """Accuracy against training seconds (averaged over seeds), one band per variant."""
+    for name in variants:
+        rows = [r["over_time"] for r in results if r["variant"] == name]
+        length = min(len(points) for points in rows)
+        seconds = [sum(points[i]["elapsed_s"] for points in rows) / len(rows) for i in range(length)]
+        _band(ax, seconds, [[p[key] for p in points[:length]] for points in rows], name)
+
+
+def _detection_panel(plt, results: list[dict], detecting: list[str], title: str, path: Path) -> Path:
+    """Detection AUROC against training seconds for the variants that detect, and chance (0.5)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name in detecting:
+        curves = [r["det_auroc_curve"] for r in results if r["variant"] == name and r.get("det_auroc_curve")]
+        length = min(len(c) for c in curves)  # logged every train.log_every steps: align by log index
+        seconds = [sum(c[i][0] for c in curves) / len(curves) for i in range(length)]
+        _band(ax, seconds, [[point[1] for point in c[:length]] for c in curves], name, style="-")
+    ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance 0.5")
+    ax.set(title=f"{title}\ndetection AUROC on the training batches", xlabel="training seconds", ylabel="AUROC")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def plot_comparison(results: list[dict], out_dir: str | Path) -> list[Path]:
     """``dilemma compare``'s pictures, mean ± std over seeds per variant and the chance level:
     ``occlusion.png`` (accuracy vs tokens kept), with snapshots ``over_time.png`` (accuracy vs
@@ -235,24 +293,10 @@ def plot_comparison(results: list[dict], out_dir: str | Path) -> list[Path]:
     variants = list(dict.fromkeys(r["variant"] for r in results))
     chance = 100.0 / results[0]["num_classes"]
     title = f"{results[0]['data']}: mean ± std over seeds"
-
-    def occlusion(ax, key):
-        for name in variants:
-            rows = [r["occlusion"] for r in results if r["variant"] == name]
-            kept = [p["keep_fraction"] * 100 for p in rows[0]]
-            _band(ax, kept, [[p[key] for p in points] for points in rows], name)
-
-    def over_time(ax, key):
-        for name in variants:
-            rows = [r["over_time"] for r in results if r["variant"] == name]
-            length = min(len(points) for points in rows)
-            seconds = [sum(points[i]["elapsed_s"] for points in rows) / len(rows) for i in range(length)]
-            _band(ax, seconds, [[p[key] for p in points[:length]] for points in rows], name)
-
     written = [
         _accuracy_panels(
             plt,
-            occlusion,
+            partial(_occlusion_lines, results=results, variants=variants),
             "occluded val images",
             "patch tokens kept (%)",
             chance,
@@ -262,6 +306,7 @@ def plot_comparison(results: list[dict], out_dir: str | Path) -> list[Path]:
         )
     ]
     if any(len(r.get("over_time", [])) > 1 for r in results):
+        over_time = partial(_over_time_lines, results=results, variants=variants)
         written.append(
             _accuracy_panels(
                 plt, over_time, "during training", "training seconds", chance, title, out_dir / "over_time.png"
@@ -269,17 +314,5 @@ def plot_comparison(results: list[dict], out_dir: str | Path) -> list[Path]:
         )
     detecting = [name for name in variants if any(r["variant"] == name and r.get("det_auroc_curve") for r in results)]
     if detecting:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for name in detecting:
-            curves = [r["det_auroc_curve"] for r in results if r["variant"] == name and r.get("det_auroc_curve")]
-            length = min(len(c) for c in curves)  # logged every train.log_every steps: align by log index
-            seconds = [sum(c[i][0] for c in curves) / len(curves) for i in range(length)]
-            _band(ax, seconds, [[point[1] for point in c[:length]] for c in curves], name, style="-")
-        ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance 0.5")
-        ax.set(title=f"{title}\ndetection AUROC on the training batches", xlabel="training seconds", ylabel="AUROC")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        _save(fig, out_dir / "detection.png")
-        plt.close(fig)
-        written.append(out_dir / "detection.png")
+        written.append(_detection_panel(plt, results, detecting, title, out_dir / "detection.png"))
     return written

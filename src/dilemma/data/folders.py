@@ -443,13 +443,13 @@ def inspect_file(path: str) -> tuple[str, str | None, tuple[int, int] | None, st
         return path, f"unreadable ({err})", None, None
 
 
-def scan_files(paths: list[str], workers: int, progress: bool = True):
+def scan_files(paths: list[str], workers: int, show_progress: bool = True):
     """Decode every file (``workers`` processes); yields ``inspect_file`` results in order."""
     from multiprocessing import get_context
 
     from tqdm import tqdm
 
-    bar = tqdm(total=len(paths), disable=not progress, unit="img", desc="decoding", dynamic_ncols=True)
+    bar = tqdm(total=len(paths), disable=not show_progress, unit="img", desc="decoding", dynamic_ncols=True)
     if workers <= 1:
         for path in paths:
             bar.update(1)

@@ -244,64 +244,83 @@ def _with_classes(listing: Listing, classes: list[str], where: str) -> Listing:
     return Listing(listing.paths, [index[listing.classes[y]] for y in listing.labels], classes)
 
 
-def list_image_source(
-    source: Path, val_fraction: float, seed: int, skip_bad: bool = False
-) -> tuple[Listing, Listing, list[str]]:
-    """``(train, val, notes)`` of an image folder or a file list (layouts: ``folders.py``)."""
-    notes = []
+def _list_val(val_dir: Path, train: Listing, skip_bad: bool) -> Listing:
+    """The held-out ``val_dir`` beside ``train/``, relabelled by train's classes and fingerprinted; what
+    it passes over is counted in ``train``'s ``skipped`` and ``unreadable``, reported once for both."""
+    val = list_classes(val_dir, skip_bad)
+    if train.classes and not val.classes and val.paths:
+        raise DilemmaError(
+            f"{str(val_dir)!r} holds images but no class folders: sort them into class folders "
+            "like train/'s (for ImageNet, its valprep.sh does this)"
+        )
+    if train.classes:
+        val = _with_classes(val, train.classes, str(val_dir))
+    val, _ = _fingerprints(val, skip_bad)
+    train.skipped.update(val.skipped)
+    train.unreadable += val.unreadable
+    if not val.paths:
+        raise DilemmaError(f"{str(val_dir)!r} holds no images: add the held-out images, or remove the folder")
+    return val
+
+
+def _list_layout(source: Path, skip_bad: bool) -> tuple[Listing, Listing | None, str]:
+    """``(listing, val, note)``: what ``source`` holds, its own val split (None: split ``listing`` by
+    data.val_fraction) and a note naming the layout found."""
     if not (source.is_file() or source.is_dir()):
         raise DilemmaError(f"data source {str(source)!r} is not a folder or a regular file (a FIFO, socket or device?)")
     if source.is_file():
         if source.suffix.lower() not in LIST_SUFFIXES:
             kinds = ", ".join(sorted(LIST_SUFFIXES))
             raise DilemmaError(f"data source {str(source)!r} is a file; point it at a folder or a file list ({kinds})")
-        listing, split = read_file_list(source), True
-        notes.append("file list")
-    elif (source / "train").is_dir():
+        return read_file_list(source), None, "file list"
+    if (source / "train").is_dir():
         listing = list_classes(source / "train", skip_bad)
         val_dir = next((source / v for v in VAL_FOLDERS if (source / v).is_dir()), None)
-        split = val_dir is None
-        notes.append("train/ split by data.val_fraction" if split else f"train/ + {val_dir.name}/")
-        if not split:
-            val = list_classes(val_dir, skip_bad)
-            if listing.classes and not val.classes and val.paths:
-                raise DilemmaError(
-                    f"{str(val_dir)!r} holds images but no class folders: sort them into class folders "
-                    "like train/'s (for ImageNet, its valprep.sh does this)"
-                )
-            if listing.classes:
-                val = _with_classes(val, listing.classes, str(val_dir))
-            val, _ = _fingerprints(val, skip_bad)
-            listing.skipped.update(val.skipped)
-            listing.unreadable += val.unreadable
-            if not val.paths:
-                raise DilemmaError(f"{str(val_dir)!r} holds no images: add the held-out images, or remove the folder")
-    else:
-        listing, split = list_classes(source, skip_bad), True
-        notes.append("class folders" if listing.classes else "flat folder, unlabelled")
+        if val_dir is None:
+            return listing, None, "train/ split by data.val_fraction"
+        return listing, _list_val(val_dir, listing, skip_bad), f"train/ + {val_dir.name}/"
+    listing = list_classes(source, skip_bad)
+    return listing, None, "class folders" if listing.classes else "flat folder, unlabelled"
+
+
+def _listing_notes(listing: Listing) -> list[str]:
+    """The listing's own notes, then what it ignored and skipped (read once fingerprinting has counted
+    the unreadable files)."""
+    notes = list(listing.notes)
+    if listing.ignored:
+        notes.append(f"{listing.ignored} image files beside the class folders ignored")
+    return notes + [f"{count} skipped ({reason})" for reason, count in sorted(listing.skipped.items())]
+
+
+def _no_val_error(source: Path, keys: list[bytes], split: bool, val_fraction: float) -> DilemmaError:
+    """Why no image could be held out: too few distinct images (duplicates stay in train), or too few."""
+    distinct = len(set(keys))
+    if split and distinct < len(keys) and distinct * val_fraction < 0.5:
+        return DilemmaError(
+            f"{str(source)!r} holds {len(keys)} images but only {distinct} distinct: exact duplicates "
+            "never go to val (a val image must have no copy in train), so none can be held out; "
+            "add distinct images"
+        )
+    return DilemmaError(f"{str(source)!r} is too small to hold out a val split: add images or raise data.val_fraction")
+
+
+def list_image_source(
+    source: Path, val_fraction: float, seed: int, skip_bad: bool = False
+) -> tuple[Listing, Listing, list[str]]:
+    """``(train, val, notes)`` of an image folder or a file list (layouts: ``folders.py``)."""
+    listing, val, layout = _list_layout(source, skip_bad)
     if not listing.paths:
         raise DilemmaError(
             f"no images found in {str(source)!r} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
             "point data.source at a folder of images, of class folders, or of train/ and val/"
         )
     listing, keys = _fingerprints(listing, skip_bad)
-    notes += listing.notes
-    if listing.ignored:
-        notes.append(f"{listing.ignored} image files beside the class folders ignored")
-    notes += [f"{count} skipped ({reason})" for reason, count in sorted(listing.skipped.items())]
-    train, val = _split(listing, keys, val_fraction, seed) if split else (listing, val)
+    notes = [layout, *_listing_notes(listing)]
+    split = val is None  # no val folder: hold out data.val_fraction of the listing
+    train, val = _split(listing, keys, val_fraction, seed) if val is None else (listing, val)
     train.skipped, train.unreadable = listing.skipped, listing.unreadable
     if not val.paths:
-        distinct = len(set(keys))
-        if split and distinct < len(keys) and distinct * val_fraction < 0.5:
-            raise DilemmaError(
-                f"{str(source)!r} holds {len(keys)} images but only {distinct} distinct: exact duplicates "
-                "never go to val (a val image must have no copy in train), so none can be held out; "
-                "add distinct images"
-            )
-        raise DilemmaError(
-            f"{str(source)!r} is too small to hold out a val split: add images or raise data.val_fraction"
-        )
+        raise _no_val_error(source, keys, split, val_fraction)
     return train, val, notes
 
 

@@ -112,66 +112,21 @@ def finetune(
     """Fine-tune ``encoder`` (built with ``settings.drop_path``) on ``splits``; returns val top-1.
     ``auto_augment`` (e.g. ``rand-m9-mstd0.5-inc1``), ``mixup`` / ``cutmix`` (alphas) and
     ``reprob`` (random erasing) are timm's; MAE uses 0.8 / 1.0 / 0.25."""
-    f = settings
-    epochs, lr, layer_decay, weight_decay, batch_size = f.epochs, f.lr, f.layer_decay, f.weight_decay, f.batch_size
-    label_smoothing, warmup_epochs, auto_augment, mixup, cutmix = (
-        f.label_smoothing, f.warmup_epochs, f.auto_augment, f.mixup, f.cutmix
-    )  # fmt: skip
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # before reset_classifier: the fresh head's init is part of the run
     vit = encoder.vit
     vit.reset_classifier(len(splits.classes))
     vit.to(device)
-    groups = param_groups_layer_decay(
-        vit, weight_decay, no_weight_decay_list=vit.no_weight_decay(), layer_decay=layer_decay
-    )
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    images = _TrainImages(splits.train, train_transform(encoder, f.crop_min_scale, auto_augment, f.reprob))
-    loader = DataLoader(
-        images,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0,
-    )
-    mix = (
-        Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=len(splits.classes))
-        if mixup > 0 or cutmix > 0
-        else None
-    )
+    optimizer = _optimizer(vit, settings)
+    loader = _train_loader(encoder, splits, settings, seed=seed, num_workers=num_workers)
+    mix = _mixup(settings, len(splits.classes))
     steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise DilemmaError(
-            f"the training split has {len(images)} images, fewer than one batch of {batch_size}: lower --batch-size"
-        )
-    total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
+    total, warmup = settings.epochs * steps_per_epoch, int(settings.warmup_epochs * steps_per_epoch)
     history, step = [], 0
     bar = tqdm(total=total, disable=not show_progress, unit="step", desc="fine-tune")
-    for epoch in range(epochs):
-        vit.train()
-        running = 0.0
-        for x, labels in loader:
-            x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            # linear warm-up, then a cosine to 0 over the remaining steps
-            scale = (
-                warmup_factor(step, warmup)
-                if step < warmup
-                else cosine((step - warmup) / max(1, total - warmup), 1.0, 0.0)
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr * scale * group.get("lr_scale", 1.0)
-            if mix is not None:  # soft targets (label smoothing included)
-                x, targets = mix(x, labels)
-                loss = torch.sum(-targets * F.log_softmax(vit(x), dim=-1), dim=-1).mean()
-            else:
-                loss = F.cross_entropy(vit(x), labels, label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.item()
-            step += 1
-            bar.update(1)
+    for epoch in range(settings.epochs):
+        running, step = _train_epoch(
+            vit, loader, optimizer, mix, settings, step=step, warmup=warmup, total=total, device=device, bar=bar
+        )
         history.append(
             {
                 "epoch": epoch + 1,
@@ -181,17 +136,108 @@ def finetune(
         )
         bar.set_postfix(val_top1=f"{history[-1]['val_top1']:.2f}")
     bar.close()
-    extras = [f"RandAugment {auto_augment}"] if auto_augment else []
-    extras += [f"mixup {mixup} / cutmix {cutmix}"] if mix is not None else []
+    protocol = _protocol(settings, splits, drop_path=_drop_path_rate(vit), mixing=mix is not None)
+    return FinetuneResult(history[-1]["val_top1"] if history else float("nan"), history, protocol)
+
+
+def _optimizer(vit, settings: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW over timm's layer-decay groups; each group's ``lr_scale`` is applied per step."""
+    groups = param_groups_layer_decay(
+        vit, settings.weight_decay, no_weight_decay_list=vit.no_weight_decay(), layer_decay=settings.layer_decay
+    )
+    return torch.optim.AdamW(groups, lr=settings.lr)
+
+
+def _train_loader(
+    encoder: ViTEncoder, splits: Splits, settings: FinetuneConfig, *, seed: int, num_workers: int
+) -> DataLoader:
+    """Shuffled, augmented training batches (full batches only); fails if there is not even one."""
+    transform = train_transform(encoder, settings.crop_min_scale, settings.auto_augment, settings.reprob)
+    images = _TrainImages(splits.train, transform)
+    loader = DataLoader(
+        images,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),  # its own generator: the order depends on the seed only
+        persistent_workers=num_workers > 0,
+    )
+    if len(loader) == 0:
+        raise DilemmaError(
+            f"the training split has {len(images)} images, fewer than one batch of {settings.batch_size}: "
+            "lower --batch-size"
+        )
+    return loader
+
+
+def _mixup(settings: FinetuneConfig, num_classes: int) -> Mixup | None:
+    """timm's Mixup / CutMix (it also smooths the labels), or None when both alphas are 0."""
+    if settings.mixup <= 0 and settings.cutmix <= 0:
+        return None
+    return Mixup(
+        mixup_alpha=settings.mixup,
+        cutmix_alpha=settings.cutmix,
+        label_smoothing=settings.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def _lr_scale(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then a cosine to 0 over the remaining steps."""
+    if step < warmup:
+        return warmup_factor(step, warmup)
+    return cosine((step - warmup) / max(1, total - warmup), 1.0, 0.0)
+
+
+def _train_epoch(
+    vit,
+    loader: DataLoader,
+    optimizer,
+    mix: Mixup | None,
+    settings: FinetuneConfig,
+    *,
+    step: int,
+    warmup: int,
+    total: int,
+    device,
+    bar: tqdm,
+) -> tuple[float, int]:
+    """One pass over ``loader``; returns the summed loss and the global step after it."""
+    vit.train()
+    running = 0.0
+    for x, labels in loader:
+        x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        scale = _lr_scale(step, warmup, total)
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * scale * group.get("lr_scale", 1.0)
+        if mix is not None:  # soft targets (label smoothing included)
+            x, targets = mix(x, labels)
+            loss = torch.sum(-targets * F.log_softmax(vit(x), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(vit(x), labels, label_smoothing=settings.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running += loss.item()
+        step += 1
+        bar.update(1)
+    return running, step
+
+
+def _protocol(settings: FinetuneConfig, splits: Splits, *, drop_path: float, mixing: bool) -> str:
+    """One line that says how the number was made (for the report)."""
+    f = settings
+    extras = [f"RandAugment {f.auto_augment}"] if f.auto_augment else []
+    extras += [f"mixup {f.mixup} / cutmix {f.cutmix}"] if mixing else []
     extras += [f"random erasing {f.reprob}"] if f.reprob else []
-    protocol = (
-        f"fine-tune: all weights, AdamW lr {lr} (batch {batch_size}), layer decay {layer_decay}, weight decay "
-        f"{weight_decay}, warm-up {warmup_epochs} epoch + cosine, {epochs} epochs, drop-path "
-        f"{_drop_path_rate(vit):g}, label smoothing {label_smoothing}, random resized crop + flip"
+    return (
+        f"fine-tune: all weights, AdamW lr {f.lr} (batch {f.batch_size}), layer decay {f.layer_decay}, weight decay "
+        f"{f.weight_decay}, warm-up {f.warmup_epochs} epoch + cosine, {f.epochs} epochs, drop-path "
+        f"{drop_path:g}, label smoothing {f.label_smoothing}, random resized crop + flip"
         + "".join(f", {e}" for e in extras)
         + f"; top-1 on {splits.name} val ({len(splits.val)}), dense un-augmented images"
     )
-    return FinetuneResult(history[-1]["val_top1"] if history else float("nan"), history, protocol)
 
 
 def _drop_path_rate(vit) -> float:
