@@ -465,6 +465,23 @@ CASES = [
     ("check-data val fraction 0", ["check-data", "{two_classes}", "--val-fraction", "0"], "(0, 1)"),
     ("occlusion fraction nan", ["eval", "occlusion", "--checkpoint", "{ckpt}", "--fractions", "nan"], "finite"),
     (
+        "robustness without labels",
+        ["eval", "robustness", "--checkpoint", "{ckpt}", "--data", "{unlabelled}"],
+        "needs labels",
+    ),
+    ("robustness grid 5 at 28 px", ["eval", "robustness", "--checkpoint", "{ckpt}", "--grids", "5"], "do not divide"),
+    (
+        "robustness q above 1",
+        ["eval", "robustness", "--checkpoint", "{ckpt}", "--position-fractions", "1.5"],
+        "eval.position_fractions must be in [0, 1]",
+    ),
+    (
+        "robustness q = -0.1 by --set",
+        ["eval", "robustness", "--checkpoint", "{ckpt}", "--set", "eval.position_fractions=[-0.1]"],
+        "must be in [0, 1]",
+    ),  # fmt: skip
+    ("shape bias on other data", ["eval", "shape-bias", "--checkpoint", "{ckpt}", "--data", "{two_classes}"], "--data"),
+    (
         "linear probe 0 epochs",
         ["eval", "linear", "--checkpoint", "{ckpt}", "--epochs", "0"],
         "--epochs must be in [1, 100000]",

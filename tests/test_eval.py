@@ -14,6 +14,7 @@ from dilemma.cli import main
 from dilemma.config import EvalConfig, FinetuneConfig
 from dilemma.data import Splits, load_source
 from dilemma.data.sources import TensorImageSet
+from dilemma.eval.corruptions import token_drop
 from dilemma.eval.features import extract_features
 from dilemma.eval.finetune import finetune
 from dilemma.eval.knn import knn_eval
@@ -79,7 +80,7 @@ def test_occlusion_at_full_visibility_equals_the_plain_evals(run_dir, small_spli
     assert all(0 <= p["knn_top1"] <= 100 and 0 <= p["linear_top1"] <= 100 for p in curve.points)
     assert "true positions" in curve.protocol
     # occluded features really differ (the encoder received fewer tokens)
-    occluded, _ = extract_features(encoder, small_splits.val, l2_normalize=False, keep_fraction=0.25)
+    occluded, _ = extract_features(encoder, small_splits.val, l2_normalize=False, corrupt=token_drop(0.25))
     assert not torch.allclose(occluded, val_f)
 
     png, js = tmp_path / "occ.png", tmp_path / "occ.json"
@@ -201,6 +202,15 @@ def test_compare_trains_each_variant_and_seed_reads_them_out_and_reuses_finished
     assert f"| dilemma | kNN | 2 | {mean:+.2f} ± {half:.2f} |" in summary  # paired by seed, with a 95 % CI
     assert (out / "occlusion.png").stat().st_size > 1000 and (out / "over_time.png").stat().st_size > 1000
     assert (out / "detection.png").stat().st_size > 1000  # the detection AUROC over time of the detecting arm
+    # the layout read-outs: patch and position shuffle for every run, the val detection AUROC where a head was trained
+    assert all([p["grid"] for p in r["patch_shuffle"]] == [1, 2, 4, 7] for r in results)
+    assert all([p["fraction"] for p in r["position_shuffle"]] == [0.0, 0.2, 0.5, 1.0] for r in results)
+    assert all(r["patch_shuffle"][0]["linear_top1"] == r["linear_top1"] for r in results)  # g = 1 is intact
+    assert [r["det_auroc_val"] is not None for r in results] == [False, True, False, True]
+    assert "| dilemma | linear, 7x7 shuffled | 2 |" in summary and "| dilemma | retained % at q=1 | 2 |" in summary
+    assert "| dilemma | det AUROC (val) |" not in summary  # the plain arm has no detector to pair with
+    assert "Layout and shape" in summary and all(r["shape_bias"] is None for r in results)  # not Animal-Texture
+    assert (out / "patch_shuffle.png").stat().st_size > 1000 and (out / "position_shuffle.png").stat().st_size > 1000
     first = (out / "dilemma" / "seed_1" / "result.json").stat().st_mtime_ns
     assert main(argv) == 0  # a finished run is read back, not trained again
     assert (out / "dilemma" / "seed_1" / "result.json").stat().st_mtime_ns == first

@@ -83,6 +83,8 @@ EVAL_FLAGS = {
     "epochs": "linear_epochs",
     "lr": "linear_lr",
     "fractions": "occlusion_fractions",
+    "grids": "shuffle_grids",
+    "position_fractions": "position_fractions",
     "seed": "seed",
 }
 FINETUNE_FLAGS = (
@@ -235,6 +237,72 @@ def _eval_finetune(args) -> None:
                 cfg, path, f"Fine-tuned on {splits.name} ({len(splits.classes)} classes): {result.protocol}."
             )
             print(save_timm_folder(encoder.vit, cfg.model, args.save, card, label_names=splits.classes))
+    _write_json(args.json, results)
+
+
+def _print_robustness(path: str, report) -> None:
+    """The panels as rows: what was done to the val images, kNN and linear top-1."""
+    print(f"{path}: robustness (chance {report.chance:.1f}%)")
+    for protocol in report.protocols.values():
+        print(f"  [{protocol}]")
+    print("  corruption                 kNN top-1   linear top-1")
+    rows = [(f"patch shuffle {p['grid']} x {p['grid']}", p) for p in report.patch_shuffle]
+    rows += [(f"position shuffle q = {p['fraction']:g}", p) for p in report.position_shuffle]
+    rows += [(f"tokens kept {p['keep_fraction']:.0%}", p) for p in report.token_drop]
+    for name, p in rows:
+        print(f"  {name:<26} {p['knn_top1']:8.2f}%   {p['linear_top1']:8.2f}%")
+    if report.detection_auroc is not None:
+        print(f"  detection AUROC            {report.detection_auroc:.4f} (chance 0.5)")
+
+
+def _eval_robustness(args) -> None:
+    from dilemma.build import load_splits
+    from dilemma.distributed import resolve_device
+    from dilemma.eval.robustness import robustness
+    from dilemma.weights import method_from_checkpoint
+
+    settings, results, device = _eval_settings(args), [], resolve_device(args.device)
+    for path in args.checkpoint:
+        method, cfg = method_from_checkpoint(path, method=args.method)
+        splits = load_splits(cfg, source=args.data)
+        head = method.dilemma.head
+        detector = None if head is None else (method.encoder, head, cfg.dilemma.drop_rate)
+        report = robustness(
+            method.evaluated_encoder().to(device), splits, settings, detector=detector,
+            **_loading(args, device, splits), show_progress=_show_progress(args),
+        )  # fmt: skip
+        _print_robustness(str(path), report)
+        results.append({"checkpoint": str(path), "data": splits.name, **report.to_dict()})
+    _write_json(args.json, results)
+    if args.plot:
+        from dilemma.viz import plot_robustness
+
+        print(f"wrote {plot_robustness(results, args.plot)}")
+
+
+def _eval_shape_bias(args) -> None:
+    from dilemma.distributed import resolve_device
+    from dilemma.eval.shape_bias import shape_bias_eval
+    from dilemma.weights import encoder_from_checkpoint
+
+    if args.data:
+        raise DilemmaError("eval shape-bias reads its own cue-conflict set (Animal-Texture); drop --data")
+    settings, results, device = _eval_settings(args), [], resolve_device(args.device)
+    for path in args.checkpoint:
+        encoder, cfg = encoder_from_checkpoint(path, method=args.method)
+        found = shape_bias_eval(
+            encoder.to(device), cfg.data, settings, device=device, num_workers=args.workers or 0,
+            show_progress=_show_progress(args),
+        )  # fmt: skip
+        print(f"{path}: shape bias  [{found['protocol']}]")
+        for name in ("knn", "linear"):
+            f = found[name]
+            print(
+                f"  {name:<6} shape bias {f['shape_bias']:.3f}  ({f['shape_decisions']} shape, "
+                f"{f['texture_decisions']} texture decisions, {f['neither_share']:.1%} neither); agreeing val top-1 "
+                f"{found['agreeing_val'][f'{name}_top1']:.2f}%"
+            )
+        results.append({"checkpoint": str(path), **found})
     _write_json(args.json, results)
 
 
@@ -429,6 +497,23 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{flag}", type=kind, help=f"eval.finetune.{flag.replace('-', '_')}" + (f": {text}" if text else "")
         )
     ft.add_argument("--save", help="write the fine-tuned model (with its classifier) to this new timm folder")
+    rob = _eval_parser(
+        ev, "robustness", "accuracy under patch shuffle, position shuffle and token drop; detection AUROC",
+        _eval_robustness,
+    )  # fmt: skip
+    rob.add_argument("--grids", type=int, nargs="+", help="eval.shuffle_grids: g x g cells (default 1, 2, 4, ..)")
+    rob.add_argument("--position-fractions", type=float, nargs="+", help="eval.position_fractions: q in [0, 1]")
+    rob.add_argument("--fractions", type=float, nargs="+", help="eval.occlusion_fractions: tokens kept")
+    rob.add_argument("--k", type=int, help="eval.knn_k")
+    rob.add_argument("--temperature", type=float, help="eval.knn_temperature")
+    rob.add_argument("--epochs", type=int, help="eval.linear_epochs: linear probe epochs")
+    rob.add_argument("--plot", help="also draw the panels to this PNG (needs matplotlib)")
+    sb = _eval_parser(
+        ev, "shape-bias", "shape vs texture decisions on the Animal-Texture cue-conflict set", _eval_shape_bias
+    )
+    sb.add_argument("--k", type=int, help="eval.knn_k")
+    sb.add_argument("--temperature", type=float, help="eval.knn_temperature")
+    sb.add_argument("--epochs", type=int, help="eval.linear_epochs: linear probe epochs")
 
     cmp = commands.add_parser(
         "compare",
@@ -595,7 +680,9 @@ def check_args(args) -> None:
         _check_number("--fractions", fraction, 0, 1, "(]")
     for seed in getattr(args, "seeds", None) or []:
         _check_number("--seeds", seed, 0, SEED_BOUND, "[)")
-    picture = {_plot: "out", _inspect: "out", _eval_occlusion: "plot"}.get(getattr(args, "run", None))
+    picture = {_plot: "out", _inspect: "out", _eval_occlusion: "plot", _eval_robustness: "plot"}.get(
+        getattr(args, "run", None)
+    )
     value = getattr(args, picture, None) if picture else None
     if value:
         if Path(value).suffix.lower() != ".png":

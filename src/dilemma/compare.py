@@ -20,23 +20,30 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import timm
 import torch
 
 from dilemma.build import load_splits
 from dilemma.config import config_from_dict, load_config, safe_yaml
+from dilemma.data.sources import TEXTURED
 from dilemma.distributed import resolve_device
 from dilemma.errors import DilemmaError
 from dilemma.eval.occlusion import occlusion_curve
+from dilemma.eval.robustness import Robustness, robustness
+from dilemma.eval.shape_bias import shape_bias_eval
 from dilemma.files import atomic_write_text
 from dilemma.rundir import CheckpointDir, RunDir, load_checkpoint
 from dilemma.train.loop import pretrain
 from dilemma.train.metrics import read_records
 from dilemma.train.signals import Interrupted
-from dilemma.weights import encoder_from_checkpoint
+from dilemma.weights import encoder_from_checkpoint, method_from_checkpoint
 
-OUTPUTS = ("results.json", "summary.md", "occlusion.png", "over_time.png")  # what compare writes in --out
+OUTPUTS = (  # what compare writes in --out
+    "results.json", "summary.md", "occlusion.png", "over_time.png", "detection.png", "patch_shuffle.png",
+    "position_shuffle.png", "shape_bias.png",
+)  # fmt: skip
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -56,12 +63,30 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [kv for kv in overrides.split(",") if kv]
 
 
+def _trusted(cfg) -> str | None:
+    """The method to name when loading this comparison's own checkpoints (one from a file: its name)."""
+    return cfg.method.name if ":" in cfg.method.name else None
+
+
 def _readout(path: Path, cfg, splits, fractions: list[float] | None = None):
     """The occlusion curve (``cfg.eval``; only its 100 % point with ``fractions=[1.0]``) of a checkpoint."""
     device = resolve_device(cfg.train.device)
-    encoder, _ = encoder_from_checkpoint(path, method=cfg.method.name if ":" in cfg.method.name else None)
+    encoder, _ = encoder_from_checkpoint(path, method=_trusted(cfg))
     settings = cfg.eval if fractions is None else dataclasses.replace(cfg.eval, occlusion_fractions=fractions)
     return occlusion_curve(encoder.to(device), splits, settings, device=device)
+
+
+def _final_readouts(path: Path, cfg, splits) -> tuple[Robustness, dict | None]:
+    """The final backbone's robustness panels (token drop = the occlusion curve) and, for a run on
+    Animal-Texture, its shape bias on the cue-conflict set."""
+    device = resolve_device(cfg.train.device)
+    method, _ = method_from_checkpoint(path, method=_trusted(cfg))
+    head = method.dilemma.head
+    detector = None if head is None else (method.encoder, head, cfg.dilemma.drop_rate)
+    encoder = method.evaluated_encoder().to(device)
+    report = robustness(encoder, splits, cfg.eval, detector=detector, device=device)
+    bias = shape_bias_eval(encoder, cfg.data, cfg.eval, device=device) if cfg.data.source == TEXTURED else None
+    return report, bias
 
 
 _elsewhere = "use another --out, or remove that folder to run it again"
@@ -157,8 +182,8 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str]) -> dict:
         final = _train(cfg, run, run_dir, identity)
     training = _training(final, read_records(run.metrics))
     splits = load_splits(cfg)
-    occlusion = _readout(run.last, cfg, splits)
-    over_time = _over_time(cfg, run_dir, splits, final, occlusion.points[0])
+    report, bias = _final_readouts(run.last, cfg, splits)
+    over_time = _over_time(cfg, run_dir, splits, final, report.token_drop[0])
     result = {  # the key order is the order of results.json
         "config_sha1": identity,
         "readout": readout,
@@ -166,11 +191,16 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str]) -> dict:
         "seed": cfg.train.seed,
         "overrides": overrides,
         **training,
-        "knn_top1": occlusion.points[0]["knn_top1"],
-        "linear_top1": occlusion.points[0]["linear_top1"],
-        "occlusion": occlusion.points,
+        "knn_top1": report.token_drop[0]["knn_top1"],
+        "linear_top1": report.token_drop[0]["linear_top1"],
+        "occlusion": report.token_drop,
+        "patch_shuffle": report.patch_shuffle,
+        "position_shuffle": report.position_shuffle,
+        "det_auroc_val": report.detection_auroc,
+        "shape_bias": bias,
         "over_time": over_time,
-        "protocol": occlusion.protocol,
+        "protocol": report.protocols["token_drop"],
+        "protocols": report.protocols,
         "data": splits.name,
         "num_classes": len(splits.classes),
     }
@@ -205,23 +235,86 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def paired_differences(results: list[dict]) -> list[tuple[str, str, list[float]]]:
-    """``(variant, metric, per-seed differences to the first variant)`` on the seeds both have."""
-    variants = list(dict.fromkeys(r["variant"] for r in results))
-    by = {(r["variant"], r["seed"]): r for r in results}
-    fractions = [p["keep_fraction"] for p in results[0]["occlusion"]]
+def _retained(r: dict, panel: str, index: int) -> float:
+    """Linear top-1 under a corruption as a share (%) of the intact linear top-1."""
+    return 100 * r[panel][index]["linear_top1"] / r["linear_top1"] if r["linear_top1"] else float("nan")
+
+
+def _metrics(first: dict) -> list[tuple[str, Callable[[dict], float | None]]]:
+    """Every number compared between variants (``first``: a result, for the points each panel has):
+    intact kNN / linear, linear under token drop, patch shuffle and position shuffle, the share of
+    accuracy retained at the strongest shuffles, the detector's val AUROC and the shape bias (%)."""
     metrics = [("kNN", lambda r: r["knn_top1"]), ("linear", lambda r: r["linear_top1"])]
     metrics += [
-        (f"linear @{f * 100:.0f}%", lambda r, i=i: r["occlusion"][i]["linear_top1"])
-        for i, f in enumerate(fractions)
+        (f"linear @{p['keep_fraction'] * 100:.0f}%", lambda r, i=i: r["occlusion"][i]["linear_top1"])
+        for i, p in enumerate(first["occlusion"])
         if i > 0
     ]
+    patch, position = first.get("patch_shuffle") or [], first.get("position_shuffle") or []
+    metrics += [
+        (f"linear, {p['grid']}x{p['grid']} shuffled", lambda r, i=i: r["patch_shuffle"][i]["linear_top1"])
+        for i, p in enumerate(patch)
+        if p["grid"] > 1
+    ]
+    metrics += [
+        (f"linear, q={p['fraction']:g} positions", lambda r, i=i: r["position_shuffle"][i]["linear_top1"])
+        for i, p in enumerate(position)
+        if p["fraction"] > 0
+    ]
+    if patch:
+        metrics.append(
+            (f"retained % at {patch[-1]['grid']}x{patch[-1]['grid']}", lambda r: _retained(r, "patch_shuffle", -1))
+        )
+    if position:
+        metrics.append(
+            (f"retained % at q={position[-1]['fraction']:g}", lambda r: _retained(r, "position_shuffle", -1))
+        )
+    metrics.append(("det AUROC (val)", lambda r: r.get("det_auroc_val")))
+    for name in ("linear", "knn"):
+        metrics.append(
+            (
+                f"shape bias % ({name})",
+                lambda r, n=name: r["shape_bias"][n]["shape_bias"] * 100 if r.get("shape_bias") else None,
+            )
+        )
+    return metrics
+
+
+def paired_differences(results: list[dict]) -> list[tuple[str, str, list[float]]]:
+    """``(variant, metric, per-seed differences to the first variant)`` on the seeds both have a value for."""
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    by = {(r["variant"], r["seed"]): r for r in results}
     rows = []
     for name in variants[1:]:
         seeds = [seed for (v, seed) in by if v == name and (variants[0], seed) in by]
-        for metric, value in metrics:
-            rows.append((name, metric, [value(by[name, s]) - value(by[variants[0], s]) for s in seeds]))
+        for metric, value in _metrics(results[0]):
+            pairs = [(value(by[name, s]), value(by[variants[0], s])) for s in seeds]
+            if any(a is not None and b is not None for a, b in pairs):
+                rows.append((name, metric, [a - b for a, b in pairs if a is not None and b is not None]))
     return rows
+
+
+def _layout_table(results: list[dict], variants: list[str]) -> list[str]:
+    """Linear top-1 under patch and position shuffle, the detector on val images and the shape bias,
+    mean ± std over seeds; none for results read out before these panels existed."""
+    first = results[0]
+    if not first.get("patch_shuffle"):
+        return []
+    metrics = [m for m in _metrics(first) if m[0].startswith(("linear, ", "retained", "det AUROC", "shape bias"))]
+    metrics = [m for m in metrics if any(m[1](r) is not None for r in results)]
+    lines = [
+        "",
+        "Layout and shape (linear probe fitted on intact images; retained = corrupted / intact top-1; "
+        f"protocols in results.json): {first['protocols']['patch_shuffle'].split(';')[0]}.",
+        "",
+        "| variant | " + " | ".join(name for name, _ in metrics) + " |",
+        "|---|" + "---:|" * len(metrics),
+    ]
+    for variant in variants:
+        rows = [r for r in results if r["variant"] == variant]
+        cells = [_mean_std([v for v in map(value, rows) if v is not None]) for _, value in metrics]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _header(
@@ -316,6 +409,7 @@ def summarise(results: list[dict], *, time_budget: float, max_steps: int, seeds:
     lines = [
         *_header(results, variants, time_budget=time_budget, max_steps=max_steps, seeds=seeds),
         *_results_table(results, variants),
+        *_layout_table(results, variants),
         *_differences_table(results, variants),
         *_over_time_table(results, variants),
         *_variants_list(results, variants),

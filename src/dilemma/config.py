@@ -135,7 +135,10 @@ class EvalConfig:
     linear_epochs: int = 100
     linear_lr: float = 0.1  # per 256 images
     occlusion_fractions: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.1])
-    seed: int = 0  # the linear probe's initialisation and order, the occlusion draws, fine-tuning
+    shuffle_grids: typing.Optional[list[int]] = None  # patch shuffle g x g; None: 1, 2, 4, ... + the token grid
+    position_fractions: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.5, 1.0])  # position shuffle q
+    detection_misplace_prob: float = 0.2  # p of the val-image detection AUROC (runs with a detection head)
+    seed: int = 0  # the linear probe's initialisation and order, every corruption's draws, fine-tuning
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
@@ -504,6 +507,18 @@ def validate_eval(e: EvalConfig) -> None:
     require(
         all(0 < f <= 1 for f in e.occlusion_fractions),
         f"eval.occlusion_fractions must be in (0, 1], got {e.occlusion_fractions}",
+    )
+    require(
+        all(1 <= g <= 4096 for g in e.shuffle_grids or []),
+        f"eval.shuffle_grids must be in [1, 4096], got {e.shuffle_grids}",
+    )
+    require(
+        all(0 <= q <= 1 for q in e.position_fractions) and e.position_fractions != [],
+        f"eval.position_fractions must be in [0, 1], got {e.position_fractions}",
+    )
+    require(
+        0 < e.detection_misplace_prob <= 1,
+        f"eval.detection_misplace_prob must be in (0, 1], got {e.detection_misplace_prob}",
     )
     require(0 <= e.seed < 2**31, f"eval.seed must be in [0, 2^31), got {e.seed}")
     f = e.finetune

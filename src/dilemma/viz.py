@@ -169,6 +169,44 @@ def plot_occlusion(results: list[dict], out: str | Path) -> Path:
     return out
 
 
+ROBUSTNESS_PANELS = (  # (key in a robustness result, x key, x label, x from the point)
+    ("patch_shuffle", "patch shuffle", "g x g cells permuted (g)", lambda p: p["grid"]),
+    ("position_shuffle", "position shuffle", "share q of tokens given a wrong position", lambda p: p["fraction"]),
+    ("token_drop", "token drop", "patch tokens kept (%)", lambda p: p["keep_fraction"] * 100),
+)
+
+
+def plot_robustness(results: list[dict], out: str | Path) -> Path:
+    """``dilemma eval robustness``'s panels, one line per checkpoint (linear solid, kNN dashed), the
+    chance level in each, and the detection AUROC against chance 0.5."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    for result in results:
+        colour = None
+        for ax, (key, _, _, x_of) in zip(axes[:3], ROBUSTNESS_PANELS, strict=True):
+            xs = [x_of(p) for p in result[key]]
+            line = ax.plot(xs, [p["linear_top1"] for p in result[key]], "o-", color=colour, label=result["checkpoint"])
+            colour = line[0].get_color()
+            ax.plot(xs, [p["knn_top1"] for p in result[key]], "s--", color=colour, alpha=0.6)
+        auroc = result["detection_auroc"]
+        axes[3].bar(len(axes[3].patches), auroc if auroc is not None else 0, color=colour,
+                    label=f"{result['checkpoint']}: {'none' if auroc is None else f'{auroc:.3f}'}")  # fmt: skip
+    chance = results[0]["chance"]
+    for ax, (_, title, xlabel, _) in zip(axes[:3], ROBUSTNESS_PANELS, strict=True):
+        ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance {chance:.0f} %")
+        ax.set(title=f"{title} (linear solid, kNN dashed)", xlabel=xlabel, ylabel="top-1 (%)")
+        ax.legend(fontsize=7)
+    axes[2].invert_xaxis()
+    axes[3].axhline(0.5, color="grey", ls=":", lw=1, label="chance 0.5")
+    axes[3].set(title="detection AUROC on val images", ylabel="AUROC", ylim=(0, 1), xticks=[])
+    axes[3].legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    _save(fig, out)
+    plt.close(fig)
+    return out
+
+
 @torch.no_grad()
 def inspect_detection(
     encoder, head, images: torch.Tensor, sample, out: str | Path, patch_size: int, title: str = ""
@@ -267,6 +305,33 @@ def _over_time_lines(ax, key: str, results: list[dict], variants: list[str]) -> 
         _band(ax, seconds, [[p[key] for p in points[:length]] for points in rows], name)
 
 
+def _panel_lines(ax, key: str, results: list[dict], variants: list[str], panel: str, x_key: str) -> None:
+    """Accuracy under a robustness panel's corruption against its strength, one band per variant."""
+    for name in variants:
+        rows = [r[panel] for r in results if r["variant"] == name]
+        _band(ax, [p[x_key] for p in rows[0]], [[p[key] for p in points] for points in rows], name)
+
+
+def _shape_bias_panel(plt, results: list[dict], variants: list[str], title: str, path: Path) -> Path:
+    """Shape bias (linear and kNN) per variant: the mean over seeds, each seed a dot."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(variants), 4))
+    for offset, (name, marker) in enumerate((("linear", "o"), ("knn", "s"))):
+        for i, variant in enumerate(variants):
+            values = [r["shape_bias"][name]["shape_bias"] for r in results if r["variant"] == variant]
+            x = i + (offset - 0.5) * 0.3
+            ax.bar(x, sum(values) / len(values), width=0.28, color=f"C{offset}", alpha=0.5,
+                   label=f"{name} (mean; dots: seeds)" if i == 0 else None)  # fmt: skip
+            ax.plot([x] * len(values), values, marker, color=f"C{offset}", ms=4)
+    ax.axhline(0.5, color="grey", ls=":", lw=1, label="0.5: shape and texture alike")
+    ax.set(title=f"{title}\nshape bias on the cue-conflict set", ylabel="shape / (shape + texture)", ylim=(0, 1))
+    ax.set_xticks(range(len(variants)), variants)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def _detection_panel(plt, results: list[dict], detecting: list[str], title: str, path: Path) -> Path:
     """Detection AUROC against training seconds for the variants that detect, and chance (0.5)."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -315,4 +380,13 @@ def plot_comparison(results: list[dict], out_dir: str | Path) -> list[Path]:
     detecting = [name for name in variants if any(r["variant"] == name and r.get("det_auroc_curve") for r in results)]
     if detecting:
         written.append(_detection_panel(plt, results, detecting, title, out_dir / "detection.png"))
+    for panel, x_key, subtitle, xlabel in (
+        ("patch_shuffle", "grid", "patch shuffle", "g x g cells permuted (g; 1 = intact)"),
+        ("position_shuffle", "fraction", "position shuffle", "share q of tokens given a wrong position"),
+    ):
+        if all(r.get(panel) for r in results):
+            draw = partial(_panel_lines, results=results, variants=variants, panel=panel, x_key=x_key)
+            written.append(_accuracy_panels(plt, draw, subtitle, xlabel, chance, title, out_dir / f"{panel}.png"))
+    if all(r.get("shape_bias") for r in results):
+        written.append(_shape_bias_panel(plt, results, variants, title, out_dir / "shape_bias.png"))
     return written

@@ -30,6 +30,7 @@ from dilemma.data.folders import (
     read_file_list,
 )
 from dilemma.data.sets import Splits, TensorImageSet
+from dilemma.data.texture import cue_conflict_images, fill_with_texture
 from dilemma.errors import DilemmaError
 
 EMBEDDED = {
@@ -136,12 +137,46 @@ def _tensor_splits_from(name, train_x, train_y, val_x, val_y, classes, img_size,
     return Splits(name, make(train_x, train_y), make(val_x, val_y), classes)
 
 
-def load_embedded(name: str, img_size: int, in_chans: int, val_fraction: float, seed: int) -> Splits:
+def _embedded_arrays(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     spec = EMBEDDED[name]
     root = importlib.resources.files("dilemma.data").joinpath(name.replace("-", "_"))
-    images = read_idx(root.joinpath(spec["images"]))
-    labels = read_idx(root.joinpath(spec["labels"]))
-    return _tensor_splits(name, images, labels, spec["classes"], img_size, in_chans, val_fraction, seed)
+    return read_idx(root.joinpath(spec["images"])), read_idx(root.joinpath(spec["labels"])), spec["classes"]
+
+
+def load_embedded(name: str, img_size: int, in_chans: int, val_fraction: float, seed: int) -> Splits:
+    return _tensor_splits(name, *_embedded_arrays(name), img_size, in_chans, val_fraction, seed)
+
+
+TEXTURED = "animal-texture"  # Animal-MNIST's silhouettes filled with a texture per class (``texture.py``)
+
+
+def _silhouette_split(val_fraction: float, seed: int):
+    """Animal-MNIST's ``(train_x, train_y, val_x, val_y, classes)``, split exactly as ``load_embedded``
+    splits it: a textured image's silhouette is in val exactly when it is in Animal-MNIST's val."""
+    images, labels, classes = _embedded_arrays("animal-mnist")
+    train_idx, val_idx = split_train_val([image.tobytes() for image in images], labels, val_fraction, seed)
+    return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], classes
+
+
+def load_textured(img_size: int, in_chans: int, val_fraction: float, seed: int) -> Splits:
+    """Animal-Texture: shape and texture agree (each silhouette wears its own class's texture); the
+    texture phases are drawn from ``seed`` (train) and ``seed + 1`` (val)."""
+    train_x, train_y, val_x, val_y, classes = _silhouette_split(val_fraction, seed)
+    train_x, val_x = fill_with_texture(train_x, train_y, seed), fill_with_texture(val_x, val_y, seed + 1)
+    splits = _tensor_splits_from(TEXTURED, train_x, train_y, val_x, val_y, classes, img_size, in_chans)
+    splits.notes.append("Animal-MNIST silhouettes filled with a texture per class")
+    return splits
+
+
+def load_cue_conflict(
+    img_size: int, in_chans: int, val_fraction: float, seed: int
+) -> tuple[TensorImageSet, torch.Tensor]:
+    """The cue-conflict set on Animal-MNIST's val silhouettes: ``(images labelled by shape, texture
+    labels)``, each silhouette of class a filled with the texture of a class b != a (``seed + 2``)."""
+    _, _, val_x, val_y, classes = _silhouette_split(val_fraction, seed)
+    images, textures = cue_conflict_images(val_x, val_y, len(classes), seed + 2)
+    images = TensorImageSet(to_model_size(images, img_size, in_chans), torch.from_numpy(val_y.astype(np.int64)))
+    return images, torch.from_numpy(textures.astype(np.int64))
 
 
 def _find_idx(folder: Path) -> dict[str, Path]:
@@ -351,10 +386,12 @@ def load_source(
     """Resolve ``data.source``: an embedded name, an MNIST-IDX folder, an image folder or a file list."""
     if source in EMBEDDED:
         return load_embedded(source, img_size, in_chans, val_fraction, seed)
+    if source == TEXTURED:
+        return load_textured(img_size, in_chans, val_fraction, seed)
     path = Path(source).expanduser()
     if not path.exists():
         raise DilemmaError(
-            f"data source {source!r} is neither an embedded dataset ({', '.join(EMBEDDED)}) "
+            f"data source {source!r} is neither an embedded dataset ({', '.join([*EMBEDDED, TEXTURED])}) "
             "nor an existing folder or file list"
         )
     if path.is_dir() and _find_idx(path):

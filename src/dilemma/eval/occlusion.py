@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
 from dilemma.config import EvalConfig
 from dilemma.data import Splits
-from dilemma.eval.features import extract_features
-from dilemma.eval.knn import knn_accuracy, require_labels
-from dilemma.eval.linear import train_linear_probe
+from dilemma.eval.corruptions import token_drop
+from dilemma.eval.knn import require_labels
+from dilemma.eval.readout import FrozenReadout
 from dilemma.models import ViTEncoder
 
 
@@ -24,6 +22,28 @@ from dilemma.models import ViTEncoder
 class OcclusionCurve:
     points: list[dict]  # {"keep_fraction", "tokens", "knn_top1", "linear_top1"}
     protocol: str
+
+
+def occlusion_points(readout: FrozenReadout, splits: Splits, *, show_progress: bool = False) -> list[dict]:
+    """kNN and linear top-1 at each of ``eval.occlusion_fractions`` of the tokens."""
+    points = []
+    for fraction in readout.settings.occlusion_fractions:
+        desc = f"val features, {fraction:.0%} of tokens" if show_progress else None
+        tokens = max(1, int(readout.encoder.num_patches * fraction + 0.5))
+        top1 = readout.top1(splits.val, token_drop(fraction), desc)
+        points.append({"keep_fraction": fraction, "tokens": tokens, **top1})
+    return points
+
+
+def occlusion_protocol(readout: FrozenReadout, splits: Splits) -> str:
+    s, k = readout.settings, readout.settings.knn_k
+    neighbours = str(k) if k <= len(splits.train) else f"{len(splits.train)} of {k} asked"  # the bank is smaller
+    return (
+        f"occlusion: each val image keeps a random round(f x {readout.encoder.num_patches}) patch tokens at their "
+        f"true positions (seed {s.seed}); kNN (k={neighbours}, T={s.knn_temperature}) against dense train features "
+        f"and a linear probe ({s.linear_epochs} epochs, SGD, cosine) trained on dense train features; {splits.name} "
+        f"val ({len(splits.val)})"
+    )
 
 
 def occlusion_curve(
@@ -37,30 +57,10 @@ def occlusion_curve(
 ) -> OcclusionCurve:
     """kNN and linear top-1 at each of ``settings.occlusion_fractions`` of the tokens."""
     require_labels(splits, "occlusion")
-    num_classes, seed, k, temperature = len(splits.classes), settings.seed, settings.knn_k, settings.knn_temperature
-    probe_epochs, probe_lr = settings.linear_epochs, settings.linear_lr
-    loading = {"batch_size": settings.batch_size, "device": device, "num_workers": num_workers, "l2_normalize": False}
-    train_f, train_y = extract_features(
-        encoder, splits.train, **loading, desc="train features" if show_progress else None
+    readout = FrozenReadout.fit(
+        encoder, splits.train, len(splits.classes), settings, show_progress=show_progress, device=device,
+        num_workers=num_workers,
+    )  # fmt: skip
+    return OcclusionCurve(
+        occlusion_points(readout, splits, show_progress=show_progress), occlusion_protocol(readout, splits)
     )
-    probe = train_linear_probe(train_f, train_y, num_classes, epochs=probe_epochs, lr=probe_lr, seed=seed)
-    bank = F.normalize(train_f, dim=1)
-    points = []
-    for fraction in settings.occlusion_fractions:
-        desc = f"val features, {fraction:.0%} of tokens" if show_progress else None
-        val_f, val_y = extract_features(encoder, splits.val, **loading, keep_fraction=fraction, seed=seed, desc=desc)
-        knn_top1, _ = knn_accuracy(
-            bank, train_y, F.normalize(val_f, dim=1), val_y, k=k, temperature=temperature, num_classes=num_classes
-        )
-        tokens = max(1, int(encoder.num_patches * fraction + 0.5))
-        points.append(
-            {"keep_fraction": fraction, "tokens": tokens, "knn_top1": knn_top1, "linear_top1": probe.top1(val_f, val_y)}
-        )
-    neighbours = str(k) if k <= len(splits.train) else f"{len(splits.train)} of {k} asked"  # the bank is smaller
-    protocol = (
-        f"occlusion: each val image keeps a random round(f x {encoder.num_patches}) patch tokens at their true "
-        f"positions (seed {seed}); kNN (k={neighbours}, T={temperature}) against dense train features and a "
-        f"linear probe ({probe_epochs} epochs, SGD, cosine) trained on dense train features; {splits.name} val "
-        f"({len(splits.val)})"
-    )
-    return OcclusionCurve(points, protocol)
