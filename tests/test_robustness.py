@@ -112,8 +112,10 @@ def test_intact_points_equal_the_plain_read_outs(run_dir):
     for point in intact:
         assert point["knn_top1"] == pytest.approx(knn) and point["linear_top1"] == pytest.approx(linear)
     assert [p["grid"] for p in report.patch_shuffle] == [1, 2, 4, 7]
-    assert report.position_shuffle[1] != report.position_shuffle[0]  # q = 1 changed the features
-    assert 0.0 <= report.detection_auroc <= 1.0 and report.chance == 10.0
+    moved, intact_point = report.position_shuffle[1], report.position_shuffle[0]
+    assert (moved["knn_top1"], moved["linear_top1"]) != (intact_point["knn_top1"], intact_point["linear_top1"])
+    assert report.intact == {"knn_top1": pytest.approx(knn), "linear_top1": pytest.approx(linear)}
+    assert abs(report.detection_auroc - 0.5) < 0.15 and report.chance == 10.0  # an untrained head: chance
     assert set(report.protocols) == {"patch_shuffle", "position_shuffle", "token_drop", "detection"}
 
 
@@ -133,7 +135,10 @@ def test_robustness_command_writes_json_and_plot(run_dir, tmp_path, capsys):
 def test_textured_set_is_a_pure_function_of_its_seed():
     a, b = load_textured(28, 1, 0.2, 0), load_textured(28, 1, 0.2, 0)
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.val.images, b.val.images)
-    assert not torch.equal(load_textured(28, 1, 0.2, 1).train.images[:50], a.train.images[:50])
+    silhouettes = np.full((4, 8, 8), 255, np.uint8)
+    labels = np.arange(4)
+    assert np.array_equal(fill_with_texture(silhouettes, labels, 3), fill_with_texture(silhouettes, labels, 3))
+    assert not np.array_equal(fill_with_texture(silhouettes, labels, 3), fill_with_texture(silhouettes, labels, 4))
     plain = load_source("animal-mnist", img_size=28, in_chans=1)
     assert torch.equal(a.train.labels, plain.train.labels)  # the same silhouettes split the same way
     assert not (a.val.images > 0)[plain.val.images == 0].any()  # texture only inside the silhouette
@@ -215,7 +220,8 @@ def test_shape_bias_command(run_dir, tmp_path, capsys):
 
 def test_compare_reads_shape_bias_out_on_animal_texture(tmp_path):
     out = tmp_path / "cmp"
-    sets = [a for kv in [*TINY, "data.source=animal-texture"] for a in ("--set", kv)]
+    fewer = ["eval.position_fractions=[0, 1]", "eval.occlusion_fractions=[1]", "eval.shuffle_grids=[1, 7]"]
+    sets = [a for kv in [*TINY, "data.source=animal-texture", *fewer] for a in ("--set", kv)]
     argv = ["compare", "--variant", "plain=dilemma.misplace_prob=0,dilemma.drop_rate=0", "--variant", "dilemma="]
     argv += ["--seeds", "0", "--max-steps", "1", "--probe-epochs", "1", "--curve-points", "1", "--out", str(out)]
     assert main([*argv, *sets]) == 0

@@ -1,14 +1,16 @@
 """``dilemma compare``: several configurations, the same wall-clock budget, several seeds.
 
 Each variant x seed is pretrained (one at a time, on this machine) into ``OUT/<variant>/seed_<n>``
-and read out with the occlusion curve, whose 100 % point is the plain kNN and linear probe
-(``eval/occlusion.py``), and with kNN and linear at checkpoints kept at fixed fractions of the
-budget (the read-out over wall-clock). ``OUT/summary.md`` gets a mean +- std table with
-wall-clock, steps and epochs seen (so "same time" and "same epochs" can both be read), the paired
-differences to the first variant with 95 % confidence intervals, and the read-outs over time;
-``OUT/results.json`` every number; ``OUT/occlusion.png`` and ``OUT/over_time.png`` the curves with
-bands over seeds and the chance level. A finished run is not trained again, so an interrupted
-comparison continues where it stopped.
+and read out with the robustness panels (``eval/robustness.py``: token drop, whose 100 % point is
+the plain kNN and linear probe, patch shuffle, position shuffle, the detector's val AUROC), the
+shape bias for a run on Animal-Texture (``eval/shape_bias.py``), and kNN and linear at checkpoints
+kept at fixed fractions of the budget (the read-out over wall-clock). ``OUT/summary.md`` gets a
+mean +- std table with wall-clock, steps and epochs seen (so "same time" and "same epochs" can both
+be read), the layout and shape read-outs, the paired differences to the first variant with 95 %
+confidence intervals, and the read-outs over time; ``OUT/results.json`` every number;
+``OUT/occlusion.png``, ``over_time.png``, ``patch_shuffle.png``, ``position_shuffle.png`` (and
+``shape_bias.png``, ``detection.png``) the curves with bands over seeds and the chance level. A
+finished run is not trained again, so an interrupted comparison continues where it stopped.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str]) -> dict:
     training = _training(final, read_records(run.metrics))
     splits = load_splits(cfg)
     report, bias = _final_readouts(run.last, cfg, splits)
-    over_time = _over_time(cfg, run_dir, splits, final, report.token_drop[0])
+    over_time = _over_time(cfg, run_dir, splits, final, report.intact)
     result = {  # the key order is the order of results.json
         "config_sha1": identity,
         "readout": readout,
@@ -191,8 +193,8 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str]) -> dict:
         "seed": cfg.train.seed,
         "overrides": overrides,
         **training,
-        "knn_top1": report.token_drop[0]["knn_top1"],
-        "linear_top1": report.token_drop[0]["linear_top1"],
+        "knn_top1": report.intact["knn_top1"],
+        "linear_top1": report.intact["linear_top1"],
         "occlusion": report.token_drop,
         "patch_shuffle": report.patch_shuffle,
         "position_shuffle": report.position_shuffle,
@@ -235,48 +237,46 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def _retained(r: dict, panel: str, index: int) -> float:
+def _point(r: dict, panel: str, key: str, at: float, name: str = "linear_top1") -> float | None:
+    """A result's ``name`` at the point of ``panel`` whose ``key`` is ``at`` (None where it has none)."""
+    return next((p[name] for p in r.get(panel) or [] if p[key] == at), None)
+
+
+def _retained(r: dict, panel: str, key: str, at: float) -> float | None:
     """Linear top-1 under a corruption as a share (%) of the intact linear top-1."""
-    return 100 * r[panel][index]["linear_top1"] / r["linear_top1"] if r["linear_top1"] else float("nan")
+    value = _point(r, panel, key, at)
+    return None if value is None or not r["linear_top1"] else 100 * value / r["linear_top1"]
+
+
+def _shape_bias(r: dict, name: str) -> float | None:
+    found = r.get("shape_bias")
+    return (
+        None if not found or found[name]["shape_bias"] != found[name]["shape_bias"] else found[name]["shape_bias"] * 100
+    )
 
 
 def _metrics(first: dict) -> list[tuple[str, Callable[[dict], float | None]]]:
-    """Every number compared between variants (``first``: a result, for the points each panel has):
-    intact kNN / linear, linear under token drop, patch shuffle and position shuffle, the share of
-    accuracy retained at the strongest shuffles, the detector's val AUROC and the shape bias (%)."""
+    """Every number compared between variants, found in each result by its point's value (``first``:
+    a result, for the points to compare): intact kNN / linear, linear under token drop, patch shuffle
+    and position shuffle, the share of accuracy retained at the strongest shuffles, the detector's val
+    AUROC and the shape bias (%)."""
     metrics = [("kNN", lambda r: r["knn_top1"]), ("linear", lambda r: r["linear_top1"])]
+    occlusion = [p["keep_fraction"] for p in first["occlusion"] if p["keep_fraction"] < 1]
     metrics += [
-        (f"linear @{p['keep_fraction'] * 100:.0f}%", lambda r, i=i: r["occlusion"][i]["linear_top1"])
-        for i, p in enumerate(first["occlusion"])
-        if i > 0
+        (f"linear @{f * 100:.0f}%", lambda r, f=f: _point(r, "occlusion", "keep_fraction", f)) for f in occlusion
     ]
-    patch, position = first.get("patch_shuffle") or [], first.get("position_shuffle") or []
-    metrics += [
-        (f"linear, {p['grid']}x{p['grid']} shuffled", lambda r, i=i: r["patch_shuffle"][i]["linear_top1"])
-        for i, p in enumerate(patch)
-        if p["grid"] > 1
-    ]
-    metrics += [
-        (f"linear, q={p['fraction']:g} positions", lambda r, i=i: r["position_shuffle"][i]["linear_top1"])
-        for i, p in enumerate(position)
-        if p["fraction"] > 0
-    ]
-    if patch:
+    grids = [p["grid"] for p in first.get("patch_shuffle") or [] if p["grid"] > 1]
+    metrics += [(f"linear, {g}x{g} shuffled", lambda r, g=g: _point(r, "patch_shuffle", "grid", g)) for g in grids]
+    qs = [p["fraction"] for p in first.get("position_shuffle") or [] if p["fraction"] > 0]
+    metrics += [(f"linear, q={q:g} positions", lambda r, q=q: _point(r, "position_shuffle", "fraction", q)) for q in qs]
+    if grids:
         metrics.append(
-            (f"retained % at {patch[-1]['grid']}x{patch[-1]['grid']}", lambda r: _retained(r, "patch_shuffle", -1))
+            (f"retained % at {grids[-1]}x{grids[-1]}", lambda r: _retained(r, "patch_shuffle", "grid", grids[-1]))
         )
-    if position:
-        metrics.append(
-            (f"retained % at q={position[-1]['fraction']:g}", lambda r: _retained(r, "position_shuffle", -1))
-        )
+    if qs:
+        metrics.append((f"retained % at q={qs[-1]:g}", lambda r: _retained(r, "position_shuffle", "fraction", qs[-1])))
     metrics.append(("det AUROC (val)", lambda r: r.get("det_auroc_val")))
-    for name in ("linear", "knn"):
-        metrics.append(
-            (
-                f"shape bias % ({name})",
-                lambda r, n=name: r["shape_bias"][n]["shape_bias"] * 100 if r.get("shape_bias") else None,
-            )
-        )
+    metrics += [(f"shape bias % ({name})", lambda r, n=name: _shape_bias(r, n)) for name in ("linear", "knn")]
     return metrics
 
 
@@ -363,8 +363,8 @@ def _differences_table(results: list[dict], variants: list[str]) -> list[str]:
         return []
     lines = [
         "",
-        f"Paired differences to `{variants[0]}` (same seed), in points: mean ± half-width of the 95 % "
-        "confidence interval (Student's t over seeds; a single seed has none).",
+        f"Paired differences to `{variants[0]}` (same seed), in points (AUROC in AUROC units): mean ± half-width "
+        "of the 95 % confidence interval (Student's t over seeds; a single seed has none).",
         "",
         "| variant | metric | seeds | difference | per seed |",
         "|---|---|---:|---:|---|",

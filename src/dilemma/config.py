@@ -517,8 +517,9 @@ def validate_eval(e: EvalConfig) -> None:
         f"eval.position_fractions must be in [0, 1], got {e.position_fractions}",
     )
     require(
-        0 < e.detection_misplace_prob <= 1,
-        f"eval.detection_misplace_prob must be in (0, 1], got {e.detection_misplace_prob}",
+        0 < e.detection_misplace_prob < 1,
+        f"eval.detection_misplace_prob must be in (0, 1) (an AUROC needs both kinds of token), "
+        f"got {e.detection_misplace_prob}",
     )
     require(0 <= e.seed < 2**31, f"eval.seed must be in [0, 2^31), got {e.seed}")
     f = e.finetune

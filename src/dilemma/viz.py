@@ -188,9 +188,9 @@ def plot_robustness(results: list[dict], out: str | Path) -> Path:
             line = ax.plot(xs, [p["linear_top1"] for p in result[key]], "o-", color=colour, label=result["checkpoint"])
             colour = line[0].get_color()
             ax.plot(xs, [p["knn_top1"] for p in result[key]], "s--", color=colour, alpha=0.6)
-        auroc = result["detection_auroc"]
-        axes[3].bar(len(axes[3].patches), auroc if auroc is not None else 0, color=colour,
-                    label=f"{result['checkpoint']}: {'none' if auroc is None else f'{auroc:.3f}'}")  # fmt: skip
+        if result["detection_auroc"] is not None:  # a run without a detection head has no bar
+            auroc = result["detection_auroc"]
+            axes[3].bar(len(axes[3].patches), auroc, color=colour, label=f"{result['checkpoint']}: {auroc:.3f}")
     chance = results[0]["chance"]
     for ax, (_, title, xlabel, _) in zip(axes[:3], ROBUSTNESS_PANELS, strict=True):
         ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance {chance:.0f} %")
@@ -318,6 +318,7 @@ def _shape_bias_panel(plt, results: list[dict], variants: list[str], title: str,
     for offset, (name, marker) in enumerate((("linear", "o"), ("knn", "s"))):
         for i, variant in enumerate(variants):
             values = [r["shape_bias"][name]["shape_bias"] for r in results if r["variant"] == variant]
+            values = [v for v in values if v == v] or [float("nan")]  # NaN: no shape or texture decision
             x = i + (offset - 0.5) * 0.3
             ax.bar(x, sum(values) / len(values), width=0.28, color=f"C{offset}", alpha=0.5,
                    label=f"{name} (mean; dots: seeds)" if i == 0 else None)  # fmt: skip

@@ -2,8 +2,8 @@
 cue-conflict set that asks whether a backbone decides by shape or by texture (Geirhos et al. 2019).
 
 Animal-MNIST classes differ by outline alone. Here each class also gets its own binary texture
-(stripes of a class-specific orientation and period, checks, dots, a grid) that fills the
-silhouette; the background stays plain black. In the *agreeing* images shape and texture name
+(stripes, checks, dots, a grid, a hatch, noise, or none) that fills the silhouette; the
+background stays plain black. In the *agreeing* images shape and texture name
 the same class, so either cue solves the task; in a *cue-conflict* image the silhouette of class
 a is filled with the texture of a class b != a, and a classifier's decision says which cue it
 used. Everything is a pure function of the silhouettes and a seed (no files, no downloads).
@@ -14,19 +14,24 @@ from __future__ import annotations
 import numpy as np
 
 TEXTURE_NAMES = (  # by class index: Bear, Bird, Cat, Cow, Dog, Elephant, Giraffe, Horse, Sheep, Zebra
-    "horizontal stripes, period 4",
-    "vertical stripes, period 4",
-    "diagonal stripes, period 4",
-    "anti-diagonal stripes, period 4",
-    "checks of 2 px",
-    "dots, period 4",
-    "horizontal stripes, period 8",
-    "vertical stripes, period 8",
-    "checks of 4 px",
-    "grid lines, period 4",
+    "horizontal stripes",
+    "vertical stripes",
+    "checks",
+    "diamonds (checks turned 45 degrees)",
+    "dots",
+    "holes (dots inverted)",
+    "grid lines",
+    "cross-hatch (both diagonals)",
+    "noise (a fixed random 8 px tile)",
+    "solid (no texture)",
 )
+# One scale per family and families a horizontal flip maps onto themselves, so that the training
+# augmentations (flip, a random resized crop's zoom of up to ~1.7x) never turn one class's texture
+# into another's (mirrored diagonal stripes, or period-4 stripes zoomed to period 8, would: those
+# pairs are left out).
 PHASES = 8  # each image's texture is shifted by a random (dy, dx) in [0, 8)^2: a multiple of every period
 DARK, BRIGHT = 96, 255  # the texture's two levels inside the silhouette: its outline stays visible on black
+_NOISE_TILE = np.random.default_rng(12345).random((PHASES, PHASES)) < 0.5  # fixed: part of the set's definition
 
 
 def texture_pattern(texture: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -34,14 +39,14 @@ def texture_pattern(texture: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     patterns = (
         lambda: ys % 4 < 2,
         lambda: xs % 4 < 2,
-        lambda: (ys + xs) % 4 < 2,
-        lambda: (ys - xs) % 4 < 2,
         lambda: (ys // 2 + xs // 2) % 2 == 0,
+        lambda: ((ys + xs) // 2 + (ys - xs) // 2) % 2 == 0,
         lambda: (ys % 4 < 2) & (xs % 4 < 2),
-        lambda: ys % 8 < 4,
-        lambda: xs % 8 < 4,
-        lambda: (ys // 4 + xs // 4) % 2 == 0,
+        lambda: ~((ys % 4 < 2) & (xs % 4 < 2)),
         lambda: (ys % 4 == 0) | (xs % 4 == 0),
+        lambda: ((ys + xs) % 4 == 0) | ((ys - xs) % 4 == 0),
+        lambda: _NOISE_TILE[ys % PHASES, xs % PHASES],
+        lambda: np.ones_like(ys, dtype=bool),
     )
     return patterns[texture]()
 

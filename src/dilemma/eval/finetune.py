@@ -65,20 +65,20 @@ class _TrainImages(Dataset):
         return self.transform(image), labels[0]
 
 
-def train_transform(encoder: ViTEncoder, crop_min_scale: float, auto_augment: str | None, re_prob: float):
+def train_transform(encoder: ViTEncoder, settings: FinetuneConfig):
     """timm's training transform: random resized crop (bicubic) + flip [+ RandAugment] + normalise
     [+ random erasing]; no colour jitter (MAE's fine-tuning)."""
     return create_transform(
         encoder.img_size[0],
         is_training=True,
-        scale=(crop_min_scale, 1.0),
+        scale=(settings.crop_min_scale, 1.0),
         hflip=0.5,
         color_jitter=None,
-        auto_augment=auto_augment,
+        auto_augment=settings.auto_augment,
         interpolation="bicubic",
         mean=encoder.mean,
         std=encoder.std,
-        re_prob=re_prob,
+        re_prob=settings.reprob,
         re_mode="pixel",
     )
 
@@ -152,7 +152,7 @@ def _train_loader(
     encoder: ViTEncoder, splits: Splits, settings: FinetuneConfig, *, seed: int, num_workers: int
 ) -> DataLoader:
     """Shuffled, augmented training batches (full batches only); fails if there is not even one."""
-    transform = train_transform(encoder, settings.crop_min_scale, settings.auto_augment, settings.reprob)
+    transform = train_transform(encoder, settings)
     images = _TrainImages(splits.train, transform)
     loader = DataLoader(
         images,

@@ -34,6 +34,7 @@ from dilemma.pretext import DetectionHead, auroc, sample_tokens
 
 @dataclass
 class Robustness:
+    intact: dict  # {"knn_top1", "linear_top1"} on the val images as they are
     patch_shuffle: list[dict]  # {"grid", "knn_top1", "linear_top1"}; grid 1 = intact
     position_shuffle: list[dict]  # {"fraction", "knn_top1", "linear_top1"}; fraction 0 = intact
     token_drop: list[dict]  # occlusion points: {"keep_fraction", "tokens", "knn_top1", "linear_top1"}
@@ -81,7 +82,7 @@ def grids_for(encoder: ViTEncoder, settings: EvalConfig) -> list[int]:
     if not settings.shuffle_grids:
         return default_grids(img_size, patch)
     if bad := [g for g in settings.shuffle_grids if img_size % g]:
-        fits = [g for g in range(1, img_size + 1) if img_size % g == 0 and g <= img_size // patch]
+        fits = [g for g in range(1, img_size + 1) if img_size % g == 0]
         raise DilemmaError(
             f"eval.shuffle_grids {bad} do not divide the {img_size}-px image into equal cells: choose among {fits}"
         )
@@ -89,14 +90,15 @@ def grids_for(encoder: ViTEncoder, settings: EvalConfig) -> list[int]:
 
 
 def _protocols(readout: FrozenReadout, splits: Splits, grids: list[int], detection: str | None) -> dict[str, str]:
-    s = readout.settings
+    s, patch = readout.settings, readout.encoder.vit.patch_embed.patch_size[0]
     fitted = (
         f"kNN (k={s.knn_k}, T={s.knn_temperature}) and a linear probe ({s.linear_epochs} epochs) fitted on dense, "
         f"intact {splits.name} train features ({len(splits.train)}); top-1 on val ({len(splits.val)}), seed {s.seed}"
     )
     return {
         "patch_shuffle": f"patch shuffle: each val image cut into g x g cells (g in {grids}), the cells permuted "
-        f"at random per image; {fitted}",
+        f"at random per image (a cell may stay in place; cells not a whole number of {patch} px patches cut "
+        f"through tokens); {fitted}",
         "position_shuffle": "position shuffle: pixels intact, every token enters, each with probability q given the "
         "positional embedding of another position, never its own (the pretext's corruption, nothing dropped); "
         + fitted,
@@ -142,6 +144,7 @@ def robustness(
             f"r = {drop_rate}, p = {p} (seed {settings.seed}); chance 0.5"
         )
     return Robustness(
+        readout.top1(splits.val, None, bar("intact")),
         patch,
         position,
         occlusion_points(readout, splits, show_progress=show_progress),

@@ -42,7 +42,9 @@ def shape_bias_eval(
         f"shape bias (Geirhos et al. 2019) on {len(conflict)} cue-conflict images (Animal-MNIST val silhouettes of "
         f"class a filled with the texture of a class b != a); kNN (k={s.knn_k}, T={s.knn_temperature}) and a linear "
         f"probe ({s.linear_epochs} epochs) fitted on {len(splits.train)} agreeing Animal-Texture train images; "
-        "shape bias = shape / (shape + texture decisions)"
+        "shape bias = shape / (shape + texture decisions); the silhouettes are Animal-MNIST's val split by the run's "
+        f"data.val_fraction {data.val_fraction} and data.split_seed {data.split_seed} (a run trained on another copy "
+        "of Animal-MNIST may have seen them)"
     )
     return {
         "knn": shape_bias(decided["knn"], decided["labels"], textures),
