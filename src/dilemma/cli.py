@@ -57,6 +57,13 @@ def _pretrain(args) -> None:
             torch.distributed.destroy_process_group()
 
 
+def _to_run(path, values: dict | None = None, pictures=()) -> None:
+    """A read-out or picture made for a run goes to its tracker runs too (``train.loggers``)."""
+    from dilemma.train.trackers import log_to_run
+
+    log_to_run(path, values or {}, [Path(p) for p in pictures])
+
+
 def _write_json(path: str | None, results: list[dict]) -> None:
     if path:
         atomic_write_text(path, json.dumps(results, indent=2) + "\n")
@@ -143,6 +150,7 @@ def _eval_knn(args) -> None:
             encoder, splits, settings, **_loading(args, device, splits), show_progress=_show_progress(args)
         )
         print(f"{path}: {result.line()}")
+        _to_run(path, {"knn_top1": result.top1, "knn_top5": result.top5})
         results.append(
             {
                 "checkpoint": path,
@@ -176,6 +184,7 @@ def _eval_linear(args) -> None:
             + f"; {splits.name} train {len(splits.train)} / val {len(splits.val)}"
         )
         print(f"{path}: linear top-1 {top1:.2f}%  [{protocol}]")
+        _to_run(path, {"linear_top1": top1})
         results.append({"checkpoint": path, "data": splits.name, "linear_top1": top1, "protocol": protocol})
     _write_json(args.json, results)
 
@@ -195,11 +204,21 @@ def _eval_occlusion(args) -> None:
                 f"{p['knn_top1']:8.2f}%   {p['linear_top1']:8.2f}%"
             )
         results.append({"checkpoint": path, "data": splits.name, "points": curve.points, "protocol": curve.protocol})
+        _to_run(
+            path,
+            {
+                f"occlusion/keep_{p['keep_fraction']:g}/{k}": p[k]
+                for p in curve.points
+                for k in ("knn_top1", "linear_top1")
+            },
+        )
     _write_json(args.json, results)
     if args.plot:
         from dilemma.viz import plot_occlusion
 
         print(f"wrote {plot_occlusion(results, args.plot)}")
+        for result in results:
+            _to_run(result["checkpoint"], pictures=[args.plot])
 
 
 def _eval_finetune(args) -> None:
@@ -223,6 +242,7 @@ def _eval_finetune(args) -> None:
             show_progress=_show_progress(args),
         )
         print(f"{path}: fine-tune top-1 {result.top1:.2f}%  [{result.protocol}]")
+        _to_run(path, {"finetune_top1": result.top1})
         results.append(
             {
                 "checkpoint": path,
@@ -255,6 +275,16 @@ def _print_robustness(path: str, report) -> None:
         print(f"  detection AUROC            {report.detection_auroc:.4f} (chance 0.5)")
 
 
+def _robustness_numbers(report) -> dict:
+    """The panels as flat names for a tracker: ``robustness/grid_7/linear_top1``, ``robustness/q_0.5/knn_top1``,
+    ... (no name is a folder of another: MLflow's file store keeps each metric in a file of that path)."""
+    numbers = {"robustness/det_auroc_val": report.detection_auroc}
+    for panel, key, tag in (("patch_shuffle", "grid", "grid"), ("position_shuffle", "fraction", "q")):
+        for point in getattr(report, panel):
+            numbers |= {f"robustness/{tag}_{point[key]:g}/{name}": point[name] for name in ("knn_top1", "linear_top1")}
+    return numbers
+
+
 def _eval_robustness(args) -> None:
     from dilemma.build import load_splits
     from dilemma.distributed import resolve_device
@@ -273,11 +303,14 @@ def _eval_robustness(args) -> None:
         )  # fmt: skip
         _print_robustness(str(path), report)
         results.append({"checkpoint": str(path), "data": splits.name, **report.to_dict()})
+        _to_run(path, _robustness_numbers(report))
     _write_json(args.json, results)
     if args.plot:
         from dilemma.viz import plot_robustness
 
         print(f"wrote {plot_robustness(results, args.plot)}")
+        for result in results:
+            _to_run(result["checkpoint"], pictures=[args.plot])
 
 
 def _eval_shape_bias(args) -> None:
@@ -303,6 +336,7 @@ def _eval_shape_bias(args) -> None:
                 f"{found['agreeing_val'][f'{name}_top1']:.2f}%"
             )
         results.append({"checkpoint": str(path), **found})
+        _to_run(path, {f"shape_bias_{name}": found[name]["shape_bias"] for name in ("knn", "linear")})
     _write_json(args.json, results)
 
 
@@ -359,6 +393,8 @@ def _plot(args) -> None:
 
     out = args.out or str(Path(args.run_dir[0]) / "curves.png")
     print(f"wrote {plot_runs(args.run_dir, out)}")
+    for run in args.run_dir:
+        _to_run(run, pictures=[out])
 
 
 def _inspect(args) -> None:
@@ -384,6 +420,7 @@ def _inspect(args) -> None:
     out = args.out or str((ckpt if ckpt.is_dir() else ckpt.parent) / "detection.png")
     title = f"{cfg.method.name} + DILEMMA: detection on {splits.name} val, p={p}, r={r}"
     print(f"wrote {inspect_detection(encoder, head, images, sample, out, cfg.model.patch_size, title)}  (p={p}, r={r})")
+    _to_run(ckpt, pictures=[out])
 
 
 def _compare(args) -> None:

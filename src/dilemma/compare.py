@@ -95,10 +95,11 @@ _elsewhere = "use another --out, or remove that folder to run it again"
 
 
 def config_sha1(cfg) -> str:
-    """A run's identity: its resolved config, less what cannot change training (eval, progress bars)."""
+    """A run's identity: its resolved config, less what cannot change training (eval, progress bars,
+    where it is tracked)."""
     data = cfg.to_dict()
     data.pop("eval", None)
-    data["train"] = {k: v for k, v in data["train"].items() if k != "show_progress"}
+    data["train"] = {k: v for k, v in data["train"].items() if k not in ("show_progress", "loggers", "tracking")}
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -441,6 +442,11 @@ def _fixed_overrides(time_budget: float, max_steps: int, probe_epochs: int | Non
     return fixed
 
 
+def _run_name(variant: str, seed: int) -> str:
+    """The tracker run's name (W&B / MLflow) unless the user sets one: the arm and the seed."""
+    return f"train.tracking.run_name={json.dumps(f'{variant} seed {seed}')}"
+
+
 def _plan(
     variants: list[str], seeds: list[int], config: str | None, overrides: list[str], fixed: list[str]
 ) -> list[tuple]:
@@ -456,7 +462,7 @@ def _plan(
             seed,
             name,
             variant_overrides,
-            load_config(config, [*overrides, *variant_overrides, f"train.seed={seed}", *fixed]),
+            load_config(config, [_run_name(name, seed), *overrides, *variant_overrides, f"train.seed={seed}", *fixed]),
         )
         for seed in seeds
         for name, variant_overrides in parsed
@@ -512,7 +518,8 @@ def compare(
     """Each ``NAME=key=value,...`` variant x seed, trained for ``time_budget`` minutes and read out,
     also at ``curve_points - 1`` snapshots evenly spaced over training (the read-out over time)."""
     fixed = _fixed_overrides(time_budget, max_steps, probe_epochs, curve_points)
-    runs = _plan(variants, seeds, config, overrides, fixed)
+    group = f"train.tracking.group={json.dumps(out.resolve().name)}"  # the arms side by side in a tracker
+    runs = _plan(variants, seeds, config, [group, *overrides], fixed)
     _make_out(out)
     results = _run_all(runs, out)
     _write_outputs(results, out, time_budget=time_budget, max_steps=max_steps, seeds=seeds)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import types
@@ -79,6 +80,29 @@ class OptimConfig:
     grad_clip: typing.Optional[float] = 3.0
 
 
+LOGGERS = {  # train.loggers: what each needs installed, and the extra that installs it
+    "jsonl": (None, None),  # metrics.jsonl, always written
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+}
+
+
+@dataclass
+class TrackingConfig:
+    """Where ``train.loggers`` other than jsonl send a run (``train/trackers.py``). Null: what the
+    tool's own environment variables say (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE, WANDB_TAGS,
+    MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), else its default."""
+
+    project: typing.Optional[str] = None  # W&B project
+    entity: typing.Optional[str] = None  # W&B team or user
+    experiment: typing.Optional[str] = None  # MLflow experiment (default "dilemma")
+    tracking_uri: typing.Optional[str] = None  # MLflow: http(s)://..., sqlite:///..., file:...
+    run_name: typing.Optional[str] = None  # default: the run folder's name
+    tags: typing.Optional[list[str]] = None
+    group: typing.Optional[str] = None  # W&B group / MLflow parent run; dilemma compare sets it
+
+
 @dataclass
 class TrainConfig:
     # The run ends at whichever of these comes first (null: no such limit; at least one must be set)
@@ -97,6 +121,8 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # non-finite loss: stop (keep the last good checkpoint) or skip the step
     max_nonfinite_skips: int = 10  # with on_nonfinite=skip: stop after this many skipped steps
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler)
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # and tensorboard, wandb, mlflow (rank 0)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimiser step
     grad_checkpointing: bool = False  # recompute block activations in the backward (less memory)
     compile: bool = False  # torch.compile the training model
@@ -495,6 +521,20 @@ def validate_train(t: TrainConfig, data: DataConfig) -> None:
     )
     check_precision(t.precision)
     require(0 <= t.seed < 2**31, f"train.seed must be in [0, 2^31), got {t.seed}")
+    check_loggers(t.loggers)
+
+
+def check_loggers(loggers: list[str]) -> None:
+    """Known names, each installed (found without importing it): one line naming the extra otherwise."""
+    for name in loggers:
+        if name not in LOGGERS:
+            raise DilemmaError(f"train.loggers: unknown logger {name!r}; choose from {', '.join(LOGGERS)}")
+        module, extra = LOGGERS[name]
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise DilemmaError(
+                f"train.loggers asks for {name}, which is not installed: pip install 'dilemma[{extra}]' "
+                f"(or pip install {module})"
+            )
 
 
 def validate_eval(e: EvalConfig) -> None:

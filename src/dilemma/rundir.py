@@ -150,7 +150,13 @@ class RunDir:
         except OSError as err:
             raise DilemmaError(f"cannot write to output folder {str(self.path)!r}: {err}") from None
         self.lock()
-        leftovers = [p for p in (self.metrics, self.config, self.provenance, self.path / "tensorboard") if p.exists()]
+        earlier = (
+            self.metrics,
+            self.config,
+            self.provenance,
+            *(self.path / n for n in ("tensorboard", "trackers.json", "wandb")),
+        )
+        leftovers = [p for p in earlier if p.exists()]
         if leftovers and not self.checkpoints.exists():
             aside = self.path / f"unfinished-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
             aside.mkdir()

@@ -37,11 +37,12 @@ from dilemma.files import atomic_write_text
 from dilemma.methods import Method
 from dilemma.rundir import FORMAT, CheckpointDir, RunDir, provenance
 from dilemma.schedules import learning_rate, progress
-from dilemma.train.metrics import MetricsLog, as_json
+from dilemma.train.metrics import MetricsLog, as_json, read_records
 from dilemma.train.probe import OnlineProbe
 from dilemma.train.seeding import rng_state, seed_everything, set_rng_state
 from dilemma.train.signals import Interrupted, stop_on_signals
 from dilemma.train.step import Stepper
+from dilemma.train.trackers import Trackers
 from dilemma.weights import pretrained_state
 
 # Parts of the config that fix the shapes of the saved state, and the data it trains on: a resume
@@ -216,6 +217,7 @@ class Run:
             "scaler": self.stepper.scaler.state_dict(),
             "probe": self.probe.full_state() if self.probe is not None else None,
             "rng": rng_state(self.stepper.token_generator),
+            "trackers": self.metrics.trackers.state,  # their run ids: a resume continues the same runs
         }
 
     def save(self) -> None:
@@ -256,11 +258,18 @@ class Run:
 def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) -> dict:
     """Train ``cfg`` into ``out_dir``; returns the final metrics record (with ``knn_top1``). The run
     folder is locked for the whole run: one writer per folder."""
-    run_dir = RunDir(out_dir)
+    run_dir, run, status = RunDir(out_dir), None, "FAILED"
     try:
         run = setup(cfg, run_dir, resume)
-        return finish(run, train(run), log)
+        final = finish(run, train(run), log)
+        status = "FINISHED"
+        return final
+    except (Interrupted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
     finally:
+        if run is not None:
+            run.metrics.close(status)  # the trackers' runs end as the run did (a second close is nothing)
         run_dir.unlock()
 
 
@@ -337,9 +346,10 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
     probe = OnlineProbe(method.encoder.embed_dim, len(splits.classes)).to(device) if labelled else None
     run = Run(
         cfg, run_dir, splits, method, _stepper(cfg, method, device), probe, batches,
-        metrics=MetricsLog(run_dir.path, enabled=is_main()),
+        metrics=MetricsLog(run_dir.path, enabled=is_main(), trackers=_trackers(cfg, run_dir)),
         run_id=(ckpt or {}).get("run_id") or uuid.uuid4().hex,
     )  # fmt: skip
+    held = run.metrics.last_step()  # what the trackers were sent before the run stopped
     if ckpt is not None:
         run.restore(ckpt)
         run.metrics.truncate_after(run.step)  # steps logged after the checkpoint will be run (and logged) again
@@ -347,7 +357,22 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
         atomic_write_text(run_dir.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         record = {**provenance(device, world_size()), "run_id": run.run_id, "resumed_at_step": run.step}
         run_dir.record_provenance(record)
+        resumed = (
+            {}
+            if ckpt is None
+            else {
+                "saved": ckpt.get("trackers") or {},
+                "held_up_to": held,
+                "backfill": read_records(run.metrics.path) if run.metrics.path.exists() else [],
+            }
+        )
+        run.metrics.trackers.start(cfg.to_dict(), record, **resumed)
     return run
+
+
+def _trackers(cfg: Config, run_dir: RunDir) -> Trackers:
+    """``train.loggers``' trackers, rank 0 only."""
+    return Trackers(run_dir.path, cfg.train.loggers, cfg.train.tracking, enabled=is_main())
 
 
 def _agree(stop: bool, clock: float, device: torch.device) -> tuple[bool, float]:
@@ -539,6 +564,8 @@ def finish(run: Run, stopped_by: str, log) -> dict:
         images = run.method.encoder.normalize(next(eval_batches(run.splits.val, 8))[0].to(run.device))
         pictures = run.method.pictures(images, run.dir.path)
         final.update({"pictures": [str(p) for p in pictures]} if pictures else {})
+        for picture in pictures:
+            run.metrics.picture(picture, run.step)
         if e.knn_at_end and run.splits.labelled and run.splits.train.labels.unique().numel() < 2:
             _stderr("note: no kNN read-out: the train split holds one class")
         elif e.knn_at_end and run.splits.labelled:

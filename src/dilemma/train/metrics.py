@@ -1,5 +1,5 @@
-"""Where a run's numbers go: ``metrics.jsonl`` (one JSON object per logged step) and, when the
-``tensorboard`` package is installed, TensorBoard scalars in ``RUN_DIR/tensorboard``."""
+"""Where a run's numbers go: ``metrics.jsonl`` (one JSON object per logged step), and the same
+numbers to the trackers of ``train.loggers`` (``trackers.py``: TensorBoard, W&B, MLflow)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from dilemma.errors import DilemmaError
 from dilemma.files import atomic_write_text
+from dilemma.train.trackers import Trackers
 
 
 def read_records(path: Path) -> list[dict]:
@@ -39,17 +40,18 @@ def as_json(record: dict) -> dict:
 
 
 class MetricsLog:
-    def __init__(self, out_dir: Path, enabled: bool = True):
+    """``metrics.jsonl`` (rank 0 only: ``enabled``) and the run's ``trackers``, fed the same records."""
+
+    def __init__(self, out_dir: Path, enabled: bool = True, trackers: Trackers | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
-        self.tensorboard = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # optional: pip install 'dilemma[tensorboard]'
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self.tensorboard = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+        self.trackers = trackers if trackers is not None and enabled else Trackers(out_dir, [], None, enabled=False)
+
+    def last_step(self) -> int:
+        """The last step logged (-1 for none): a resumed run's trackers hold every step up to it."""
+        if not (self.enabled and self.path.exists()):
+            return -1
+        return max((r.get("step", -1) for r in read_records(self.path)), default=-1)
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after ``step`` (a resumed run logs them again)."""
@@ -70,12 +72,13 @@ class MetricsLog:
                 f"cannot append to {str(self.path)!r}: {err.strerror or err}. The last checkpoint is intact: "
                 "free space and continue with --resume"
             ) from None
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.tensorboard.add_scalar(key, value, record["step"])
-            self.tensorboard.flush()
+        self.trackers.scalars(record)
 
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+    def picture(self, path: Path, step: int) -> None:
+        """A picture made for this run, to the trackers."""
+        if self.enabled:
+            self.trackers.image(path, step)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the trackers' runs (FINISHED, FAILED or KILLED); a second close does nothing."""
+        self.trackers.finish(status)

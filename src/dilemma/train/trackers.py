@@ -1,0 +1,428 @@
+"""Experiment trackers beside ``metrics.jsonl``: TensorBoard, Weights & Biases, MLflow (``train.loggers``).
+
+Only rank 0 tracks. Each tracker gets the resolved config and the provenance once, then every
+number of ``metrics.jsonl`` under the same name and step (the final record, with the end-of-run
+kNN, too) and the run's pictures. A resumed run continues the same tracker runs: what resuming
+needs (the W&B run id, the MLflow run id and tracking URI) is kept in ``RUN_DIR/trackers.json`` and
+in each checkpoint. Each tracker skips the steps it already holds (logged before the run stopped;
+the resume recomputes them, identically on CPU) and is sent the ones it missed from
+``metrics.jsonl`` (a tracker that had failed, or one added on resume), so its step axis has no
+duplicates and no gaps.
+
+A tracker that fails (no network, server gone, full disk in its folder) costs one warning and is
+switched off for the rest of the run: ``metrics.jsonl`` and the checkpoints never wait on it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+from dilemma.config import TrackingConfig
+from dilemma.files import atomic_write_text
+
+STATE_FILE = "trackers.json"
+
+
+def _numbers(record: dict) -> dict[str, float]:
+    """The finite numbers of a metrics record, less its step."""
+    return {
+        key: float(value)
+        for key, value in record.items()
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
+
+
+def _without_credentials(uri: str | None) -> str | None:
+    """A tracking URI without ``user:password@`` (credentials belong in MLFLOW_TRACKING_USERNAME / _PASSWORD)."""
+    if not uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+class Tracker:
+    """One tracking backend. ``start`` returns what resuming it needs (saved in ``trackers.json``);
+    ``later``: opened after the run ended, to add read-outs (the run's status is left as it was)."""
+
+    name = ""
+
+    def __init__(self, run_dir: Path, settings: TrackingConfig):
+        self.run_dir, self.settings, self.later = run_dir, settings, False
+        self.run_name = settings.run_name or run_dir.resolve().name
+
+    def start(self, saved: dict | None, config: dict, provenance: dict) -> dict:
+        raise NotImplementedError
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def image(self, name: str, path: Path, step: int) -> None:
+        raise NotImplementedError
+
+    def readouts(self, values: dict[str, float], step: int) -> None:
+        """Read-outs made after the run (``dilemma eval ... --checkpoint RUN``) at ``step``."""
+        self.scalars(values, step)
+
+    def finish(self, status: str) -> None:
+        """``status``: FINISHED, FAILED or KILLED."""
+        raise NotImplementedError
+
+
+class TensorBoard(Tracker):
+    """Event files in ``RUN_DIR/tensorboard``; a resumed run adds files to the same folder."""
+
+    name = "tensorboard"
+
+    def start(self, saved, config, provenance):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if saved is None:  # once per run
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
+            self.writer.add_text("provenance", "```\n" + json.dumps(provenance, indent=1) + "\n```", 0)
+        return {}
+
+    def scalars(self, values, step):
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def image(self, name, path, step):
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as picture:
+            self.writer.add_image(name, np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+        self.writer.flush()
+
+    def finish(self, status):
+        self.writer.close()
+
+
+class WandB(Tracker):
+    """A W&B run (files under ``WANDB_DIR`` or ``RUN_DIR/wandb``; ``WANDB_MODE=offline`` works without
+    a network); resumed by its id. W&B's steps only grow, so a read-out made later goes to the
+    run's summary, not its history."""
+
+    name = "wandb"
+
+    def start(self, saved, config, provenance):
+        import wandb
+
+        s = self.settings
+        self.run = wandb.init(
+            project=s.project,
+            entity=s.entity,
+            name=self.run_name,
+            tags=s.tags,
+            group=s.group,
+            config=None if saved else {**config, "provenance": provenance},  # once, when the run is made
+            id=saved.get("id") if saved else None,
+            resume="allow" if saved else None,
+            dir=os.environ.get("WANDB_DIR") or str(self.run_dir),
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        # online, a resumed run starts after the last step W&B committed: a row still open when the
+        # run was killed is lost, and must be sent again (offline, W&B knows no history: 0)
+        self.holds_up_to = self.run.starting_step - 1 if saved and self.run.starting_step else None
+        return {"id": self.run.id}
+
+    def scalars(self, values, step):
+        self.run.log(values, step=step)
+
+    def image(self, name, path, step):
+        import wandb
+
+        picture = wandb.Image(str(path))
+        if self.later:
+            self.run.summary[name] = picture
+        else:
+            self.run.log({name: picture}, step=step)
+
+    def readouts(self, values, step):
+        self.run.summary.update(values)
+
+    def finish(self, status):
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+
+class MLflow(Tracker):
+    """An MLflow run in ``train.tracking.experiment``; resumed by its id and tracking URI. With
+    ``train.tracking.group``, its runs are children of one parent run per group (compare's arms)."""
+
+    name = "mlflow"
+
+    def start(self, saved, config, provenance):
+        from mlflow.tracking import MlflowClient
+
+        # a server that is gone must cost seconds, not MLflow's default minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        s = self.settings
+        self.client = MlflowClient(tracking_uri=s.tracking_uri or (saved or {}).get("tracking_uri"))
+        if saved:
+            self.run_id = saved["run_id"]
+            if not self.later:
+                self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            experiment = self._experiment_id()
+            tags = {tag: "" for tag in s.tags or []}
+            if s.group:
+                tags["mlflow.parentRunId"] = self._parent_run(experiment)
+            self.run_id = self.client.create_run(experiment, run_name=self.run_name, tags=tags).info.run_id
+            self.client.log_dict(self.run_id, config, "config.json")
+            self.client.log_dict(self.run_id, provenance, "provenance.json")
+        return {"run_id": self.run_id, "tracking_uri": _without_credentials(self.client.tracking_uri)}
+
+    def _experiment_id(self) -> str:
+        name = self.settings.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "dilemma"
+        found = self.client.get_experiment_by_name(name)
+        return found.experiment_id if found else self.client.create_experiment(name)
+
+    def _parent_run(self, experiment: str) -> str:
+        """The group's parent run: made (and closed: it only holds the children) by the group's first
+        run, found by the next."""
+        group = self.settings.group
+        quoted = group.replace("'", "\\'")
+        runs = self.client.search_runs([experiment], f"tags.`dilemma.group` = '{quoted}'", max_results=1)
+        if runs:
+            return runs[0].info.run_id
+        parent = self.client.create_run(experiment, run_name=group, tags={"dilemma.group": group}).info.run_id
+        self.client.set_terminated(parent)
+        return parent
+
+    def scalars(self, values, step):
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, step) for key, value in values.items()]
+        for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+
+    def image(self, name, path, step):
+        self.client.log_artifact(self.run_id, str(path), "pictures")
+
+    def finish(self, status):
+        if not self.later:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+TRACKERS = {cls.name: cls for cls in (TensorBoard, WandB, MLflow)}
+
+
+class Trackers:
+    """The trackers of one run, each guarded: the first failure prints a warning and switches it off
+    (and ``trackers.json`` records the last step it holds, so a resume fills the gap)."""
+
+    def __init__(self, run_dir: Path, loggers: list[str], settings: TrackingConfig | None, *, enabled: bool = True):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        names = [name for name in dict.fromkeys(loggers) if name in TRACKERS] if enabled else []
+        self.active = [TRACKERS[name](self.run_dir, settings) for name in names]
+        self.state: dict = {}
+        self.logged: dict[str, int] = {}  # per tracker: the last step it holds
+        self.sent: tuple[int, set] = (-1, set())  # the last step sent, and the keys sent at it
+        self.later = False
+
+    def start(
+        self,
+        config: dict,
+        provenance: dict,
+        *,
+        saved: dict | None = None,
+        held_up_to: int = -1,
+        backfill: list[dict] = (),
+        later: bool = False,
+    ) -> None:
+        """Open every tracker. A resumed run (``saved``: the checkpoint's state, used where the run
+        folder's ``trackers.json`` is missing) reopens the saved tracker runs: each holds the steps up
+        to the furthest any part of the run logged (``held_up_to``, what ``metrics.jsonl`` had before
+        this resume cut it back, or an earlier part's mark) unless the state says it stopped earlier
+        (it failed, or a part ran without it); ``backfill`` (``metrics.jsonl``'s records) gives it
+        the ones it lacks. ``later``: only the saved runs, reopened to add read-outs; nothing of the
+        run folder is written."""
+        if not self.enabled:
+            return
+        self.later = later
+        self.state = {**(saved or {}), **self._read_state()} if saved is not None or later else {}
+        if later:
+            self.active = [tracker for tracker in self.active if tracker.name in self.state]
+        held = max(held_up_to, self.state.get("held_up_to", -1))
+        running = {tracker.name for tracker in self.active}
+        for name in [n for n in self.state if n in TRACKERS and n not in running and not later]:
+            entry = self.state[name]  # a saved tracker this part runs without: it stops where it is
+            self.state[name] = {**entry, "logged_up_to": min(held, entry.get("logged_up_to", held))}
+        for tracker in list(self.active):
+            tracker.later = later
+            before = self.state.get(tracker.name)
+            self.logged[tracker.name] = -1 if before is None else min(held, before.get("logged_up_to", held))
+            started = self._guard(tracker, "starting", tracker.start, before, config, provenance)
+            if tracker not in self.active:
+                continue
+            self.state[tracker.name] = started
+            if getattr(tracker, "holds_up_to", None) is not None:
+                self.logged[tracker.name] = min(self.logged[tracker.name], tracker.holds_up_to)
+            for record in backfill:
+                self._send(tracker, record)
+        if not later and (self.active or self.state):
+            self.state["held_up_to"] = held
+            self._write_state()
+
+    def _read_state(self) -> dict:
+        """``trackers.json``, its damaged entries dropped (a tracker without one starts a new run)."""
+        try:
+            state = json.loads((self.run_dir / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(state, dict):
+            return {}
+
+        def sound(name, entry):
+            if name == "held_up_to":
+                return isinstance(entry, int)
+            if name == "status":
+                return isinstance(entry, str)
+            return isinstance(entry, dict) and isinstance(entry.get("logged_up_to", -1), int)
+
+        return {name: entry for name, entry in state.items() if sound(name, entry)}
+
+    def _write_state(self) -> None:
+        try:
+            atomic_write_text(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1) + "\n")
+        except OSError as err:  # the trackers' bookkeeping must not cost the run either
+            print(f"warning: cannot write {self.run_dir / STATE_FILE}: {err.strerror or err}", file=sys.stderr)
+
+    def _send(self, tracker: Tracker, record: dict) -> None:
+        step, values = record["step"], _numbers(record)
+        if "stopped_by" in record:  # the final record: what its step's record did not already say
+            if self.sent[0] == step:
+                values = {k: v for k, v in values.items() if k not in self.sent[1]}
+            elif step <= self.logged[tracker.name]:  # a step held from before the resume (it ended below)
+                self._guard(tracker, "logging the final record", tracker.readouts, values, step)
+                return
+        elif step <= self.logged[tracker.name]:
+            return  # it holds this step already
+        if self._guard(tracker, f"logging step {step}", tracker.scalars, values, step) is not False:
+            self.logged[tracker.name] = max(self.logged[tracker.name], step)
+
+    def _note_sent(self, record: dict) -> None:
+        step, keys = record["step"], set(_numbers(record))
+        self.sent = (step, self.sent[1] | keys if self.sent[0] == step else keys)
+
+    def scalars(self, record: dict) -> None:
+        for tracker in list(self.active):
+            self._send(tracker, record)
+        self._note_sent(record)
+
+    def readouts(self, values: dict[str, float], step: int) -> None:
+        for tracker in list(self.active):
+            self._guard(tracker, "logging read-outs", tracker.readouts, values, step)
+
+    def image(self, path: Path, step: int) -> None:
+        for tracker in list(self.active):
+            self._guard(tracker, f"logging {Path(path).name}", tracker.image, Path(path).stem, Path(path), step)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the tracker runs as the run ended (a run reopened ``later`` keeps its recorded status)."""
+        if self.later:
+            status = self.state.get("status", "FINISHED")
+        elif self.active:
+            self.state["status"] = status
+            self._write_state()
+        for tracker in list(self.active):
+            self._guard(tracker, "finishing", tracker.finish, status)
+        self.active = []
+
+    def _guard(self, tracker: Tracker, what: str, call, *args):
+        """``call(*args)``'s result (True for None), or False after a failure, which is a warning."""
+        try:
+            result = call(*args)
+            return True if result is None else result
+        except Exception as err:  # any failure of a tracker: never the run's
+            text = str(err).strip()
+            first = text.splitlines()[0][:300] if text else type(err).__name__
+            print(
+                f"warning: {tracker.name} failed while {what} ({first}); it is off for the rest of this run. "
+                "metrics.jsonl and the checkpoints are unaffected.",
+                file=sys.stderr,
+            )
+            self.active.remove(tracker)
+            if tracker.name in self.state and not self.later:  # a resume sends it what it missed
+                self.state[tracker.name] = {
+                    **self.state[tracker.name],
+                    "logged_up_to": self.logged.get(tracker.name, -1),
+                }
+                self._write_state()
+            return False
+
+
+def run_folder(path: str | Path) -> Path | None:
+    """The run folder of a ``--checkpoint`` (the folder, or ``RUN/checkpoints/x.pt``) that tracks, or None."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else None
+    return folder if folder is not None and (folder / STATE_FILE).is_file() else None
+
+
+def _tracking_of(folder: Path) -> tuple[list[str], TrackingConfig]:
+    """``train.loggers`` and ``train.tracking`` of a run's ``config.yaml`` (nothing else is read)."""
+    import dataclasses
+
+    from dilemma.config import safe_yaml
+
+    train = safe_yaml((folder / "config.yaml").read_text(), str(folder / "config.yaml"))["train"]
+    known = {f.name for f in dataclasses.fields(TrackingConfig)}
+    tracking = TrackingConfig(**{k: v for k, v in (train.get("tracking") or {}).items() if k in known})
+    return list(train.get("loggers") or []), tracking
+
+
+def _step_of(path: Path, folder: Path) -> int:
+    """The step a checkpoint was taken at, from its name (``step_0000120.pt``), else the run's last."""
+    import re
+
+    from dilemma.train.metrics import MetricsLog
+
+    if not path.is_file() or path.name == "last.pt":
+        return max(MetricsLog(folder).last_step(), 0)
+    found = re.fullmatch(r"step_(\d+)\.pt", path.name)
+    if found:
+        return int(found.group(1))
+    from dilemma.rundir import load_checkpoint  # a snapshot (progress_XXXX.pt): its own step
+
+    return int(load_checkpoint(path)["step"])
+
+
+def log_to_run(path: str | Path, values: dict, pictures: list[Path] = (), prefix: str = "eval/") -> None:
+    """Read-outs and pictures made later for a run go to the same tracker runs (when it tracks):
+    numbers as ``eval/<name>`` at the evaluated checkpoint's step, pictures as images. Never fails:
+    a warning at most; skipped while the run is still training (its process is the folder's writer)."""
+    from dilemma.errors import DilemmaError
+    from dilemma.rundir import RunDir
+
+    folder = run_folder(path)
+    if folder is None:
+        return
+    run = RunDir(folder)
+    try:
+        run.lock()
+    except DilemmaError as err:  # still training (its process holds the folder), or not writable
+        print(f"note: this read-out is not sent to the trackers of {folder}: {err}", file=sys.stderr)
+        return
+    try:
+        trackers = Trackers(folder, *_tracking_of(folder))
+        step = _step_of(Path(path), folder)
+        trackers.start({}, {}, later=True)
+        trackers.readouts({f"{prefix}{k}": v for k, v in _numbers(values).items()}, step)
+        for picture in pictures:
+            trackers.image(picture, step)
+        trackers.finish()
+    except Exception as err:  # an old or damaged run folder: the read-out itself stands
+        print(f"warning: could not log to the trackers of {folder}: {err}", file=sys.stderr)
+    finally:
+        run.unlock()
