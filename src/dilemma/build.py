@@ -6,7 +6,7 @@ setting means the same everywhere.
 
 from __future__ import annotations
 
-from dilemma.config import Config, method_config
+from dilemma.config import Config
 from dilemma.data import Splits, Views, ViewSettings, load_source
 from dilemma.methods import Method, method_class
 from dilemma.models import build_encoder, load_backbone
@@ -28,10 +28,15 @@ def load_splits(cfg: Config, source: str | None = None) -> Splits:
     )
 
 
+def _method_section(cfg: Config):
+    """The chosen method's own config section, e.g. ``cfg.method.mocov3``."""
+    return getattr(cfg.method, method_class(cfg.method.name).name)
+
+
 def build_views(cfg: Config) -> Views:
     """The method's views: crops in the loader workers, photometric ops on the training device."""
     settings = ViewSettings.from_data(cfg.data, cfg.model.img_size, cfg.model.in_chans)
-    return method_class(cfg.method.name).views(method_config(cfg), settings)
+    return method_class(cfg.method.name).views(_method_section(cfg), settings)
 
 
 def build_method(cfg: Config, pretrained: tuple[dict, str] | None = None, log=None) -> Method:
@@ -52,4 +57,4 @@ def build_method(cfg: Config, pretrained: tuple[dict, str] | None = None, log=No
         drop_rate=switches.drop_rate,
         weight=switches.weight,
     )
-    return method_class(cfg.method.name)(encoder, dilemma, method_config(cfg))
+    return method_class(cfg.method.name)(encoder, dilemma, _method_section(cfg))

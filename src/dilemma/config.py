@@ -652,8 +652,3 @@ def config_from_dict(data: dict, method: str | None = None) -> Config:
     cfg = _build([saved], trusted)
     validate_model(cfg.model)
     return cfg
-
-
-def method_config(cfg: Config):
-    """The chosen method's own section, e.g. ``cfg.method.mocov3``."""
-    return getattr(cfg.method, method_class(cfg.method.name).name)

@@ -37,7 +37,7 @@ from dilemma.files import atomic_write_text
 from dilemma.methods import Method
 from dilemma.rundir import FORMAT, CheckpointDir, RunDir, provenance
 from dilemma.schedules import learning_rate, progress
-from dilemma.train.metrics import MetricsLog, as_json, read_records
+from dilemma.train.metrics import MetricsLog, as_json
 from dilemma.train.probe import OnlineProbe
 from dilemma.train.seeding import rng_state, seed_everything, set_rng_state
 from dilemma.train.signals import Interrupted, stop_on_signals
@@ -349,23 +349,15 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
         metrics=MetricsLog(run_dir.path, enabled=is_main(), trackers=_trackers(cfg, run_dir)),
         run_id=(ckpt or {}).get("run_id") or uuid.uuid4().hex,
     )  # fmt: skip
-    held = run.metrics.last_step()  # what the trackers were sent before the run stopped
+    resumed = {}  # for the trackers: what they were sent before the run stopped, and what metrics.jsonl keeps
     if ckpt is not None:
         run.restore(ckpt)
-        run.metrics.truncate_after(run.step)  # steps logged after the checkpoint will be run (and logged) again
+        held, kept = run.metrics.truncate_after(run.step)  # steps after the checkpoint run (and log) again
+        resumed = {"saved": ckpt.get("trackers") or {}, "held_up_to": held, "backfill": kept}
     if is_main():
         atomic_write_text(run_dir.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         record = {**provenance(device, world_size()), "run_id": run.run_id, "resumed_at_step": run.step}
         run_dir.record_provenance(record)
-        resumed = (
-            {}
-            if ckpt is None
-            else {
-                "saved": ckpt.get("trackers") or {},
-                "held_up_to": held,
-                "backfill": read_records(run.metrics.path) if run.metrics.path.exists() else [],
-            }
-        )
         run.metrics.trackers.start(cfg.to_dict(), record, **resumed)
     return run
 

@@ -53,12 +53,15 @@ class MetricsLog:
             return -1
         return max((r.get("step", -1) for r in read_records(self.path)), default=-1)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (a resumed run logs them again)."""
+    def truncate_after(self, step: int) -> tuple[int, list[dict]]:
+        """Drop records of steps after ``step`` (a resumed run logs them again). Returns the last step
+        logged before (what the trackers were sent) and the records kept."""
         if not (self.enabled and self.path.exists()):
-            return
-        kept = [r for r in read_records(self.path) if r.get("step", 0) <= step and "stopped_by" not in r]
+            return -1, []
+        records = read_records(self.path)
+        kept = [r for r in records if r.get("step", 0) <= step and "stopped_by" not in r]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        return max((r.get("step", -1) for r in records), default=-1), kept
 
     def write(self, record: dict) -> None:
         if not self.enabled:
