@@ -15,6 +15,7 @@ switched off for the rest of the run: ``metrics.jsonl`` and the checkpoints neve
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -48,7 +49,7 @@ def _without_credentials(uri: str | None) -> str | None:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
-class Tracker:
+class Tracker(abc.ABC):
     """One tracking backend. ``start`` returns what resuming it needs (saved in ``trackers.json``);
     ``later``: opened after the run ended, to add read-outs (the run's status is left as it was)."""
 
@@ -58,22 +59,25 @@ class Tracker:
         self.run_dir, self.settings, self.later = run_dir, settings, False
         self.run_name = settings.run_name or run_dir.resolve().name
 
+    @abc.abstractmethod
     def start(self, saved: dict | None, config: dict, provenance: dict) -> dict:
-        raise NotImplementedError
+        """Open the tracker's run (a new one, or the ``saved`` one); what resuming it needs."""
 
+    @abc.abstractmethod
     def scalars(self, values: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+        """Numbers at a training step."""
 
+    @abc.abstractmethod
     def image(self, name: str, path: Path, step: int) -> None:
-        raise NotImplementedError
+        """A picture (a PNG file) at a step."""
 
     def readouts(self, values: dict[str, float], step: int) -> None:
         """Read-outs made after the run (``dilemma eval ... --checkpoint RUN``) at ``step``."""
         self.scalars(values, step)
 
+    @abc.abstractmethod
     def finish(self, status: str) -> None:
-        """``status``: FINISHED, FAILED or KILLED."""
-        raise NotImplementedError
+        """End the run; ``status``: FINISHED, FAILED or KILLED."""
 
 
 class TensorBoard(Tracker):
@@ -270,7 +274,7 @@ class Trackers:
             if getattr(tracker, "holds_up_to", None) is not None:
                 self.logged[tracker.name] = min(self.logged[tracker.name], tracker.holds_up_to)
             for record in backfill:
-                self._send(tracker, record)
+                self._send(tracker, record, _numbers(record))
         if not later and (self.active or self.state):
             self.state["held_up_to"] = held
             self._write_state()
@@ -299,8 +303,8 @@ class Trackers:
         except OSError as err:  # the trackers' bookkeeping must not cost the run either
             print(f"warning: cannot write {self.run_dir / STATE_FILE}: {err.strerror or err}", file=sys.stderr)
 
-    def _send(self, tracker: Tracker, record: dict) -> None:
-        step, values = record["step"], _numbers(record)
+    def _send(self, tracker: Tracker, record: dict, values: dict[str, float]) -> None:
+        step = record["step"]
         if "stopped_by" in record:  # the final record: what its step's record did not already say
             if self.sent[0] == step:
                 values = {k: v for k, v in values.items() if k not in self.sent[1]}
@@ -312,14 +316,14 @@ class Trackers:
         if self._guard(tracker, f"logging step {step}", tracker.scalars, values, step) is not False:
             self.logged[tracker.name] = max(self.logged[tracker.name], step)
 
-    def _note_sent(self, record: dict) -> None:
-        step, keys = record["step"], set(_numbers(record))
+    def _note_sent(self, step: int, keys: set[str]) -> None:
         self.sent = (step, self.sent[1] | keys if self.sent[0] == step else keys)
 
     def scalars(self, record: dict) -> None:
+        values = _numbers(record)  # once for every tracker
         for tracker in list(self.active):
-            self._send(tracker, record)
-        self._note_sent(record)
+            self._send(tracker, record, values)
+        self._note_sent(record["step"], set(values))
 
     def readouts(self, values: dict[str, float], step: int) -> None:
         for tracker in list(self.active):
