@@ -403,6 +403,41 @@ CASES = [
         ["pretrain", "--method", "mae", "--set", "method.mae.decoder_depth=1000"],
         "method.mae decoder sizes",
     ),
+    (
+        "a BYOL target momentum above 1",
+        ["pretrain", "--method", "byol", "--set", "method.byol.momentum=1.5"],
+        "method.byol.momentum must be in [0, 1]",
+    ),
+    (
+        "a billion-wide BYOL predictor",
+        ["pretrain", "--method", "byol", "--set", "method.byol.proj_hidden_dim=1000000000"],
+        "method.byol head sizes",
+    ),
+    (
+        "a negative VICReg weight",
+        ["pretrain", "--method", "vicreg", "--set", "method.vicreg.variance_weight=-25"],
+        "method.vicreg weights must be finite",
+    ),
+    (
+        "VICReg with every weight zero",
+        [
+            "pretrain",
+            "--method",
+            "vicreg",
+            "--set",
+            "method.vicreg.invariance_weight=0",
+            "--set",
+            "method.vicreg.variance_weight=0",
+            "--set",
+            "method.vicreg.covariance_weight=0",
+        ],
+        "not all 0",
+    ),
+    (
+        "a VICReg expander too wide for memory",
+        ["pretrain", "--method", "vicreg", "--set", "method.vicreg.expander_dim=100000"],
+        "method.vicreg.expander_dim must be in [1, 2^14]",
+    ),
     # ---- the run length, resume, output paths ----
     (
         "a run with no end",

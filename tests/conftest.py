@@ -24,6 +24,9 @@ TINY = [
     "method.dino.out_dim=256",
     "method.dino.hidden_dim=128",
     "method.dino.local_crops=2",
+    "method.byol.proj_hidden_dim=128",
+    "method.byol.proj_dim=64",
+    "method.vicreg.expander_dim=128",
     "eval.batch_size=500",
 ]
 

@@ -26,7 +26,9 @@ def test_shipped_configs_load():
     reference = yaml.safe_load((Path(__file__).parents[1] / "configs" / "mocov3_dilemma.yaml").read_text())
     assert reference == Config().to_dict()
     names = {p.stem: load_config(p).method.name for p in configs}
-    assert {names["dino_dilemma"], names["simclr_dilemma"], names["mae_dilemma"]} == {"dino", "simclr", "mae"}
+    recipes = ("dino", "simclr", "mae", "byol", "vicreg")
+    assert [names[f"{name}_dilemma"] for name in recipes] == list(recipes)
+    assert names["paper_byol_vits16"] == "byol" and names["paper_vicreg_vits16"] == "vicreg"
 
 
 def test_moved_method_keys_point_to_their_section():

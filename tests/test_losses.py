@@ -7,7 +7,18 @@ import torch.nn.functional as F
 from dilemma.build import build_method
 from dilemma.config import load_config
 from dilemma.heads import DINOHead, mlp
-from dilemma.losses import DINOLoss, InfoNCELoss, NTXentLoss, dino_loss, info_nce_loss, nt_xent_loss
+from dilemma.losses import (
+    BYOLLoss,
+    DINOLoss,
+    InfoNCELoss,
+    NTXentLoss,
+    VICRegLoss,
+    byol_loss,
+    dino_loss,
+    info_nce_loss,
+    nt_xent_loss,
+    vicreg_loss,
+)
 from tests.conftest import TINY
 
 
@@ -29,6 +40,8 @@ def test_loss_modules_equal_their_functions():
     s, t = [torch.randn(4, 8) for _ in range(3)], [torch.randn(4, 8) for _ in range(2)]
     c = torch.randn(1, 8)
     assert torch.equal(DINOLoss(0.1)(s, t, c, 0.05), dino_loss(s, t, c, 0.1, 0.05))
+    assert torch.equal(BYOLLoss()(z1, z2), byol_loss(z1, z2))
+    assert torch.equal(VICRegLoss(2.0, 3.0, 4.0)(z1, z2)[0], vicreg_loss(z1, z2, 2.0, 3.0, 4.0)[0])
 
 
 def test_mlp_heads_shapes_and_batchnorm():
@@ -51,7 +64,7 @@ def test_dino_head_last_layer_is_weight_normalised():
     assert before.abs().max() <= 1.0 + 1e-6  # unit bottleneck . unit prototype = a cosine
 
 
-@pytest.mark.parametrize("name", ["mocov3", "dino"])
+@pytest.mark.parametrize("name", ["mocov3", "dino", "byol"])
 def test_ema_teacher_follows_every_paired_module(name):
     cfg = load_config(None, [*TINY, f"method.name={name}"])
     method = build_method(cfg)

@@ -1,4 +1,5 @@
-"""DINO, SimCLR and MAE on the common Method interface: losses, teachers, switches, true positions."""
+"""DINO, SimCLR, MAE, BYOL and VICReg on the common Method interface: losses, teachers, switches,
+true positions."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from dilemma.build import build_method, build_views
 from dilemma.config import load_config
 from dilemma.data import load_source
-from dilemma.losses import dino_loss, nt_xent_loss
+from dilemma.losses import byol_loss, dino_loss, nt_xent_loss, vicreg_loss
 from dilemma.methods import METHODS
 from dilemma.methods.dino import teacher_temperature_at
 from dilemma.methods.mae import patchify, unpatchify
@@ -33,7 +34,7 @@ def _block_inputs(module):
     return counts
 
 
-@pytest.mark.parametrize("name", ["dino", "simclr", "mae"])
+@pytest.mark.parametrize("name", ["dino", "simclr", "mae", "byol", "vicreg"])
 def test_loss_goes_down_on_a_fixed_batch(name):
     method, cfg = _method(name)
     views = _views(cfg)
@@ -56,9 +57,9 @@ def test_loss_goes_down_on_a_fixed_batch(name):
 
 
 def test_registry_and_views_per_method():
-    assert set(METHODS) == {"mocov3", "dino", "simclr", "mae"}
+    assert set(METHODS) == {"mocov3", "dino", "simclr", "mae", "byol", "vicreg"}
     shapes = {name: [tuple(v.shape) for v in _views(_method(name)[1], n=4)] for name in METHODS}
-    assert shapes["mocov3"] == shapes["simclr"] == [(4, 1, 28, 28)] * 2
+    assert shapes["mocov3"] == shapes["simclr"] == shapes["byol"] == shapes["vicreg"] == [(4, 1, 28, 28)] * 2
     assert shapes["dino"] == [(4, 1, 28, 28)] * 2 + [(4, 1, 16, 16)] * 2  # 2 global + 2 local (TINY)
     assert shapes["mae"] == [(4, 1, 28, 28)]
 
@@ -130,16 +131,18 @@ def test_nt_xent_matches_a_direct_computation():
     assert torch.allclose(nt_xent_loss(z1, z2, 0.5), torch.stack(losses).mean(), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["simclr", "vicreg"])
 @pytest.mark.parametrize("clean_view", [False, True])
-def test_simclr_views_and_clean_view_switch(clean_view):
-    method, cfg = _method("simclr", f"method.simclr.clean_view={clean_view}")
+def test_two_student_views_and_clean_view_switch(name, clean_view):
+    method, cfg = _method(name, f"method.{name}.clean_view={clean_view}")
     student = _block_inputs(method.encoder)
     out = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
     loss, logs = out.loss, out.logs
     loss.backward()
     # both views sparse: one encoder call over both; a clean second view: a sparse call and a dense one
     assert student == ([(8, 1 + 12), (8, 1 + 49)] if clean_view else [(16, 1 + 12)])
-    assert "det_bce" in logs and method.projector[0].weight.grad is not None
+    head = method.projector if name == "simclr" else method.expander
+    assert "det_bce" in logs and head[0].weight.grad is not None
 
 
 def test_mae_decoder_uses_true_positions_when_encoder_saw_wrong_ones():
@@ -192,3 +195,59 @@ def test_encoder_accepts_local_crop_sizes(tiny_encoder):
     assert patches.shape == (2, 16, 32)
     _, pe = enc._split_pos_embed((7, 7))
     assert torch.equal(pe, enc.vit.pos_embed[0, 1:])  # native grid: the PE itself, not a resample
+
+
+def test_byol_online_sparse_target_dense_and_no_target_gradient():
+    method, cfg = _method("byol")
+    online, target = _block_inputs(method.encoder), _block_inputs(method.target_encoder)
+    out = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
+    out.loss.backward()
+    assert online == [(16, 1 + 12)]  # both views in one call, sparse (K = 12)
+    assert target == [(16, 1 + 49)]  # dense and clean
+    frozen = [*method.target_encoder.parameters(), *method.target_projector.parameters()]
+    assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
+    assert method.predictor[0].weight.grad is not None and method.dilemma.head.proj.weight.grad is not None
+    assert {"det_bce", "det_auroc", "momentum"} <= set(out.logs)
+
+
+def test_byol_loss_matches_a_direct_computation():
+    """The method's loss, recomputed from the networks' outputs: dense, clean views (p = r = 0), so
+    the online network's input is known; prediction of each view against the other view's target."""
+    method, cfg = _method("byol", "dilemma.misplace_prob=0", "dilemma.drop_rate=0")
+    views = _views(cfg, 8)
+    out = method(views, 0.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p = [method.predictor(method.projector(method.encoder.vit.forward_features(v)[:, 0])) for v in views]
+        z = [method.target_projector(method.target_encoder.vit.forward_features(v)[:, 0]) for v in views]
+    direct = sum(
+        ((a / a.norm(dim=1, keepdim=True) - b / b.norm(dim=1, keepdim=True)) ** 2).sum(1).mean()
+        for a, b in ((p[0], z[1]), (p[1], z[0]))
+    )
+    assert torch.allclose(out.logs["ssl_loss"], direct, atol=1e-5)
+    # the function alone: 2 - 2 cos, no gradient into the target
+    a, b = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5, requires_grad=True)
+    assert torch.allclose(byol_loss(a, b), (2 - 2 * F.cosine_similarity(a, b)).mean(), atol=1e-6)
+    byol_loss(a, b).backward()
+    assert a.grad is not None and b.grad is None
+
+
+def test_vicreg_loss_matches_a_direct_computation():
+    torch.manual_seed(0)
+    n, d = 12, 6
+    z1, z2 = torch.randn(n, d) * 0.5, torch.randn(n, d) * 2.0  # one view under the std hinge, one above
+    invariance = sum((z1[i, k] - z2[i, k]) ** 2 for i in range(n) for k in range(d)) / (n * d)
+    variance, covariance = 0.0, 0.0
+    for z in (z1, z2):
+        std = torch.stack([torch.sqrt(z[:, k].var(unbiased=True) + 1e-4) for k in range(d)])
+        variance = variance + torch.clamp(1 - std, min=0).mean() / 2
+        cov = torch.cov(z.T)  # (d, d), normalised by n - 1
+        covariance = covariance + sum(cov[a, b] ** 2 for a in range(d) for b in range(d) if a != b) / d
+    loss, terms = vicreg_loss(z1, z2, 25.0, 25.0, 1.0)
+    assert torch.allclose(terms["invariance"], invariance, atol=1e-5)
+    assert torch.allclose(terms["variance"], variance, atol=1e-5) and 0 < terms["variance"] < 1
+    assert torch.allclose(terms["covariance"], covariance, atol=1e-5)
+    assert torch.allclose(loss, 25 * invariance + 25 * variance + covariance, atol=1e-4)
+    # the weights are the config's: a method built with others logs the same terms, another total
+    method, cfg = _method("vicreg", "method.vicreg.covariance_weight=0", "method.vicreg.variance_weight=0")
+    out = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(out.logs["ssl_loss"], 25 * out.logs["invariance"])

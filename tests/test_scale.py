@@ -80,7 +80,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["mocov3", "simclr", "dino"])
+@pytest.mark.parametrize("method", ["mocov3", "simclr", "dino", "byol", "vicreg"])
 def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, method):
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_worker, args=(_free_port(), method, str(out)), nprocs=2, join=True)

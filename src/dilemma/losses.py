@@ -1,9 +1,11 @@
-"""The SSL losses: InfoNCE (MoCo v3), NT-Xent (SimCLR), DINO's cross-entropy.
+"""The SSL losses: InfoNCE (MoCo v3), NT-Xent (SimCLR), DINO's cross-entropy, BYOL's normalised
+regression, VICReg's variance-invariance-covariance.
 
 Each is a function and a plain ``nn.Module`` around it, usable in any loop. Under DDP the
 contrastive losses see the whole global batch: InfoNCE's keys are gathered without gradient (they
 come from the momentum encoder), NT-Xent's views with a gather whose backward is correct, so the
-gradient equals the single-process one (tested). In one process both gathers are the identity.
+gradient equals the single-process one (tested); VICReg's variance and covariance terms are
+statistics of the global batch, gathered the same way. In one process the gathers are the identity.
 """
 
 from __future__ import annotations
@@ -61,6 +63,55 @@ def dino_loss(
     return torch.stack(terms).mean()
 
 
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression of online predictions ``p`` (n, d) onto target projections ``z`` (n, d):
+    ``|| p / |p| - z / |z| ||^2 = 2 - 2 cos(p, z)``, mean over the batch (Grill et al. 2020, Eq. 2).
+    ``z`` gets no gradient (the target network's output)."""
+    p, z = F.normalize(p.float(), dim=1), F.normalize(z.detach().float(), dim=1)
+    return (2 - 2 * (p * z).sum(dim=1)).mean()
+
+
+def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """The d (d - 1) off-diagonal entries of a square ``(d, d)`` matrix, flattened."""
+    d = m.shape[0]
+    return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
+
+
+def _variance_covariance(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's variance term (hinge on the std of each dimension at 1) and covariance term (sum of
+    squared off-diagonal covariances / d) of embeddings ``z`` (N, d) of the global batch."""
+    z = z - z.mean(dim=0)
+    std = torch.sqrt(z.var(dim=0) + eps)
+    variance = F.relu(1 - std).mean()
+    with _fp32(z):
+        cov = z.T @ z / (z.shape[0] - 1)  # (d, d)
+    return variance, _off_diagonal(cov).pow(2).sum() / z.shape[1]
+
+
+def vicreg_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    invariance_weight: float = 25.0,
+    variance_weight: float = 25.0,
+    covariance_weight: float = 1.0,
+    eps: float = 1e-4,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """VICReg (Bardes et al. 2022, Eq. 6) of the two views' embeddings ``(n, d)``: lambda x the
+    invariance term on this process's pairs, plus mu x the variance and nu x the covariance terms of
+    each view over the global batch (gathered with gradient); the variance term is the mean over the
+    two views, the covariance term their sum. As in the paper's code (for which 25 / 25 / 1 were
+    tuned), the invariance term is the mean squared difference per coordinate (Eq. 5 sums over the d
+    coordinates). Returns the loss and its three terms (detached)."""
+    z1, z2 = z1.float(), z2.float()
+    invariance = F.mse_loss(z1, z2)
+    var1, cov1 = _variance_covariance(gather_with_grad(z1), eps)
+    var2, cov2 = _variance_covariance(gather_with_grad(z2), eps)
+    variance, covariance = (var1 + var2) / 2, cov1 + cov2
+    loss = invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance
+    terms = {"invariance": invariance.detach(), "variance": variance.detach(), "covariance": covariance.detach()}
+    return loss, terms
+
+
 class InfoNCELoss(nn.Module):
     def __init__(self, temperature: float = 0.2):
         super().__init__()
@@ -91,3 +142,19 @@ class DINOLoss(nn.Module):
         self, student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor, teacher_temp: float
     ) -> torch.Tensor:
         return dino_loss(student, teacher, center, self.student_temp, teacher_temp)
+
+
+class BYOLLoss(nn.Module):
+    def forward(self, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return byol_loss(p, z)
+
+
+class VICRegLoss(nn.Module):
+    """VICReg's loss with its three weights (the paper's 25 / 25 / 1 by default)."""
+
+    def __init__(self, invariance_weight: float = 25.0, variance_weight: float = 25.0, covariance_weight: float = 1.0):
+        super().__init__()
+        self.weights = (invariance_weight, variance_weight, covariance_weight)
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return vicreg_loss(z1, z2, *self.weights)

@@ -15,12 +15,14 @@ from pathlib import Path
 
 from dilemma.errors import DilemmaError
 from dilemma.methods.base import EMATeacherMethod, Method, MethodOutput
+from dilemma.methods.byol import BYOL
 from dilemma.methods.dino import DINO
 from dilemma.methods.mae import MAE
 from dilemma.methods.mocov3 import MoCoV3
 from dilemma.methods.simclr import SimCLR
+from dilemma.methods.vicreg import VICReg
 
-BUILTIN: tuple[type[Method], ...] = (MoCoV3, DINO, SimCLR, MAE)
+BUILTIN: tuple[type[Method], ...] = (MoCoV3, DINO, SimCLR, MAE, BYOL, VICReg)
 METHODS: dict[str, type[Method]] = {m.name: m for m in BUILTIN}
 
 
@@ -67,6 +69,7 @@ def method_class(name: str) -> type[Method]:
 
 __all__ = [
     "BUILTIN",
+    "BYOL",
     "DINO",
     "EMATeacherMethod",
     "MAE",
@@ -75,5 +78,6 @@ __all__ = [
     "MethodOutput",
     "MoCoV3",
     "SimCLR",
+    "VICReg",
     "method_class",
 ]
