@@ -91,15 +91,19 @@ def _forward_and_grads(method, views):
         ("dino", (), [(8, 1, 28, 28)] * 2 + [(8, 1, 16, 16)] * 2),
         ("dino", ("method.dino.local_dilemma=true",), [(8, 1, 28, 28)] * 2 + [(8, 1, 16, 16)] * 2),
         ("mocov3", ("dilemma.misplace_prob=0",), [(8, 1, 28, 28)] * 2),  # sparse only: nothing detected
+        ("byol", (), [(8, 1, 28, 28)] * 2),
+        ("vicreg", (), [(8, 1, 28, 28)] * 2),
+        ("vicreg", ("method.vicreg.clean_view=true",), [(8, 1, 28, 28)] * 2),
         ("dino", ("dilemma.misplace_prob=0", "dilemma.drop_rate=0"), [(8, 1, 28, 28)] * 2 + [(8, 1, 16, 16)] * 2),
     ],
 )
 def test_one_encoder_call_over_the_views_equals_one_call_per_view(name, overrides, shapes, monkeypatch):
     method, views = _method(name, *overrides), _views(shapes)
     fast, fast_grads = _forward_and_grads(method, views)
-    if hasattr(method, "momentum_encoder"):  # the momentum branch, too: one full forward per view
-        momentum = method.momentum_encoder
-        monkeypatch.setattr(momentum, "embed", lambda images: torch.cat([momentum(v)[0] for v in images.chunk(2)]))
+    for branch in ("momentum_encoder", "target_encoder"):  # MoCo v3's / BYOL's EMA branch: one full forward per view
+        if hasattr(method, branch):
+            ema = getattr(method, branch)
+            monkeypatch.setattr(ema, "embed", lambda images, ema=ema: torch.cat([ema(v)[0] for v in images.chunk(2)]))
     if hasattr(method, "teacher_encoder"):  # DINO's teacher: the full forward (all tokens through the last block)
         teacher = method.teacher_encoder
         monkeypatch.setattr(teacher, "embed", lambda images: teacher(images)[0])
@@ -121,6 +125,8 @@ def test_one_encoder_call_over_the_views_equals_one_call_per_view(name, override
         ("mocov3", ("dilemma.misplace_prob=0",), [1]),  # sparse, nothing to detect
         ("mocov3", ("dilemma.misplace_prob=0", "dilemma.drop_rate=0"), [1]),  # plain
         ("simclr", ("method.simclr.clean_view=true",), [13, 1]),
+        ("byol", (), [13]),
+        ("vicreg", ("method.vicreg.clean_view=true",), [13, 1]),
         ("dino", (), [13, 1]),  # global crops detected, local crops dense and clean
         ("dino", ("method.dino.local_dilemma=true",), [13, 5]),
     ],
