@@ -241,7 +241,7 @@ CASES = [
     ("bad YAML", ["pretrain", "--config", "{yaml_bad}"], "is not valid YAML"),
     ("YAML that is not a mapping", ["pretrain", "--config", "{yaml_list}"], "must hold a mapping of sections"),
     ("missing config file", ["pretrain", "--config", "{missing}"], "does not exist"),
-    ("unknown method", ["pretrain", "--method", "byol"], "unknown method 'byol'"),
+    ("unknown method", ["pretrain", "--method", "swav"], "unknown method 'swav'"),
     ("unknown timm model", ["pretrain", "--set", "model.name=vit_tinny_patch16_224"], "unknown timm model"),
     (
         "batch larger than the data",
