@@ -124,6 +124,20 @@ class Method(nn.Module):
         bce, logs = self.dilemma.loss(patch_tokens, sample, with_metrics=with_metrics, views=views)
         return StudentOutput(embedding, patch_tokens, None if bce is None else Detection(bce, logs, views))
 
+    def two_student_views(
+        self, views, draws: TokenDraws, with_metrics: bool, clean_view: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, list[Detection | None]]:
+        """The class embeddings ``(n, D)`` of two views that are both student views (SimCLR, VICReg):
+        both sparse + corrupted in one encoder call, or, with ``clean_view``, the second dense and
+        clean (a second call); and the detections for ``output``."""
+        if clean_view:
+            first = self.student(views[0], draws, with_metrics, patches=False)
+            second = self.student(views[1], draws, with_metrics, corrupt=False, patches=False)
+            return first.embedding, second.embedding, [first.detection]
+        both = self.student(torch.cat(views), draws, with_metrics, views=2, patches=False)
+        cls1, cls2 = both.embedding.split(views[0].shape[0])
+        return cls1, cls2, [both.detection]
+
     def output(
         self,
         ssl_loss: torch.Tensor,

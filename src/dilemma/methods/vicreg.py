@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from dilemma.errors import require
 from dilemma.heads import mlp
 from dilemma.losses import VICRegLoss
@@ -57,16 +55,7 @@ class VICReg(Method):
     def forward(
         self, views, progress: float = 0.0, draws: TokenDraws = None, with_metrics: bool = False
     ) -> MethodOutput:
-        n = views[0].shape[0]
-        if self.cfg.clean_view:  # a sparse view and a dense one: two encoder calls
-            first = self.student(views[0], draws, with_metrics, patches=False)
-            cls1 = first.embedding
-            cls2 = self.student(views[1], draws, with_metrics, corrupt=False, patches=False).embedding
-            detections = [first.detection]
-        else:  # both views alike: one encoder call over both
-            both = self.student(torch.cat(views), draws, with_metrics, views=2, patches=False)
-            cls1, cls2 = both.embedding.split(n)
-            detections = [both.detection]
+        cls1, cls2, detections = self.two_student_views(views, draws, with_metrics, self.cfg.clean_view)
         # the expander has batch norm: each view is its own batch, as VICReg's per-view forwards
         ssl, terms = self.criterion(self.expander(cls1), self.expander(cls2))
         out = self.output(ssl, detections, features=cls1)
