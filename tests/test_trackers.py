@@ -70,7 +70,12 @@ def _wandb_records(path):
 
 def _wandb_history(run_dir):
     """Every history row (``_step``: the row's step) and run record of every W&B offline file of the
-    run (resumed parts included), in order."""
+    run (resumed parts included), in order. ``run.finish()`` returns before W&B's service has
+    written its last block (seen under load in CI), so first wait for the service as a process
+    exit does."""
+    import wandb
+
+    wandb.teardown()
     rows, runs = [], []
     for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         for record in _wandb_records(path):
