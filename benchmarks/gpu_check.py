@@ -50,6 +50,7 @@ RECIPES = {
     "mae": ["--config", "configs/paper_mae_vitb16.yaml", "model.name=vit_small_patch16_224"],
     "byol": ["--config", "configs/paper_byol_vits16.yaml"],
     "vicreg": ["--config", "configs/paper_vicreg_vits16.yaml"],
+    "ibot": ["--config", "configs/paper_ibot_vits16.yaml"],
 }
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, no sparsity), by name fragment.
 BF16_PEAKS = [
@@ -70,6 +71,7 @@ SMOKE = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.depth=2"
 SMOKE += ["method.mocov3.proj_hidden_dim=64", "method.simclr.proj_hidden_dim=64", "method.dino.out_dim=128"]
 SMOKE += ["method.dino.hidden_dim=64", "method.mae.decoder_dim=64", "method.mae.decoder_depth=1"]
 SMOKE += ["method.byol.proj_hidden_dim=64", "method.vicreg.expander_dim=64"]
+SMOKE += ["method.ibot.local_crop_size=16", "method.ibot.out_dim=128", "method.ibot.hidden_dim=64"]
 
 
 def jpeg_folder(root: Path, count: int, sizes: tuple[int, int]) -> Path:

@@ -434,6 +434,26 @@ CASES = [
         "not all 0",
     ),
     (
+        "an iBOT mask covering every patch",
+        ["pretrain", "--method", "ibot", "--set", "method.ibot.mask_max_ratio=1.0"],
+        "need 0 <= mask_min_ratio <= mask_max_ratio < 1",
+    ),
+    (
+        "an iBOT mask range upside down",
+        ["pretrain", "--method", "ibot", "--set", "method.ibot.mask_min_ratio=0.6"],
+        "need 0 <= mask_min_ratio <= mask_max_ratio < 1",
+    ),
+    (
+        "iBOT with both loss weights zero",
+        ["pretrain", "--method", "ibot", "--set", "method.ibot.cls_weight=0", "--set", "method.ibot.patch_weight=0"],
+        "not both 0",
+    ),
+    (
+        "an iBOT local crop that is not a multiple of the patch",
+        ["pretrain", "--method", "ibot", "--set", "method.ibot.local_crop_size=6"],
+        "method.ibot.local_crop_size 6 must be a multiple of model.patch_size",
+    ),
+    (
         "a VICReg expander too wide for memory",
         ["pretrain", "--method", "vicreg", "--set", "method.vicreg.expander_dim=100000"],
         "method.vicreg.expander_dim must be in [1, 2^14]",

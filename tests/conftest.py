@@ -27,6 +27,10 @@ TINY = [
     "method.byol.proj_hidden_dim=128",
     "method.byol.proj_dim=64",
     "method.vicreg.expander_dim=128",
+    "method.ibot.out_dim=256",
+    "method.ibot.hidden_dim=128",
+    "method.ibot.patch_out_dim=256",
+    "method.ibot.local_crops=2",
     "eval.batch_size=500",
 ]
 

@@ -52,7 +52,7 @@ def test_baseline_runs(tmp_path):
     assert "det_bce" not in records[0] and records[-1]["step"] == 2
 
 
-@pytest.mark.parametrize("method", ["mocov3", "dino", "byol"])
+@pytest.mark.parametrize("method", ["mocov3", "dino", "byol", "ibot"])
 def test_resume_continues_exactly(tmp_path, method):
     straight = tmp_path / "straight"
     common = ["--max-steps", "4", "--method", method, *_sets("train.ckpt_every=2", "eval.knn_at_end=false")]
@@ -67,9 +67,10 @@ def test_resume_continues_exactly(tmp_path, method):
     assert a["step"] == b["step"] == 4
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    if method == "dino":  # the centre is state: saved, restored, and moved by the resumed steps
-        mid = load_checkpoint(straight / "checkpoints" / "step_0000002.pt")["model"]["center"]
-        assert mid.abs().sum() > 0 and not torch.equal(mid, a["model"]["center"])
+    centres = {"dino": ["center"], "ibot": ["center", "patch_center"]}.get(method, [])
+    for centre in centres:  # a centre is state: saved, restored, and moved by the resumed steps
+        mid = load_checkpoint(straight / "checkpoints" / "step_0000002.pt")["model"][centre]
+        assert mid.abs().sum() > 0 and not torch.equal(mid, a["model"][centre]), centre
 
 
 @pytest.mark.parametrize("method", list(METHODS))

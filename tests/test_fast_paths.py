@@ -95,6 +95,7 @@ def _forward_and_grads(method, views):
         ("vicreg", (), [(8, 1, 28, 28)] * 2),
         ("vicreg", ("method.vicreg.clean_view=true",), [(8, 1, 28, 28)] * 2),
         ("dino", ("dilemma.misplace_prob=0", "dilemma.drop_rate=0"), [(8, 1, 28, 28)] * 2 + [(8, 1, 16, 16)] * 2),
+        ("ibot", (), [(8, 1, 28, 28)] * 2 + [(8, 1, 16, 16)] * 2),  # the local crops' one call
     ],
 )
 def test_one_encoder_call_over_the_views_equals_one_call_per_view(name, overrides, shapes, monkeypatch):
@@ -129,11 +130,13 @@ def test_one_encoder_call_over_the_views_equals_one_call_per_view(name, override
         ("vicreg", ("method.vicreg.clean_view=true",), [13, 1]),
         ("dino", (), [13, 1]),  # global crops detected, local crops dense and clean
         ("dino", ("method.dino.local_dilemma=true",), [13, 5]),
+        ("ibot", (), [13, 1]),  # global crops: every kept token is read (mask tokens, detection)
+        ("ibot", ("dilemma.misplace_prob=0", "dilemma.drop_rate=0"), [50, 1]),
     ],
 )
 def test_the_student_skips_patch_work_only_where_nothing_reads_the_patches(name, overrides, last_mlp_tokens):
     method = _method(name, *overrides)
-    shapes = [(8, 1, 28, 28)] * 2 + ([(8, 1, 16, 16)] * 2 if name == "dino" else [])
+    shapes = [(8, 1, 28, 28)] * 2 + ([(8, 1, 16, 16)] * 2 if name in ("dino", "ibot") else [])
     seen = []
     method.encoder.vit.blocks[-1].mlp.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
     method(_views(shapes), 0.3, torch.Generator().manual_seed(0))

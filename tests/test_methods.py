@@ -57,10 +57,10 @@ def test_loss_goes_down_on_a_fixed_batch(name):
 
 
 def test_registry_and_views_per_method():
-    assert set(METHODS) == {"mocov3", "dino", "simclr", "mae", "byol", "vicreg"}
+    assert set(METHODS) == {"mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot"}
     shapes = {name: [tuple(v.shape) for v in _views(_method(name)[1], n=4)] for name in METHODS}
     assert shapes["mocov3"] == shapes["simclr"] == shapes["byol"] == shapes["vicreg"] == [(4, 1, 28, 28)] * 2
-    assert shapes["dino"] == [(4, 1, 28, 28)] * 2 + [(4, 1, 16, 16)] * 2  # 2 global + 2 local (TINY)
+    assert shapes["dino"] == shapes["ibot"] == [(4, 1, 28, 28)] * 2 + [(4, 1, 16, 16)] * 2  # 2 global + 2 local
     assert shapes["mae"] == [(4, 1, 28, 28)]
 
 

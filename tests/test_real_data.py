@@ -175,8 +175,9 @@ def test_paper_recipe_runs_on_a_folder(tmp_path, folder, recipe):
     epochs key is the one that ends it (1 epoch = 2 steps of 4 images)."""
     small = list(SMALL)
     cfg = load_config(ROOT / "configs" / recipe)
-    if cfg.method.name == "dino":
-        small += ["--set", "method.dino.out_dim=256", "--set", "method.dino.local_crop_size=16"]
+    if cfg.method.name in ("dino", "ibot"):
+        name = cfg.method.name
+        small += ["--set", f"method.{name}.out_dim=256", "--set", f"method.{name}.local_crop_size=16"]
     if cfg.method.name == "mae":
         small += ["--set", "train.accum_steps=1", "--set", "method.mae.decoder_depth=1"]
     if cfg.method.name == "vicreg":  # 3 x 8192^2 expander weights: seconds of init and AdamW per step

@@ -1,5 +1,5 @@
-"""The SSL losses: InfoNCE (MoCo v3), NT-Xent (SimCLR), DINO's cross-entropy, BYOL's normalised
-regression, VICReg's variance-invariance-covariance.
+"""The SSL losses: InfoNCE (MoCo v3), NT-Xent (SimCLR), DINO's cross-entropy (and iBOT's on masked
+patches), BYOL's normalised regression, VICReg's variance-invariance-covariance.
 
 Each is a function and a plain ``nn.Module`` around it, usable in any loop. Under DDP the
 contrastive losses see the whole global batch: InfoNCE's keys are gathered without gradient (they
@@ -61,6 +61,24 @@ def dino_loss(
     log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student]
     terms = [-(q * lp).sum(dim=-1).mean() for i, q in enumerate(targets) for v, lp in enumerate(log_probs) if v != i]
     return torch.stack(terms).mean()
+
+
+def masked_patch_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    masked: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
+    """iBOT's masked-patch self-distillation (Zhou et al. 2022, Eq. 2): for each image, the mean over
+    its masked tokens ``masked`` (B, K) of H(softmax((t - c) / T_t), softmax(s / T_s)) between the
+    teacher's output for the clean patch ``teacher`` (B, K, d) and the student's output at the mask
+    token ``student`` (B, K, d); an image with no masked token counts 0; mean over images."""
+    targets = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+    per_token = -(targets * F.log_softmax(student.float() / student_temp, dim=-1)).sum(dim=-1)  # (B, K)
+    weights = masked.float()
+    return ((per_token * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)).mean()
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,7 @@ class ViTEncoder(nn.Module):
 
     - ``keep`` ``(B, K)`` long: which patches of each image enter the encoder (None = all L).
     - ``positions`` ``(B, K)`` long: whose PE each kept token gets (None = its own, i.e. ``keep``).
+    - ``masked`` ``(B, K)`` bool with ``mask_token`` ``(D,)``: tokens shown as the mask token (iBOT).
 
     ``embed`` (same arguments) returns the image embedding alone, and skips work nobody reads.
 
@@ -155,9 +156,16 @@ class ViTEncoder(nn.Module):
             )
 
     def tokens(
-        self, images: torch.Tensor, keep: torch.Tensor | None = None, positions: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        masked: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The blocks' input ``(B, P + K, D)``: prefix tokens, then the kept patch tokens with their PE."""
+        """The blocks' input ``(B, P + K, D)``: prefix tokens, then the kept patch tokens with their PE.
+        ``masked`` ``(B, K)`` bool: kept tokens whose patch content is replaced by ``mask_token`` ``(D,)``
+        before the PE is added (iBOT's masked image modelling)."""
         self.check_images(images)
         vit = self.vit
         x = vit.patch_embed(images)  # (B, L, D), patches in row-major order, no PE yet
@@ -169,6 +177,13 @@ class ViTEncoder(nn.Module):
             # Sparsity: only the kept patches go on, (B, L, D) -> (B, K, D); dropped ones cost nothing.
             x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))
             positions = keep if positions is None else positions
+        if masked is not None:
+            if masked.shape != x.shape[:2] or mask_token is None:
+                raise DilemmaError(
+                    f"masked must match the kept tokens {tuple(x.shape[:2])} and come with a mask_token, "
+                    f"got {tuple(masked.shape)}"
+                )
+            x = torch.where(masked.unsqueeze(-1), mask_token.to(x.dtype), x)  # (B, K, D): content hidden
         if positions is None:
             x = x + patch_pe.unsqueeze(0)
         else:
@@ -201,8 +216,10 @@ class ViTEncoder(nn.Module):
         images: torch.Tensor,
         keep: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        masked: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.vit.norm(self._run(self.vit.blocks, self.tokens(images, keep, positions)))
+        x = self.vit.norm(self._run(self.vit.blocks, self.tokens(images, keep, positions, masked, mask_token)))
         return self.pool(x), x[:, self.num_prefix_tokens :]  # (B, D), (B, K, D)
 
     def embed(

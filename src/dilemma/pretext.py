@@ -97,6 +97,21 @@ def sample_tokens(
     return TokenSample(keep=keep, positions=positions, misplaced=misplaced)
 
 
+def hide_under_mask(sample: TokenSample | None, mask: torch.Tensor) -> tuple[TokenSample | None, torch.Tensor]:
+    """Masked image modelling (iBOT) on top of the pretext: ``mask`` ``(B, L)`` marks the patches the
+    student sees as the mask token. Returns the sample with every masked kept token back in its own
+    place, and which kept tokens are masked ``(B, K)`` (``(B, L)`` for a dense, clean sample: None).
+
+    A mask token carries no content, so whether it sits in the right place cannot be detected: it
+    keeps its true PE (the prediction made at it belongs to that place), is never misplaced, and
+    ``Dilemma.loss`` leaves it out (``counted``). Dropped patches stay dropped, masked or not."""
+    if sample is None:
+        return None, mask
+    masked = mask.gather(1, sample.keep)  # (B, K)
+    positions = torch.where(masked, sample.keep, sample.positions)
+    return TokenSample(keep=sample.keep, positions=positions, misplaced=sample.misplaced & ~masked), masked
+
+
 def binary_entropy(p: float) -> float:
     """``H(p)`` in nats: the BCE of the best constant predictor (0.500 at p = 0.2)."""
     if p <= 0.0 or p >= 1.0:
@@ -115,11 +130,17 @@ class DetectionHead(nn.Module):
         return self.proj(patch_tokens).squeeze(-1)
 
 
-def detection_loss(logits: torch.Tensor, misplaced: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with logits, mean over kept tokens and batch."""
+def detection_loss(logits: torch.Tensor, misplaced: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy with logits, mean over kept tokens and batch. With ``counted`` ``(B, K)``
+    bool: per image the mean over its counted tokens (0 when none), then the mean over images, so
+    that the loss stays a mean of per-image terms (the same however the batch is split)."""
     if logits.shape != misplaced.shape:
         raise DilemmaError(f"detection logits {tuple(logits.shape)} and labels {tuple(misplaced.shape)} differ")
-    return F.binary_cross_entropy_with_logits(logits.float(), misplaced.float())
+    if counted is None:
+        return F.binary_cross_entropy_with_logits(logits.float(), misplaced.float())
+    per_token = F.binary_cross_entropy_with_logits(logits.float(), misplaced.float(), reduction="none")
+    weights = counted.float()
+    return ((per_token * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)).mean()
 
 
 @torch.no_grad()
@@ -236,19 +257,31 @@ class Dilemma(nn.Module):
         """Whether ``loss`` has anything to detect in ``sample``'s tokens (a head, and a corrupted view)."""
         return self.head is not None and sample is not None
 
-    def loss(self, patch_tokens: torch.Tensor, sample: TokenSample | None, with_metrics: bool = False, views: int = 1):
+    def loss(
+        self,
+        patch_tokens: torch.Tensor,
+        sample: TokenSample | None,
+        with_metrics: bool = False,
+        views: int = 1,
+        counted: torch.Tensor | None = None,
+    ):
         """``(BCE, metrics)`` for the student's patch tokens, or ``(None, {})`` when there is nothing to
         detect. With ``views`` stacked views (``sample``'s) the BCE is the mean over all their tokens,
         which is the mean over views (each has n x K tokens), and each metric the mean of the views'.
+        ``counted`` ``(B, K)`` bool: only these tokens are detected (iBOT: not the mask tokens).
         Metrics (accuracy, AUROC) cost a device sync, so they are computed only when asked for."""
         if not self.detects(sample):
             return None, {}
         logits = self.head(patch_tokens)  # (views * n, K)
-        bce = detection_loss(logits, sample.misplaced)
+        bce = detection_loss(logits, sample.misplaced, counted)
         if not with_metrics:
             return bce, {}
+        if counted is None:
+            counted = torch.ones_like(sample.misplaced)
         per_view = [
-            detection_metrics(view_logits, view_labels)
-            for view_logits, view_labels in zip(logits.chunk(views), sample.misplaced.chunk(views), strict=True)
+            detection_metrics(view_logits[view_counted], view_labels[view_counted])
+            for view_logits, view_labels, view_counted in zip(
+                logits.chunk(views), sample.misplaced.chunk(views), counted.chunk(views), strict=True
+            )
         ]
         return bce, {key: sum(m[key] for m in per_view) / views for key in per_view[0]}

@@ -17,12 +17,13 @@ from dilemma.errors import DilemmaError
 from dilemma.methods.base import EMATeacherMethod, Method, MethodOutput
 from dilemma.methods.byol import BYOL
 from dilemma.methods.dino import DINO
+from dilemma.methods.ibot import IBOT
 from dilemma.methods.mae import MAE
 from dilemma.methods.mocov3 import MoCoV3
 from dilemma.methods.simclr import SimCLR
 from dilemma.methods.vicreg import VICReg
 
-BUILTIN: tuple[type[Method], ...] = (MoCoV3, DINO, SimCLR, MAE, BYOL, VICReg)
+BUILTIN: tuple[type[Method], ...] = (MoCoV3, DINO, SimCLR, MAE, BYOL, VICReg, IBOT)
 METHODS: dict[str, type[Method]] = {m.name: m for m in BUILTIN}
 
 
@@ -72,6 +73,7 @@ __all__ = [
     "BYOL",
     "DINO",
     "EMATeacherMethod",
+    "IBOT",
     "MAE",
     "METHODS",
     "Method",

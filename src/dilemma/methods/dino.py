@@ -13,6 +13,7 @@ crops dense unless ``local_dilemma``); the teacher sees global crops dense and c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +31,7 @@ from dilemma.pretext import Dilemma, TokenDraws
 class DINOConfig:
     """The ``method.dino`` config section."""
 
+    section: ClassVar[str] = "method.dino"  # where these fields live, for error messages (iBOT extends them)
     out_dim: int = 1024  # prototypes (65536 in the paper's ImageNet runs)
     hidden_dim: int = 1024
     bottleneck_dim: int = 128
@@ -46,30 +48,30 @@ class DINOConfig:
 
     def check(self) -> None:
         temps = (self.student_temp, self.teacher_temp, self.warmup_teacher_temp)
-        require(min(temps) > 0, f"method.dino temperatures must be > 0, got {temps}")
-        require(0.0 <= self.momentum <= 1.0, f"method.dino.momentum must be in [0, 1], got {self.momentum}")
+        require(min(temps) > 0, f"{self.section} temperatures must be > 0, got {temps}")
+        require(0.0 <= self.momentum <= 1.0, f"{self.section}.momentum must be in [0, 1], got {self.momentum}")
         require(
             0.0 <= self.teacher_temp_warmup <= 1.0,
-            f"method.dino.teacher_temp_warmup must be in [0, 1], got {self.teacher_temp_warmup}",
+            f"{self.section}.teacher_temp_warmup must be in [0, 1], got {self.teacher_temp_warmup}",
         )
         require(
             0.0 <= self.center_momentum < 1.0,
-            f"method.dino.center_momentum must be in [0, 1), got {self.center_momentum}",
+            f"{self.section}.center_momentum must be in [0, 1), got {self.center_momentum}",
         )
-        require(0 <= self.local_crops <= 64, f"method.dino.local_crops must be in [0, 64], got {self.local_crops}")
+        require(0 <= self.local_crops <= 64, f"{self.section}.local_crops must be in [0, 64], got {self.local_crops}")
         require(
             1 <= self.local_crop_size <= 4096,
-            f"method.dino.local_crop_size must be in [1, 4096] px, got {self.local_crop_size}",
+            f"{self.section}.local_crop_size must be in [1, 4096] px, got {self.local_crop_size}",
         )
         require(
             0.05 < self.local_crop_scale < 1.0,
-            f"method.dino.local_crop_scale must be in (0.05, 1), got {self.local_crop_scale}",
+            f"{self.section}.local_crop_scale must be in (0.05, 1), got {self.local_crop_scale}",
         )
         sizes = (self.out_dim, self.hidden_dim, self.bottleneck_dim)
         widest = max(self.hidden_dim * self.bottleneck_dim, self.bottleneck_dim * self.out_dim)
         require(
             1 <= min(sizes) and max(sizes) <= 2**18 and widest <= 2**28,
-            f"method.dino head sizes must be in [1, 2^18] with layers of <= 2^28 weights, got {sizes}",
+            f"{self.section} head sizes must be in [1, 2^18] with layers of <= 2^28 weights, got {sizes}",
         )
 
 
@@ -91,7 +93,7 @@ class DINO(EMATeacherMethod):
         patch = encoder.vit.patch_embed.patch_size[0]
         require(
             patch <= cfg.local_crop_size <= encoder.img_size[0] and cfg.local_crop_size % patch == 0,
-            f"method.dino.local_crop_size {cfg.local_crop_size} must be a multiple of model.patch_size {patch} "
+            f"{cfg.section}.local_crop_size {cfg.local_crop_size} must be a multiple of model.patch_size {patch} "
             f"up to model.img_size {encoder.img_size[0]}",
         )
         self.head = DINOHead(encoder.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
@@ -132,26 +134,40 @@ class DINO(EMATeacherMethod):
         cls = global_student.embedding  # (2n, D)
         student_out = list(self.head(cls).chunk(2))
         detections = [global_student.detection]  # the mean over views: 2 global, then the local ones
-        if local_crops:
-            local_student = self.student(
-                torch.cat(local_crops),
-                draws,
-                with_metrics,
-                corrupt=self.cfg.local_dilemma,
-                views=len(local_crops),
-                patches=False,
-            )
-            student_out += list(self.head(local_student.embedding).split(n))
-            detections.append(local_student.detection)
+        local_out, local_detection = self.local_student(local_crops, draws, with_metrics)
+        student_out += local_out
+        detections.append(local_detection)
 
-        c = self.cfg
-        temp = teacher_temperature_at(progress, c.warmup_teacher_temp, c.teacher_temp, c.teacher_temp_warmup)
+        temp = self.teacher_temperature(progress)
         with torch.no_grad():  # the teacher: global crops only, dense and clean
             teacher_out = self.teacher_head(self.teacher_encoder.embed(global_views))  # (2n, out_dim)
         ssl = self.criterion(student_out, list(teacher_out.chunk(2)), self.center, temp)
-        total = teacher_out.detach().float().sum(dim=0, keepdim=True)
-        self._teacher_sum = total if self._teacher_sum is None else self._teacher_sum + total
-        self._teacher_count += teacher_out.shape[0]
+        self.observe_teacher(teacher_out)
         out = self.output(ssl, detections, features=cls[:n])
         out.logs.update(momentum=self.momentum, teacher_temp=temp)
         return out
+
+    def local_student(self, local_crops, draws: TokenDraws, with_metrics: bool):
+        """The head's outputs for each local crop ``[(n, out_dim)] * N`` (one encoder call for all),
+        and their detection (None unless ``local_dilemma``)."""
+        if not local_crops:
+            return [], None
+        local = self.student(
+            torch.cat(local_crops),
+            draws,
+            with_metrics,
+            corrupt=self.cfg.local_dilemma,
+            views=len(local_crops),
+            patches=False,
+        )
+        return list(self.head(local.embedding).split(local_crops[0].shape[0])), local.detection
+
+    def teacher_temperature(self, progress: float) -> float:
+        c = self.cfg
+        return teacher_temperature_at(progress, c.warmup_teacher_temp, c.teacher_temp, c.teacher_temp_warmup)
+
+    def observe_teacher(self, teacher_out: torch.Tensor) -> None:
+        """Add this forward's teacher outputs ``(B, out_dim)`` to the step's sum for the centre."""
+        total = teacher_out.detach().float().sum(dim=0, keepdim=True)
+        self._teacher_sum = total if self._teacher_sum is None else self._teacher_sum + total
+        self._teacher_count += teacher_out.shape[0]
