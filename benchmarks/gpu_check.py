@@ -51,6 +51,7 @@ RECIPES = {
     "byol": ["--config", "configs/paper_byol_vits16.yaml"],
     "vicreg": ["--config", "configs/paper_vicreg_vits16.yaml"],
     "ibot": ["--config", "configs/paper_ibot_vits16.yaml"],
+    "ijepa": ["--config", "configs/paper_ijepa_vits16.yaml"],
 }
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, no sparsity), by name fragment.
 BF16_PEAKS = [
@@ -72,6 +73,7 @@ SMOKE += ["method.mocov3.proj_hidden_dim=64", "method.simclr.proj_hidden_dim=64"
 SMOKE += ["method.dino.hidden_dim=64", "method.mae.decoder_dim=64", "method.mae.decoder_depth=1"]
 SMOKE += ["method.byol.proj_hidden_dim=64", "method.vicreg.expander_dim=64"]
 SMOKE += ["method.ibot.local_crop_size=16", "method.ibot.out_dim=128", "method.ibot.hidden_dim=64"]
+SMOKE += ["method.ijepa.predictor_dim=96", "method.ijepa.predictor_depth=1"]
 
 
 def jpeg_folder(root: Path, count: int, sizes: tuple[int, int]) -> Path:

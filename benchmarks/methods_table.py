@@ -3,8 +3,8 @@
     python benchmarks/methods_table.py --methods byol vicreg --seeds 0 1 --time-budget 5 --out /tmp/methods_table
 
 For each method named (default: every one in the registry), ``dilemma compare`` trains its recipe
-(``configs/<method>_dilemma.yaml``) plain (``Method.plain``), sparse only (where plain is dense) and
-with DILEMMA, one run at a time (run nothing else on the machine meanwhile), and reads them out.
+(``configs/<method>_dilemma.yaml``) plain (``Method.plain``), sparse only (where plain is dense and
+the recipe sparse) and with DILEMMA, one run at a time (run nothing else on the machine meanwhile), and reads them out.
 This script gathers the rows into ``benchmarks/results/methods_table.md`` (and ``.json``): steps,
 epochs, the final detection BCE against H(p), kNN and linear top-1 on the val split; the rows of
 methods not named this time are kept. A finished run is reused, so an interrupted table continues
@@ -23,6 +23,7 @@ import timm
 import torch
 
 from dilemma.compare import compare
+from dilemma.config import load_config
 from dilemma.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,16 +39,12 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name in args.methods:
-        plain = METHODS[name].plain
+        plain, recipe = METHODS[name].plain, ROOT / "configs" / f"{name}_dilemma.yaml"
         variants = ["plain=" + ",".join(plain), "dilemma="]
-        if "dilemma.drop_rate=0" in plain:  # a dense plain arm: sparsity alone is a third arm
-            variants.insert(1, "sparse=dilemma.misplace_prob=0")
+        if "dilemma.drop_rate=0" in plain and load_config(recipe).dilemma.drop_rate > 0:
+            variants.insert(1, "sparse=dilemma.misplace_prob=0")  # dense plain, sparse recipe: a third arm
         results = compare(
-            variants,
-            seeds=args.seeds,
-            out=args.out / name,
-            time_budget=args.time_budget,
-            config=str(ROOT / "configs" / f"{name}_dilemma.yaml"),
+            variants, seeds=args.seeds, out=args.out / name, time_budget=args.time_budget, config=str(recipe)
         )
         command = f"python benchmarks/methods_table.py {' '.join(sys.argv[1:])}"
         rows += [{"method": name, "budget_min": args.time_budget, "command": command, **r} for r in results]

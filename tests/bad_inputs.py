@@ -454,6 +454,26 @@ CASES = [
         "method.ibot.local_crop_size 6 must be a multiple of model.patch_size",
     ),
     (
+        "I-JEPA target blocks larger than the image",
+        ["pretrain", "--method", "ijepa", "--set", "method.ijepa.target_max_scale=1.5"],
+        "need 0 < target_min_scale / target_max_scale in order and <= 1",
+    ),
+    (
+        "an I-JEPA predictor width its heads do not divide",
+        ["pretrain", "--method", "ijepa", "--set", "method.ijepa.predictor_dim=100"],
+        "method.ijepa.predictor_dim 100 is not divisible by predictor_heads 3",
+    ),
+    (
+        "a model without class token read out by it",
+        ["pretrain", "--set", "model.class_token=false"],
+        "model.class_token=false leaves no class token to read out: set model.global_pool",
+    ),
+    (
+        "an unknown pooling",
+        ["pretrain", "--set", "model.global_pool=mean"],
+        "model.global_pool must be null or one of token, avg, max, avgmax",
+    ),
+    (
         "a VICReg expander too wide for memory",
         ["pretrain", "--method", "vicreg", "--set", "method.vicreg.expander_dim=100000"],
         "method.vicreg.expander_dim must be in [1, 2^14]",

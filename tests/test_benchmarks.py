@@ -15,7 +15,9 @@ def test_gpu_check_smoke_run_writes_every_method(tmp_path):
     (report,) = tmp_path.glob("gpu-*-smoke.json")
     rows = json.loads(report.read_text())["steps"]
     assert [(r["method"], r["variant"]) for r in rows] == [
-        (m, v) for m in ("mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot") for v in ("plain", "dilemma")
+        (m, v)
+        for m in ("mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot", "ijepa")
+        for v in ("plain", "dilemma")
     ]
     for row in rows:
         assert "error" not in row, row

@@ -52,7 +52,7 @@ def test_baseline_runs(tmp_path):
     assert "det_bce" not in records[0] and records[-1]["step"] == 2
 
 
-@pytest.mark.parametrize("method", ["mocov3", "dino", "byol", "ibot"])
+@pytest.mark.parametrize("method", ["mocov3", "dino", "byol", "ibot", "ijepa"])
 def test_resume_continues_exactly(tmp_path, method):
     straight = tmp_path / "straight"
     common = ["--max-steps", "4", "--method", method, *_sets("train.ckpt_every=2", "eval.knn_at_end=false")]

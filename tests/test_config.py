@@ -26,10 +26,10 @@ def test_shipped_configs_load():
     reference = yaml.safe_load((Path(__file__).parents[1] / "configs" / "mocov3_dilemma.yaml").read_text())
     assert reference == Config().to_dict()
     names = {p.stem: load_config(p).method.name for p in configs}
-    recipes = ("dino", "simclr", "mae", "byol", "vicreg", "ibot")
+    recipes = ("dino", "simclr", "mae", "byol", "vicreg", "ibot", "ijepa")
     assert [names[f"{name}_dilemma"] for name in recipes] == list(recipes)
     assert names["paper_byol_vits16"] == "byol" and names["paper_vicreg_vits16"] == "vicreg"
-    assert names["paper_ibot_vits16"] == "ibot"
+    assert names["paper_ibot_vits16"] == "ibot" and names["paper_ijepa_vits16"] == "ijepa"
 
 
 def test_moved_method_keys_point_to_their_section():

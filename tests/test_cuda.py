@@ -40,7 +40,7 @@ def _setup(method: str, precision: str = "fp32", *extra):
     return cfg, model, optimizer, views
 
 
-@pytest.mark.parametrize("method", ["mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot"])
+@pytest.mark.parametrize("method", ["mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot", "ijepa"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_update_the_weights(method, precision):
     _, model, optimizer, views = _setup(method, precision)

@@ -80,7 +80,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["mocov3", "simclr", "dino", "byol", "vicreg", "ibot"])
+@pytest.mark.parametrize("method", ["mocov3", "simclr", "dino", "byol", "vicreg", "ibot", "ijepa"])
 def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, method):
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_worker, args=(_free_port(), method, str(out)), nprocs=2, join=True)
@@ -110,12 +110,13 @@ def test_one_process_with_a_nonfinite_loss_makes_every_process_skip(tmp_path):
     assert ddp["skipped"] == [True, True] and ddp["unchanged"]
 
 
-@pytest.mark.parametrize("method", ["mae", "dino", "ibot"])
+@pytest.mark.parametrize("method", ["mae", "dino", "ibot", "ijepa"])
 def test_accumulating_two_half_batches_equals_one_full_batch(method):
-    """MAE, DINO and iBOT + DILEMMA: per-sample losses and no BatchNorm, so 2 x B/2 must equal B
-    (DINO's and iBOT's centres move once per step, by the whole batch's mean; iBOT's masks are drawn
-    per image of the global batch). Contrastive losses see fewer
-    negatives per micro-batch, so for them accumulation is not the same objective."""
+    """MAE, DINO, iBOT and I-JEPA + DILEMMA: per-sample losses and no BatchNorm, so 2 x B/2 must equal
+    B (DINO's and iBOT's centres move once per step, by the whole batch's mean; iBOT's and I-JEPA's
+    masks are drawn for the global batch, I-JEPA's context cut to the global batch's smallest).
+    Contrastive losses see fewer negatives per micro-batch, so for them accumulation is not the same
+    objective."""
     states = []
     for accum in (1, 2):
         _, model, optimizer = _build(method)

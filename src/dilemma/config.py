@@ -28,7 +28,7 @@ import yaml
 
 from dilemma.errors import DilemmaError, require
 from dilemma.methods import METHODS, Method, method_class
-from dilemma.models import ModelConfig
+from dilemma.models import GLOBAL_POOLS, ModelConfig
 from dilemma.pretext import check_switches
 
 
@@ -431,6 +431,14 @@ def validate_model(m: ModelConfig) -> None:
     require(m.in_chans in (1, 3), f"model.in_chans must be 1 or 3, got {m.in_chans}")
     require(m.depth is None or 1 <= m.depth <= 64, f"model.depth must be in [1, 64] or null, got {m.depth}")
     require(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    require(
+        m.global_pool is None or m.global_pool in GLOBAL_POOLS,
+        f"model.global_pool must be null or one of {', '.join(GLOBAL_POOLS)}, got {m.global_pool!r}",
+    )
+    require(
+        m.class_token is not False or m.global_pool not in (None, "token"),
+        "model.class_token=false leaves no class token to read out: set model.global_pool (e.g. avg)",
+    )
     for key in ("mean", "std"):
         values = getattr(m, key)
         require(

@@ -8,6 +8,12 @@ has left. Vectorised over the batch: every image tries the same number of candid
 turn (BEiT stops after 10 failed tries in a row, here after ``candidates`` tries in all), so no
 Python loop runs per image.
 
+``multi_block_masks``: I-JEPA's multi-block masking (Assran et al. 2023, Sec. 3 and App. C): M
+target blocks of one size per batch (scale and aspect ratio drawn once), and a context block (scale
+0.85-1, square) at its own place per image from which every target patch is removed; each image's
+context is then cut to the batch's smallest one (a random subset, kept in raster order) so that
+the context encoder runs on a rectangular batch.
+
 ``batch_draws`` draws for a micro-batch so that an image gets the same
 mask however the global batch is split across processes and micro-batches (as ``Dilemma.sample``).
 """
@@ -15,6 +21,7 @@ mask however the global batch is split across processes and micro-batches (as ``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -66,11 +73,84 @@ def block_masks(
     return mask.flatten(1)
 
 
+@dataclass(frozen=True)
+class MultiBlockMasks:
+    """I-JEPA's masks for a batch: ``context`` ``(B, Kc)`` sorted patch indices the context encoder
+    sees; ``targets`` ``(B, M, T)`` the patch indices of each of the M target blocks (row-major)."""
+
+    context: torch.Tensor
+    targets: torch.Tensor
+
+
+def _block_size(scale: tuple[float, float], aspect: tuple[float, float], grid, generator, device) -> tuple[int, int]:
+    """One block size ``(h, w)`` for the batch: area ``scale`` x L, aspect ratio h / w, both uniform
+    in their ranges; each side at least 1 and below the grid's (as I-JEPA's collator)."""
+    s_draw, a_draw = torch.rand(2, generator=generator, device=device).tolist()
+    area = (scale[0] + (scale[1] - scale[0]) * s_draw) * grid[0] * grid[1]
+    ratio = aspect[0] + (aspect[1] - aspect[0]) * a_draw
+    h, w = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+    return min(max(h, 1), max(grid[0] - 1, 1)), min(max(w, 1), max(grid[1] - 1, 1))
+
+
+def _place(size: tuple[int, int], count: tuple[int, ...], grid, generator, device) -> torch.Tensor:
+    """``count`` blocks of ``size`` at uniform places: their patch indices ``(*count, h * w)``."""
+    (h, w), (h_grid, w_grid) = size, grid
+    top = torch.randint(0, h_grid - h + 1, count, generator=generator, device=device)
+    left = torch.randint(0, w_grid - w + 1, count, generator=generator, device=device)
+    rows = top.unsqueeze(-1) + torch.arange(h, device=device).repeat_interleave(w)  # (*count, h * w)
+    cols = left.unsqueeze(-1) + torch.arange(w, device=device).repeat(h)
+    return rows * w_grid + cols
+
+
+def multi_block_masks(
+    batch: int,
+    grid: tuple[int, int],
+    *,
+    targets: int = 4,
+    target_scale: tuple[float, float] = (0.15, 0.2),
+    target_aspect: tuple[float, float] = (0.75, 1.5),
+    context_scale: tuple[float, float] = (0.85, 1.0),
+    min_context: int = 10,
+    keep_fraction: float = 1.0,
+    candidates: int = 8,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> MultiBlockMasks:
+    """I-JEPA's masks (module doc). The context block tries ``candidates`` places per image and takes
+    the first that keeps at least ``min_context`` patches once the targets are removed (else the one
+    that keeps most), as I-JEPA re-draws a context that is too small. ``keep_fraction`` < 1 keeps
+    only that share of the batch's smallest context (at least one patch; DILEMMA's sparsity)."""
+    num_patches = grid[0] * grid[1]
+    target_size = _block_size(target_scale, target_aspect, grid, generator, device)
+    context_size = _block_size(context_scale, (1.0, 1.0), grid, generator, device)
+    target_idx = _place(target_size, (batch, targets), grid, generator, device)  # (B, M, T)
+    in_target = torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
+    in_target.scatter_(1, target_idx.flatten(1), True)  # (B, L): the union of the targets
+    tries = _place(context_size, (batch, candidates), grid, generator, device)  # (B, C, Tc)
+    in_context = torch.zeros(batch, candidates, num_patches, dtype=torch.bool, device=device)
+    in_context.scatter_(2, tries, True)
+    in_context &= ~in_target.unsqueeze(1)  # (B, C, L): a context never sees a target patch
+    sizes = in_context.sum(dim=2)  # (B, C)
+    large_enough = sizes >= min(min_context, num_patches)
+    # the first large-enough try (argmax of the first True), or the largest where none is
+    choice = torch.where(large_enough.any(dim=1), large_enough.float().argmax(dim=1), sizes.argmax(dim=1))
+    context = in_context[torch.arange(batch, device=device), choice]  # (B, L)
+    smallest = int(context.sum(dim=1).min())  # the batch's smallest context (a host sync, once a step)
+    kept = max(math.floor(smallest * keep_fraction + 1e-9), 1)
+    # a random subset of kept patches per image, in raster order: non-context positions score -1
+    score = torch.rand(batch, num_patches, generator=generator, device=device).masked_fill(~context, -1.0)
+    chosen = score.topk(kept, dim=1).indices.sort(dim=1).values  # (B, Kc)
+    return MultiBlockMasks(context=chosen, targets=target_idx)
+
+
 def batch_draws(draws: TokenDraws, n: int, draw):
-    """``draw(rows, generator)`` for this micro-batch's ``n`` images: with ``GlobalBatchRows``, drawn
+    """``draw(rows, generator)`` (a tensor or a tuple of tensors, one row per image) for this
+    micro-batch's ``n`` images: with ``GlobalBatchRows``, drawn
     for the whole global batch from the step's generator and cut to this micro-batch's rows (the
     same values however the batch is split); otherwise for the ``n`` images with ``draws``."""
     if isinstance(draws, GlobalBatchRows):
         full = draw(draws.total, draws.generator)
-        return full[draws.rows.to(full.device)]
+        if isinstance(full, torch.Tensor):
+            return full[draws.rows.to(full.device)]
+        return tuple(t[draws.rows.to(t.device)] for t in full)  # a tuple of tensors
     return draw(n, draws)

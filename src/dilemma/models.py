@@ -24,6 +24,7 @@ from torch import nn
 from dilemma.errors import DilemmaError
 
 POS_EMBEDS = ("sincos", "learned")
+GLOBAL_POOLS = ("token", "avg", "max", "avgmax")  # timm's, without attention pooling
 
 
 @dataclass
@@ -36,6 +37,8 @@ class ModelConfig:
     in_chans: int = 1
     depth: Optional[int] = 6  # override the model's depth (null: keep timm's)
     pos_embed: str = "sincos"  # sincos (fixed 2D, MoCo v3) or learned (timm's)
+    global_pool: Optional[str] = None  # the image embedding: null = the model's own (the class token); or avg, ...
+    class_token: Optional[bool] = None  # null = the model's own; false: patch tokens only (I-JEPA's ViT)
     drop_path_rate: float = 0.0
     # The input contract, as timm's pretrained_cfg states it (and the export writes it):
     mean: list[float] = field(default_factory=lambda: [0.5])  # per channel (one value: every channel)
@@ -240,6 +243,15 @@ class ViTEncoder(nn.Module):
         x = x + last.drop_path2(last.ls2(last.mlp(last.norm2(x))))
         return self.vit.fc_norm(self.vit.norm(x)[:, 0])
 
+    def embedding_kind(self) -> str:
+        """What ``pool`` reads, in words (for protocol strings)."""
+        vit = self.vit
+        if getattr(vit, "attn_pool", None) is not None:
+            return "attention-pooled tokens"
+        if vit.global_pool in ("avg", "max", "avgmax"):
+            return f"{vit.global_pool}-pooled patch tokens"
+        return "final-norm class tokens" if vit.has_class_token else "avg-pooled patch tokens"
+
     def _class_token_pooled(self) -> bool:
         """Whether ``pool`` reads the class token only (see there)."""
         vit = self.vit
@@ -325,6 +337,10 @@ def timm_kwargs(model_cfg: ModelConfig) -> dict:
     }
     if model_cfg.depth is not None:
         kwargs["depth"] = model_cfg.depth
+    if model_cfg.global_pool is not None:
+        kwargs["global_pool"] = model_cfg.global_pool
+    if model_cfg.class_token is not None:
+        kwargs["class_token"] = model_cfg.class_token
     return kwargs
 
 

@@ -73,14 +73,36 @@ def sample_tokens(
     if misplace_prob > 0 and num_patches < 2:
         raise DilemmaError("cannot misplace tokens with a single patch per image: use a smaller patch size")
     kept = num_kept(num_patches, drop_rate)
-    num_dropped = num_patches - kept
-    shape = (batch_size, kept)
 
     # A random permutation per image (MAE's random_masking): its first K entries are the kept
     # patches, the rest the dropped ones. keep is sorted so tokens enter the ViT in raster order.
     order = torch.rand(batch_size, num_patches, generator=generator, device=device).argsort(dim=1)  # (B, L)
     keep = order[:, :kept].sort(dim=1).values  # (B, K)
     dropped = order[:, kept:]  # (B, L - K), random order: taking them in turn is sampling without replacement
+    return _misplace(keep, dropped, num_patches, misplace_prob, generator)
+
+
+def misplace_tokens(
+    keep: torch.Tensor, num_patches: int, misplace_prob: float, *, generator: torch.Generator | None = None
+) -> TokenSample:
+    """Misplacement (the rules of the module doc) for a keep set chosen elsewhere: ``keep`` ``(B, K)``
+    sorted patch indices (I-JEPA's context block); the other positions are the dropped ones."""
+    check_switches(misplace_prob)
+    if misplace_prob > 0 and num_patches < 2:
+        raise DilemmaError("cannot misplace tokens with a single patch per image: use a smaller patch size")
+    batch, device = keep.shape[0], keep.device
+    # the positions not kept, in a random order per image: kept ones sort last (score 2 > any rand)
+    score = torch.rand(batch, num_patches, generator=generator, device=device).scatter(1, keep, 2.0)
+    dropped = score.argsort(dim=1)[:, : num_patches - keep.shape[1]]  # (B, L - K)
+    return _misplace(keep, dropped, num_patches, misplace_prob, generator)
+
+
+def _misplace(
+    keep: torch.Tensor, dropped: torch.Tensor, num_patches: int, misplace_prob: float, generator
+) -> TokenSample:
+    """Flags and wrong positions for kept tokens ``keep`` (B, K), given the dropped positions of each
+    image in a random order ``dropped`` (B, L - K)."""
+    shape, device, num_dropped = tuple(keep.shape), keep.device, dropped.shape[1]
     misplaced = torch.rand(shape, generator=generator, device=device) < misplace_prob  # (B, K) labels
 
     # Fallback: uniform over the L - 1 positions other than the token's own (draw from L - 1 values,

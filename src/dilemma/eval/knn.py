@@ -80,12 +80,12 @@ def require_labels(splits: Splits, protocol: str) -> None:
         raise DilemmaError(f"{protocol} needs at least 2 classes, but {splits.name!r} has {present} in its train split")
 
 
-def knn_protocol(k: int, temperature: float, splits: Splits) -> str:
+def knn_protocol(k: int, temperature: float, splits: Splits, features: str = "final-norm class tokens") -> str:
     """The protocol, flagging a k larger than the memory bank (every training image then votes)."""
     if k > len(splits.train):
         k = f"{len(splits.train)} (k={k} asked, but the train split has only {len(splits.train)} images)"
     return (
-        f"weighted kNN, k={k}, T={temperature}, cosine on L2-normalised final-norm class tokens of the "
+        f"weighted kNN, k={k}, T={temperature}, cosine on L2-normalised {features} of the "
         f"frozen dense backbone; bank = {splits.name} train ({len(splits.train)}), queries = val ({len(splits.val)})"
     )
 
@@ -110,4 +110,4 @@ def knn_eval(
     top1, top5 = knn_accuracy(
         train_f, train_y, val_f, val_y, k=k, temperature=temperature, num_classes=len(splits.classes)
     )
-    return KNNResult(top1, top5, knn_protocol(k, temperature, splits))
+    return KNNResult(top1, top5, knn_protocol(k, temperature, splits, encoder.embedding_kind()))

@@ -1,6 +1,7 @@
 """Linear probe on frozen features (the MoCo v3 / MAE protocol, on cached features).
 
-The backbone is frozen and run once, without augmentation, to cache final-norm class tokens.
+The backbone is frozen and run once, without augmentation, to cache its image embeddings (the
+final-norm class token, or the pooled patch tokens of an average-pooling ViT: ``ViTEncoder.pool``).
 Features are standardised with the train split's mean and std (what MAE's affine-free BatchNorm
 before the linear layer does at test time); one linear layer is trained with SGD + momentum and a
 cosine learning rate, no weight decay; top-1 on the val split.

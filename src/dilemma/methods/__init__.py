@@ -18,12 +18,13 @@ from dilemma.methods.base import EMATeacherMethod, Method, MethodOutput
 from dilemma.methods.byol import BYOL
 from dilemma.methods.dino import DINO
 from dilemma.methods.ibot import IBOT
+from dilemma.methods.ijepa import IJEPA
 from dilemma.methods.mae import MAE
 from dilemma.methods.mocov3 import MoCoV3
 from dilemma.methods.simclr import SimCLR
 from dilemma.methods.vicreg import VICReg
 
-BUILTIN: tuple[type[Method], ...] = (MoCoV3, DINO, SimCLR, MAE, BYOL, VICReg, IBOT)
+BUILTIN: tuple[type[Method], ...] = (MoCoV3, DINO, SimCLR, MAE, BYOL, VICReg, IBOT, IJEPA)
 METHODS: dict[str, type[Method]] = {m.name: m for m in BUILTIN}
 
 
@@ -74,6 +75,7 @@ __all__ = [
     "DINO",
     "EMATeacherMethod",
     "IBOT",
+    "IJEPA",
     "MAE",
     "METHODS",
     "Method",
