@@ -150,11 +150,12 @@ class IJEPA(EMATeacherMethod):
         )
         sample = TokenSample(keep=context, positions=positions, misplaced=misplaced)
         embedding, tokens = self.encoder(images, keep=context, positions=positions)  # (n, D), (n, Kc, D)
-        # timm's average-pooling ViTs normalise after pooling (fc_norm): the patch outputs are
-        # layer-normalised here, as I-JEPA's encoder ends in a norm (no affine: a plain standardisation)
-        tokens = F.layer_norm(tokens, tokens.shape[-1:])
+        # the detection head reads the encoder's outputs, as in every method (and in the read-outs)
         bce, det_logs = self.dilemma.loss(tokens, sample, with_metrics=with_metrics)
-        prediction = self.predictor(tokens, context, targets)  # (n, M, T, D): context at its TRUE places
+        # timm's average-pooling ViTs normalise after pooling (fc_norm), so the predictor gets the patch
+        # outputs layer-normalised, as I-JEPA's encoder ends in a norm (no affine: a standardisation)
+        context_out = F.layer_norm(tokens, tokens.shape[-1:])
+        prediction = self.predictor(context_out, context, targets)  # (n, M, T, D): context at its TRUE places
         with torch.no_grad():  # the target encoder: the whole image, dense and clean
             full = self.target_encoder(images)[1]  # (n, L, D)
             full = F.layer_norm(full, full.shape[-1:])  # I-JEPA normalises the targets (Sec. 3)
