@@ -60,12 +60,15 @@ def main() -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}; python {platform.python_version()}, "
         f"torch {torch.__version__}, timm {timm.__version__}. Each row: one run of `min` minutes of "
-        "training, one at a time (run nothing else meanwhile), read out by `dilemma compare` "
+        "training (the BYOL, VICReg, iBOT and I-JEPA rows: one core and one thread per run, two methods "
+        "side by side, one per core), read out by `dilemma compare` "
         "(kNN k = 20, T = 0.07; linear probe 100 epochs on dense train features; val split). Rows without "
         "a seed or a linear number are from the first version of this script (3 min, seed 0, kNN only).",
         "Plain = `Method.plain` (p = 0, r = 0; MAE: p = 0, mask ratio 0.75). Sparse = p = 0, r = 0.75 "
-        "(methods with a dense plain arm). +DILEMMA = the recipe in configs/<method>_dilemma.yaml (p = 0.2, "
-        "r = 0.75, lambda = 1). Detection BCE is the last logged training value, against H(p).",
+        "(methods with a dense plain arm and a sparse recipe). +DILEMMA = the recipe in "
+        "configs/<method>_dilemma.yaml (p = 0.2, r = 0.75, lambda = 1; I-JEPA: r = 0, its context block "
+        "is the sparsity, so its plain arm is already sparse). Detection BCE is the last logged training "
+        "value, against H(p).",
         "",
         "| method | variant | seed | min | steps | epochs | det BCE (H(p)) | det AUROC | kNN % | linear % |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
