@@ -10,6 +10,7 @@ from dilemma.config import load_config
 from dilemma.data import load_source
 from dilemma.losses import dino_loss
 from dilemma.masks import batch_draws, block_masks
+from dilemma.methods.dino import teacher_temperature_at
 from dilemma.pretext import Dilemma, GlobalBatchRows, hide_under_mask, sample_tokens
 from tests.conftest import TINY
 
@@ -129,10 +130,19 @@ def test_student_teacher_inputs_and_no_teacher_gradient():
 )
 def test_loss_is_the_direct_computation(overrides):
     """Replay the forward's draws, then recompute L_[CLS] (DINO's cross-view terms) and L_MIM (a loop
-    over images and their masked tokens against the teacher's clean patch at the same place)."""
-    method, cfg = _ibot("method.ibot.mask_prob=1.0", *overrides)
-    views, n = _views(cfg, 8), 8
-    out = method(views, 0.5, torch.Generator().manual_seed(0))
+    over images and their masked tokens against the teacher's clean patch at the same place). Centres
+    non-zero and temperatures in their warm-up, the patch schedule other than the class one, so a mix-up
+    of centres or schedules shows."""
+    temps = ("method.ibot.warmup_teacher_patch_temp=0.05", "method.ibot.teacher_patch_temp=0.06")
+    method, cfg = _ibot("method.ibot.mask_prob=1.0", *temps, *overrides)
+    with torch.no_grad():
+        method.center.normal_(generator=torch.Generator().manual_seed(5))
+        method.patch_center.normal_(generator=torch.Generator().manual_seed(6))
+    views, n, progress = _views(cfg, 8), 8, 0.1
+    out = method(views, progress, torch.Generator().manual_seed(0))
+    c = cfg.method.ibot
+    cls_temp = teacher_temperature_at(progress, 0.04, 0.07, 0.3)  # 0.05
+    patch_temp = teacher_temperature_at(progress, 0.05, 0.06, 0.3)  # 0.0533
 
     gen = torch.Generator().manual_seed(0)
     mask = method.draw_masks(n, (7, 7), gen, "cpu")
@@ -147,16 +157,19 @@ def test_loss_is_the_direct_computation(overrides):
             s_cls, s_patch = method.encoder(global_views, sample.keep, sample.positions, masked, method.mask_token)
         local = [method.head(method.encoder(v)[0]) for v in views[2:]]
         t_cls, t_patch = method.teacher_encoder(global_views)
-        c = cfg.method.ibot
         cls_loss = dino_loss(
-            [*method.head(s_cls).chunk(2), *local], list(method.teacher_head(t_cls).chunk(2)), method.center, 0.1, 0.07
+            [*method.head(s_cls).chunk(2), *local],
+            list(method.teacher_head(t_cls).chunk(2)),
+            method.center,
+            0.1,
+            cls_temp,
         )
         s_out, t_out = method.patch_head(s_patch), method.teacher_patch_head(t_patch)
         per_image = []
         for b in range(2 * n):
             terms = [
                 -(
-                    F.softmax((t_out[b, keep[b, k]] - method.patch_center[0]) / c.teacher_patch_temp, -1)
+                    F.softmax((t_out[b, keep[b, k]] - method.patch_center[0]) / patch_temp, -1)
                     * F.log_softmax(s_out[b, k] / c.student_temp, -1)
                 ).sum()
                 for k in range(masked.shape[1])

@@ -4,6 +4,7 @@ average-pooled ViT without a class token that I-JEPA reads out."""
 
 import json
 
+import pytest
 import safetensors.torch
 import timm
 import torch
@@ -13,8 +14,9 @@ from dilemma.build import build_method, build_views
 from dilemma.cli import main
 from dilemma.config import load_config
 from dilemma.data import load_source
-from dilemma.masks import batch_draws, multi_block_masks
-from dilemma.pretext import GlobalBatchRows, misplace_tokens
+from dilemma.errors import DilemmaError
+from dilemma.masks import batch_draws, cut_contexts, multi_block_masks
+from dilemma.pretext import GlobalBatchRows, PositionDraws, misplace_tokens
 from dilemma.weights import encoder_from_checkpoint
 from tests.conftest import TINY
 
@@ -43,9 +45,12 @@ def test_multi_block_masks_follow_the_paper():
     assert torch.equal(masks.context, again.context) and torch.equal(masks.targets, again.targets)
     batch, blocks, per_block = masks.targets.shape
     assert (batch, blocks) == (64, 4) and 0.15 * 196 * 0.8 <= per_block <= 0.2 * 196 * 1.2  # one size per batch
-    context, targets = _as_sets(masks.context, 196), _as_sets(masks.targets, 196)
+    context, targets = masks.context, _as_sets(masks.targets, 196)
     assert not (context & targets).any()  # the context never sees a target patch
-    assert masks.context.shape[1] >= 10 and (masks.context.diff(dim=1) > 0).all()  # sorted, distinct
+    assert (context.sum(dim=1) >= 10).all()
+    cut = cut_contexts(context, torch.rand(64, 196, generator=torch.Generator().manual_seed(1)))
+    assert cut.shape[1] == context.sum(dim=1).min() and (cut.diff(dim=1) > 0).all()  # the smallest; sorted, distinct
+    assert context.gather(1, cut).all()  # a subset of each context
     # every target block is a filled rectangle: h rows of w consecutive columns
     rows, cols = masks.targets // 14, masks.targets % 14
     height = rows.amax(-1) - rows.amin(-1) + 1
@@ -56,7 +61,8 @@ def test_multi_block_masks_follow_the_paper():
 def test_multi_block_masks_are_the_same_however_the_batch_is_split():
     def draw(rows, generator):
         masks = multi_block_masks(rows, (7, 7), generator=generator)
-        return masks.context, masks.targets
+        position = PositionDraws.draw(rows, 49, generator=generator)
+        return masks.context, masks.targets, position.order, position.flag, position.other
 
     gen = torch.Generator().manual_seed(4)
     state = gen.get_state()
@@ -66,9 +72,19 @@ def test_multi_block_masks_are_the_same_however_the_batch_is_split():
     assert all(torch.equal(w[1::2], h) for w, h in zip(whole, half, strict=True))
 
 
+def test_an_empty_context_is_an_error_not_a_context_of_target_patches():
+    context = torch.ones(4, 49, dtype=torch.bool)
+    context[2] = False
+    with pytest.raises(DilemmaError, match="lost every patch to the target blocks"):
+        cut_contexts(context, torch.rand(4, 49))
+    with pytest.raises(DilemmaError, match="leave no room for a context"):
+        load_config(None, ["method.name=ijepa", "method.ijepa.targets=6"])
+
+
 def test_misplacement_on_a_given_keep_set():
-    keep = multi_block_masks(256, (7, 7), generator=torch.Generator().manual_seed(0)).context
-    sample = misplace_tokens(keep, 49, 0.3, generator=torch.Generator().manual_seed(1))
+    masks = multi_block_masks(256, (7, 7), generator=torch.Generator().manual_seed(0))
+    keep = cut_contexts(masks.context, torch.rand(256, 49, generator=torch.Generator().manual_seed(2)))
+    sample = misplace_tokens(keep, PositionDraws.draw(256, 49, generator=torch.Generator().manual_seed(1)), 0.3)
     assert torch.equal(sample.keep, keep) and torch.equal(sample.misplaced, sample.positions != keep)
     assert abs(sample.misplaced.float().mean().item() - 0.3) < 0.03
     # a wrong position is one the encoder does not see (enough dropped positions at 7 x 7)
@@ -83,10 +99,10 @@ def test_the_predictor_gets_target_positions_never_target_tokens():
     method.predictor.register_forward_hook(lambda module, args, out: seen.append((args, out)))
     method((images,), 0.3, torch.Generator().manual_seed(0))
     (context_tokens, context_positions, target_positions), prediction = seen[0]
-    gen = torch.Generator().manual_seed(0)
-    context, targets, positions, misplaced = method.draw(8, gen, "cpu")
+    sample, targets = method.sample(8, torch.Generator().manual_seed(0), "cpu")
+    context = sample.keep
     assert torch.equal(target_positions, targets) and torch.equal(context_positions, context)
-    assert misplaced.all() and not torch.equal(positions, context)  # the encoder saw wrong PEs; the predictor true ones
+    assert sample.misplaced.all() and not torch.equal(sample.positions, context)  # encoder: wrong PEs; predictor: true
     # new pixels in every target patch: the same predictions (no target token reaches the predictor),
     # other targets for the loss
     patched = images.clone().unfold(2, 4, 4).unfold(3, 4, 4)  # (B, C, 7, 7, 4, 4) views of the patches
@@ -111,16 +127,19 @@ def test_loss_is_the_direct_computation_and_the_target_encoder_gets_no_gradient(
     method.target_encoder.vit.blocks[0].register_forward_pre_hook(lambda m, a: target_in.append(a[0].shape[:2]))
     out = method((images,), 0.3, torch.Generator().manual_seed(0), True)
     out.loss.backward()
-    context, targets, positions, misplaced = method.draw(8, torch.Generator().manual_seed(0), "cpu")
+    sample, targets = method.sample(8, torch.Generator().manual_seed(0), "cpu")
+    context = sample.keep
     assert context_in == [(8, context.shape[1])] and target_in == [(8, 49)]  # no class token; target dense
     frozen = list(method.target_encoder.parameters())
     assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
-    assert method.predictor.mask_token.grad is not None and method.dilemma.head.proj.weight.grad is not None
+    # every trainable parameter takes part (DDP without find_unused_parameters needs it): the
+    # encoder's final norm of an average-pooling ViT (fc_norm) too, through the predictor's input
+    assert all(p.grad is not None for p in method.parameters() if p.requires_grad)
     with torch.no_grad():
-        _, tokens = method.encoder(images, context, positions)
-        tokens = F.layer_norm(tokens, (tokens.shape[-1],))
+        _, tokens = method.encoder(images, context, sample.positions)
+        tokens = method.encoder.vit.fc_norm(tokens)  # the LayerNorm an average-pooling ViT ends in
         prediction = method.predictor(tokens, context, targets)
-        full = method.target_encoder(images)[1]
+        full = method.target_encoder.vit.fc_norm(method.target_encoder(images)[1])
         squared = []
         for b in range(8):
             for m in range(targets.shape[1]):
@@ -135,8 +154,8 @@ def test_loss_is_the_direct_computation_and_the_target_encoder_gets_no_gradient(
 def test_drop_rate_keeps_a_share_of_the_context():
     dense, _ = _ijepa()
     sparse, _ = _ijepa("dilemma.drop_rate=0.5")
-    full = dense.draw(32, torch.Generator().manual_seed(0), "cpu")[0]
-    half = sparse.draw(32, torch.Generator().manual_seed(0), "cpu")[0]
+    full = dense.sample(32, torch.Generator().manual_seed(0), "cpu")[0].keep
+    half = sparse.sample(32, torch.Generator().manual_seed(0), "cpu")[0].keep
     assert half.shape[1] == full.shape[1] // 2
     assert (_as_sets(half, 49) & ~_as_sets(full, 49)).sum() == 0  # a subset of the same contexts
 

@@ -56,6 +56,21 @@ def test_loss_goes_down_on_a_fixed_batch(name):
     assert sum(losses[-3:]) / 3 < 0.97 * sum(losses[:3]) / 3, losses
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("arm", ["plain", "dilemma"])
+def test_every_trainable_parameter_takes_part(name, arm):
+    """DDP (no find_unused_parameters) fails on the second step if a trainable parameter took no part
+    in the loss: every one gets a gradient, plain and with DILEMMA (I-JEPA: its average-pooled ViT)."""
+    extra = list(METHODS[name].plain) if arm == "plain" else []
+    if name == "ijepa":
+        extra += ["model.global_pool=avg", "model.class_token=false", "dilemma.drop_rate=0"]
+    method, cfg = _method(name, *extra)
+    views = _views(cfg, 8)
+    method(views, 0.3, torch.Generator().manual_seed(0)).loss.backward()
+    idle = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+    assert not idle, idle
+
+
 def test_registry_and_views_per_method():
     assert set(METHODS) == {"mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot", "ijepa"}
     shapes = {name: [tuple(v.shape) for v in _views(_method(name)[1], n=4)] for name in METHODS}

@@ -10,9 +10,10 @@ Python loop runs per image.
 
 ``multi_block_masks``: I-JEPA's multi-block masking (Assran et al. 2023, Sec. 3 and App. C): M
 target blocks of one size per batch (scale and aspect ratio drawn once), and a context block (scale
-0.85-1, square) at its own place per image from which every target patch is removed; each image's
-context is then cut to the batch's smallest one (a random subset, kept in raster order) so that
-the context encoder runs on a rectangular batch.
+0.85-1, square) at its own place per image from which every target patch is removed.
+``cut_contexts`` then cuts each context to the micro-batch's smallest one (a random subset, kept in
+raster order) so that the context encoder runs on a rectangular batch, as I-JEPA's collator cuts
+to the smallest of each GPU's batch.
 
 ``batch_draws`` draws for a micro-batch so that an image gets the same
 mask however the global batch is split across processes and micro-batches (as ``Dilemma.sample``).
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dilemma.errors import DilemmaError
 from dilemma.pretext import GlobalBatchRows, TokenDraws
 
 
@@ -75,8 +77,9 @@ def block_masks(
 
 @dataclass(frozen=True)
 class MultiBlockMasks:
-    """I-JEPA's masks for a batch: ``context`` ``(B, Kc)`` sorted patch indices the context encoder
-    sees; ``targets`` ``(B, M, T)`` the patch indices of each of the M target blocks (row-major)."""
+    """I-JEPA's masks for a batch: ``context`` ``(B, L)`` bool, the patches of each image's context
+    block that are in no target; ``targets`` ``(B, M, T)`` the patch indices of each of the M target
+    blocks (row-major)."""
 
     context: torch.Tensor
     targets: torch.Tensor
@@ -111,15 +114,15 @@ def multi_block_masks(
     target_aspect: tuple[float, float] = (0.75, 1.5),
     context_scale: tuple[float, float] = (0.85, 1.0),
     min_context: int = 10,
-    keep_fraction: float = 1.0,
     candidates: int = 8,
     generator: torch.Generator | None = None,
     device=None,
 ) -> MultiBlockMasks:
     """I-JEPA's masks (module doc). The context block tries ``candidates`` places per image and takes
     the first that keeps at least ``min_context`` patches once the targets are removed (else the one
-    that keeps most), as I-JEPA re-draws a context that is too small. ``keep_fraction`` < 1 keeps
-    only that share of the batch's smallest context (at least one patch; DILEMMA's sparsity)."""
+    that keeps most), as I-JEPA re-draws a context that is too small."""
+    if device is None and generator is not None:
+        device = generator.device
     num_patches = grid[0] * grid[1]
     target_size = _block_size(target_scale, target_aspect, grid, generator, device)
     context_size = _block_size(context_scale, (1.0, 1.0), grid, generator, device)
@@ -135,12 +138,22 @@ def multi_block_masks(
     # the first large-enough try (argmax of the first True), or the largest where none is
     choice = torch.where(large_enough.any(dim=1), large_enough.float().argmax(dim=1), sizes.argmax(dim=1))
     context = in_context[torch.arange(batch, device=device), choice]  # (B, L)
-    smallest = int(context.sum(dim=1).min())  # the batch's smallest context (a host sync, once a step)
+    return MultiBlockMasks(context=context, targets=target_idx)
+
+
+def cut_contexts(context: torch.Tensor, score: torch.Tensor, keep_fraction: float = 1.0) -> torch.Tensor:
+    """``(B, Kc)`` sorted patch indices: of each image's context ``(B, L)`` bool, the ``Kc`` patches
+    with the highest ``score`` ``(B, L)`` (uniform variates: a random subset), ``Kc`` = the batch's
+    smallest context x ``keep_fraction`` (at least 1; < 1 is DILEMMA's sparsity on top)."""
+    smallest = int(context.sum(dim=1).min())  # a host sync, once a micro-batch
+    if smallest == 0:
+        raise DilemmaError(
+            "an I-JEPA context block lost every patch to the target blocks: lower method.ijepa.targets "
+            "or method.ijepa.target_max_scale, or use more patches per image"
+        )
     kept = max(math.floor(smallest * keep_fraction + 1e-9), 1)
-    # a random subset of kept patches per image, in raster order: non-context positions score -1
-    score = torch.rand(batch, num_patches, generator=generator, device=device).masked_fill(~context, -1.0)
-    chosen = score.topk(kept, dim=1).indices.sort(dim=1).values  # (B, Kc)
-    return MultiBlockMasks(context=chosen, targets=target_idx)
+    masked_score = score.masked_fill(~context, -1.0)  # positions outside the context never win
+    return masked_score.topk(kept, dim=1).indices.sort(dim=1).values
 
 
 def batch_draws(draws: TokenDraws, n: int, draw):

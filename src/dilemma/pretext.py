@@ -79,35 +79,52 @@ def sample_tokens(
     order = torch.rand(batch_size, num_patches, generator=generator, device=device).argsort(dim=1)  # (B, L)
     keep = order[:, :kept].sort(dim=1).values  # (B, K)
     dropped = order[:, kept:]  # (B, L - K), random order: taking them in turn is sampling without replacement
-    return _misplace(keep, dropped, num_patches, misplace_prob, generator)
+    shape = (batch_size, kept)
+    misplaced = torch.rand(shape, generator=generator, device=device) < misplace_prob  # (B, K) labels
+    other = torch.randint(0, max(num_patches - 1, 1), shape, generator=generator, device=device)
+    return _misplace(keep, dropped, misplaced, other)
 
 
-def misplace_tokens(
-    keep: torch.Tensor, num_patches: int, misplace_prob: float, *, generator: torch.Generator | None = None
-) -> TokenSample:
+@dataclass(frozen=True)
+class PositionDraws:
+    """Random variates for every patch position of each image, drawn before the keep set is known
+    (I-JEPA's context is cut per micro-batch); ``misplace_tokens`` reads them at the kept positions,
+    so an image's draws are the same however the batch is split. All ``(B, L)``."""
+
+    order: torch.Tensor  # uniform: dropped positions are handed out in increasing order
+    flag: torch.Tensor  # uniform: the token of a patch is misplaced when its flag < p
+    other: torch.Tensor  # long in [0, L - 1): the fallback's wrong position (see ``_misplace``)
+
+    @classmethod
+    def draw(cls, batch: int, num_patches: int, *, generator=None, device=None) -> PositionDraws:
+        shape = (batch, num_patches)
+        return cls(
+            order=torch.rand(shape, generator=generator, device=device),
+            flag=torch.rand(shape, generator=generator, device=device),
+            other=torch.randint(0, max(num_patches - 1, 1), shape, generator=generator, device=device),
+        )
+
+
+def misplace_tokens(keep: torch.Tensor, draws: PositionDraws, misplace_prob: float) -> TokenSample:
     """Misplacement (the rules of the module doc) for a keep set chosen elsewhere: ``keep`` ``(B, K)``
-    sorted patch indices (I-JEPA's context block); the other positions are the dropped ones."""
+    sorted patch indices (I-JEPA's context); every other position counts as dropped."""
     check_switches(misplace_prob)
+    num_patches = draws.order.shape[1]
     if misplace_prob > 0 and num_patches < 2:
         raise DilemmaError("cannot misplace tokens with a single patch per image: use a smaller patch size")
-    batch, device = keep.shape[0], keep.device
-    # the positions not kept, in a random order per image: kept ones sort last (score 2 > any rand)
-    score = torch.rand(batch, num_patches, generator=generator, device=device).scatter(1, keep, 2.0)
-    dropped = score.argsort(dim=1)[:, : num_patches - keep.shape[1]]  # (B, L - K)
-    return _misplace(keep, dropped, num_patches, misplace_prob, generator)
+    # the positions not kept, in the drawn order: kept ones sort last (score 2 > any uniform)
+    dropped = draws.order.scatter(1, keep, 2.0).argsort(dim=1)[:, : num_patches - keep.shape[1]]  # (B, L - K)
+    misplaced = draws.flag.gather(1, keep) < misplace_prob  # (B, K) labels
+    return _misplace(keep, dropped, misplaced, draws.other.gather(1, keep))
 
 
-def _misplace(
-    keep: torch.Tensor, dropped: torch.Tensor, num_patches: int, misplace_prob: float, generator
-) -> TokenSample:
-    """Flags and wrong positions for kept tokens ``keep`` (B, K), given the dropped positions of each
-    image in a random order ``dropped`` (B, L - K)."""
-    shape, device, num_dropped = tuple(keep.shape), keep.device, dropped.shape[1]
-    misplaced = torch.rand(shape, generator=generator, device=device) < misplace_prob  # (B, K) labels
-
+def _misplace(keep: torch.Tensor, dropped: torch.Tensor, misplaced: torch.Tensor, other: torch.Tensor) -> TokenSample:
+    """Wrong positions for the flagged kept tokens: ``keep`` (B, K), the dropped positions of each image
+    in a random order ``dropped`` (B, L - K), the flags ``misplaced`` (B, K), and ``other`` (B, K)
+    uniform in [0, L - 1) for the fallback."""
+    num_dropped = dropped.shape[1]
     # Fallback: uniform over the L - 1 positions other than the token's own (draw from L - 1 values,
     # then shift the ones at or above the token's own index up by one, so its own is never drawn).
-    other = torch.randint(0, max(num_patches - 1, 1), shape, generator=generator, device=device)
     wrong = other + (other >= keep).long()  # (B, K)
     if num_dropped > 0:
         # The j-th misplaced token of an image (counting from 0 along the row) takes dropped[j]:

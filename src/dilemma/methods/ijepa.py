@@ -27,10 +27,10 @@ from torch import nn
 
 from dilemma.data.augment import Views, ViewSettings
 from dilemma.errors import require
-from dilemma.masks import batch_draws, multi_block_masks
+from dilemma.masks import batch_draws, cut_contexts, multi_block_masks
 from dilemma.methods.base import Detection, EMATeacherMethod, MethodOutput
 from dilemma.models import ViTEncoder, sincos_pos_embed_2d
-from dilemma.pretext import Dilemma, TokenDraws, TokenSample, misplace_tokens
+from dilemma.pretext import Dilemma, PositionDraws, TokenDraws, misplace_tokens
 
 
 @dataclass
@@ -71,6 +71,11 @@ class IJEPAConfig:
         ):
             require(0.0 < low <= high <= top, f"{s}: need 0 < {name} in order and <= {top:g}, got {low}, {high}")
         require(self.min_context >= 1, f"{s}.min_context must be >= 1, got {self.min_context}")
+        require(
+            self.targets * self.target_max_scale <= 0.9,
+            f"{s}: {self.targets} target blocks of up to {self.target_max_scale:g} of the image leave no room "
+            "for a context: need targets x target_max_scale <= 0.9",
+        )
 
 
 class Predictor(nn.Module):
@@ -122,8 +127,8 @@ class IJEPA(EMATeacherMethod):
         return Views(settings.crop_and_flip())
 
     def draw(self, rows: int, generator, device):
-        """Masks and misplacement for ``rows`` images: context (rows, Kc), targets (rows, M, T), the
-        PE index of each context token and its label (rows, Kc)."""
+        """Per-image draws for ``rows`` images, before any cut: the context (rows, L) bool, the targets
+        (rows, M, T), and the position variates of the context cut and the misplacement (rows, L)."""
         c, grid = self.cfg, self.encoder.grid_size
         masks = multi_block_masks(
             rows,
@@ -133,32 +138,45 @@ class IJEPA(EMATeacherMethod):
             target_aspect=(c.target_min_aspect, c.target_max_aspect),
             context_scale=(c.context_min_scale, c.context_max_scale),
             min_context=c.min_context,
-            keep_fraction=1.0 - self.dilemma.drop_rate,
             generator=generator,
             device=device,
         )
-        sample = misplace_tokens(masks.context, grid[0] * grid[1], self.dilemma.misplace_prob, generator=generator)
-        return masks.context, masks.targets, sample.positions, sample.misplaced
+        subset = torch.rand(masks.context.shape, generator=generator, device=device)
+        position = PositionDraws.draw(rows, grid[0] * grid[1], generator=generator, device=device)
+        return masks.context, masks.targets, subset, position.order, position.flag, position.other
+
+    def sample(self, n: int, draws: TokenDraws, device):
+        """This micro-batch's context ``TokenSample`` (keep = the cut context, sorted) and targets
+        ``(n, M, T)``. Every draw is made per image of the global batch (the same however the batch is
+        split); only the cut to the smallest context depends on the micro-batch, as in I-JEPA."""
+        context, targets, subset, *position = batch_draws(
+            draws, n, lambda rows, generator: self.draw(rows, generator, device)
+        )
+        keep = cut_contexts(context, subset, keep_fraction=1.0 - self.dilemma.drop_rate)  # (n, Kc)
+        return misplace_tokens(keep, PositionDraws(*position), self.dilemma.misplace_prob), targets
 
     def forward(
         self, views, progress: float = 0.0, draws: TokenDraws = None, with_metrics: bool = False
     ) -> MethodOutput:
         images = views[0]
         n = images.shape[0]
-        context, targets, positions, misplaced = batch_draws(
-            draws, n, lambda rows, generator: self.draw(rows, generator, images.device)
+        require(
+            tuple(images.shape[-2:]) == self.encoder.img_size,
+            f"I-JEPA's masks are drawn on the model's grid: images must be {self.encoder.img_size}, "
+            f"got {tuple(images.shape[-2:])}",
         )
-        sample = TokenSample(keep=context, positions=positions, misplaced=misplaced)
-        embedding, tokens = self.encoder(images, keep=context, positions=positions)  # (n, D), (n, Kc, D)
+        sample, targets = self.sample(n, draws, images.device)
+        context = sample.keep  # (n, Kc) true positions of the context tokens
+        embedding, tokens = self.encoder(images, keep=context, positions=sample.positions)  # (n, D), (n, Kc, D)
         # the detection head reads the encoder's outputs, as in every method (and in the read-outs)
         bce, det_logs = self.dilemma.loss(tokens, sample, with_metrics=with_metrics)
-        # timm's average-pooling ViTs normalise after pooling (fc_norm), so the predictor gets the patch
-        # outputs layer-normalised, as I-JEPA's encoder ends in a norm (no affine: a standardisation)
-        context_out = F.layer_norm(tokens, tokens.shape[-1:])
+        # I-JEPA's encoder ends in a norm over every token; timm's average-pooling ViTs apply theirs after
+        # pooling (fc_norm; the identity for class-token ViTs, whose `norm` already acted): applied here
+        context_out = self.encoder.vit.fc_norm(tokens)
         prediction = self.predictor(context_out, context, targets)  # (n, M, T, D): context at its TRUE places
         with torch.no_grad():  # the target encoder: the whole image, dense and clean
-            full = self.target_encoder(images)[1]  # (n, L, D)
-            full = F.layer_norm(full, full.shape[-1:])  # I-JEPA normalises the targets (Sec. 3)
+            full = self.target_encoder.vit.fc_norm(self.target_encoder(images)[1])  # (n, L, D)
+            full = F.layer_norm(full, full.shape[-1:])  # and I-JEPA standardises the targets (Sec. 3)
             dim = full.shape[-1]
             target = full.gather(1, targets.flatten(1).unsqueeze(-1).expand(-1, -1, dim)).view(prediction.shape)
         loss = F.mse_loss(prediction.float(), target.float())
