@@ -68,11 +68,12 @@ BF16_PEAKS = [
     ("RTX 4090", 165e12),
     ("RTX 3090", 71e12),
 ]
-SMOKE = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.depth=2", "method.dino.local_crop_size=16"]
+SMOKE = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.depth=2"]
+SMOKE += ["method.dino.local_crop_size=16", "method.ibot.local_crop_size=16", "method.ijepa.targets=2"]
 SMOKE += ["method.mocov3.proj_hidden_dim=64", "method.simclr.proj_hidden_dim=64", "method.dino.out_dim=128"]
 SMOKE += ["method.dino.hidden_dim=64", "method.mae.decoder_dim=64", "method.mae.decoder_depth=1"]
 SMOKE += ["method.byol.proj_hidden_dim=64", "method.vicreg.expander_dim=64"]
-SMOKE += ["method.ibot.local_crop_size=16", "method.ibot.out_dim=128", "method.ibot.hidden_dim=64"]
+SMOKE += ["method.ibot.out_dim=128", "method.ibot.hidden_dim=64"]
 SMOKE += ["method.ijepa.predictor_dim=96", "method.ijepa.predictor_depth=1"]
 
 

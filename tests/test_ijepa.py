@@ -72,13 +72,23 @@ def test_multi_block_masks_are_the_same_however_the_batch_is_split():
     assert all(torch.equal(w[1::2], h) for w, h in zip(whole, half, strict=True))
 
 
-def test_an_empty_context_is_an_error_not_a_context_of_target_patches():
+def test_a_context_is_never_empty_and_degenerate_grids_are_refused():
+    # 2 x 2 patches, four 1-patch targets: often every place of the 1-patch context is a target
+    masks = multi_block_masks(256, (2, 2), target_scale=(0.25, 0.25), generator=torch.Generator().manual_seed(0))
+    targets = _as_sets(masks.targets, 4)
+    covered = targets.all(dim=1)
+    assert covered.any() and masks.context.any(dim=1).all()  # the fallback: the block keeps its targets
+    overlap = (masks.context & targets).any(dim=1)
+    # ... only where every patch of the chosen block was a target (a context is never part target)
+    assert overlap.any() and not (masks.context & ~targets)[overlap].any()
     context = torch.ones(4, 49, dtype=torch.bool)
     context[2] = False
-    with pytest.raises(DilemmaError, match="lost every patch to the target blocks"):
+    with pytest.raises(DilemmaError, match="lost every patch to the target blocks"):  # a direct caller's
         cut_contexts(context, torch.rand(4, 49))
     with pytest.raises(DilemmaError, match="leave no room for a context"):
         load_config(None, ["method.name=ijepa", "method.ijepa.targets=6"])
+    with pytest.raises(DilemmaError, match="target blocks can cover all 4 patches"):
+        _ijepa("model.patch_size=14")
 
 
 def test_misplacement_on_a_given_keep_set():

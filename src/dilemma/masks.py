@@ -85,14 +85,28 @@ class MultiBlockMasks:
     targets: torch.Tensor
 
 
-def _block_size(scale: tuple[float, float], aspect: tuple[float, float], grid, generator, device) -> tuple[int, int]:
-    """One block size ``(h, w)`` for the batch: area ``scale`` x L, aspect ratio h / w, both uniform
-    in their ranges; each side at least 1 and below the grid's (as I-JEPA's collator)."""
-    s_draw, a_draw = torch.rand(2, generator=generator, device=device).tolist()
-    area = (scale[0] + (scale[1] - scale[0]) * s_draw) * grid[0] * grid[1]
-    ratio = aspect[0] + (aspect[1] - aspect[0]) * a_draw
+def block_side(scale: float, ratio: float, grid: tuple[int, int]) -> tuple[int, int]:
+    """The block ``(h, w)`` of area ``scale`` x L and aspect ratio h / w = ``ratio``: each side at
+    least 1 and below the grid's (as I-JEPA's collator)."""
+    area = scale * grid[0] * grid[1]
     h, w = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
     return min(max(h, 1), max(grid[0] - 1, 1)), min(max(w, 1), max(grid[1] - 1, 1))
+
+
+def _block_size(scale: tuple[float, float], aspect: tuple[float, float], grid, generator, device) -> tuple[int, int]:
+    """One block size for the batch, scale and aspect ratio uniform in their ranges."""
+    s_draw, a_draw = torch.rand(2, generator=generator, device=device).tolist()
+    return block_side(scale[0] + (scale[1] - scale[0]) * s_draw, aspect[0] + (aspect[1] - aspect[0]) * a_draw, grid)
+
+
+def largest_block(scale: tuple[float, float], aspect: tuple[float, float], grid: tuple[int, int]) -> int:
+    """The most patches a block drawn from these ranges can cover (the ranges scanned finely)."""
+    steps = [i / 64 for i in range(65)]
+    return max(
+        math.prod(block_side(scale[0] + (scale[1] - scale[0]) * s, aspect[0] + (aspect[1] - aspect[0]) * a, grid))
+        for s in steps
+        for a in steps
+    )
 
 
 def _place(size: tuple[int, int], count: tuple[int, ...], grid, generator, device) -> torch.Tensor:
@@ -120,7 +134,8 @@ def multi_block_masks(
 ) -> MultiBlockMasks:
     """I-JEPA's masks (module doc). The context block tries ``candidates`` places per image and takes
     the first that keeps at least ``min_context`` patches once the targets are removed (else the one
-    that keeps most), as I-JEPA re-draws a context that is too small."""
+    that keeps most), as I-JEPA re-draws a context that is too small; if the targets cover every try,
+    that image's context keeps the target patches of its block (never empty)."""
     if device is None and generator is not None:
         device = generator.device
     num_patches = grid[0] * grid[1]
@@ -130,14 +145,18 @@ def multi_block_masks(
     in_target = torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
     in_target.scatter_(1, target_idx.flatten(1), True)  # (B, L): the union of the targets
     tries = _place(context_size, (batch, candidates), grid, generator, device)  # (B, C, Tc)
-    in_context = torch.zeros(batch, candidates, num_patches, dtype=torch.bool, device=device)
-    in_context.scatter_(2, tries, True)
-    in_context &= ~in_target.unsqueeze(1)  # (B, C, L): a context never sees a target patch
+    in_block = torch.zeros(batch, candidates, num_patches, dtype=torch.bool, device=device)
+    in_block.scatter_(2, tries, True)
+    in_context = in_block & ~in_target.unsqueeze(1)  # (B, C, L): a context never sees a target patch
     sizes = in_context.sum(dim=2)  # (B, C)
     large_enough = sizes >= min(min_context, num_patches)
     # the first large-enough try (argmax of the first True), or the largest where none is
     choice = torch.where(large_enough.any(dim=1), large_enough.float().argmax(dim=1), sizes.argmax(dim=1))
-    context = in_context[torch.arange(batch, device=device), choice]  # (B, L)
+    rows = torch.arange(batch, device=device)
+    context = in_context[rows, choice]  # (B, L)
+    # where the targets covered every try, the block keeps its target patches (I-JEPA's allow_overlap)
+    # rather than leave the image without context (possible only where targets can cover a block)
+    context = torch.where(context.any(dim=1, keepdim=True), context, in_block[rows, choice])
     return MultiBlockMasks(context=context, targets=target_idx)
 
 

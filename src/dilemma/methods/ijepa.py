@@ -27,7 +27,7 @@ from torch import nn
 
 from dilemma.data.augment import Views, ViewSettings
 from dilemma.errors import require
-from dilemma.masks import batch_draws, cut_contexts, multi_block_masks
+from dilemma.masks import batch_draws, cut_contexts, largest_block, multi_block_masks
 from dilemma.methods.base import Detection, EMATeacherMethod, MethodOutput
 from dilemma.models import ViTEncoder, sincos_pos_embed_2d
 from dilemma.pretext import Dilemma, PositionDraws, TokenDraws, misplace_tokens
@@ -116,6 +116,17 @@ class IJEPA(EMATeacherMethod):
     def __init__(self, encoder: ViTEncoder, dilemma: Dilemma, cfg: IJEPAConfig | None = None):
         cfg = cfg or IJEPAConfig()
         super().__init__(encoder, dilemma, cfg)
+        # targets that can cover the whole image leave nothing to predict them from
+        grid = encoder.grid_size
+        covered = cfg.targets * largest_block(
+            (cfg.target_min_scale, cfg.target_max_scale), (cfg.target_min_aspect, cfg.target_max_aspect), grid
+        )
+        require(
+            covered < grid[0] * grid[1],
+            f"on the {grid[0]}x{grid[1]} patch grid, {cfg.targets} target blocks can cover all {grid[0] * grid[1]} "
+            "patches: lower method.ijepa.targets or target_max_scale, or use more patches per image "
+            "(model.img_size / model.patch_size)",
+        )
         self.target_encoder = self.teacher_of(encoder)
         self.predictor = Predictor(
             encoder.embed_dim, cfg.predictor_dim, cfg.predictor_depth, cfg.predictor_heads, encoder.grid_size
