@@ -60,8 +60,8 @@ def main() -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}; python {platform.python_version()}, "
         f"torch {torch.__version__}, timm {timm.__version__}. Each row: one run of `min` minutes of "
-        "training (the BYOL, VICReg, iBOT and I-JEPA rows: one core and one thread per run, two methods "
-        "side by side, one per core), read out by `dilemma compare` "
+        "training (the BYOL, VICReg, iBOT and I-JEPA rows: one core and one thread per run, two runs "
+        "side by side, one per core; commands in docs/results.md), read out by `dilemma compare` "
         "(kNN k = 20, T = 0.07; linear probe 100 epochs on dense train features; val split). Rows without "
         "a seed or a linear number are from the first version of this script (3 min, seed 0, kNN only).",
         "Plain = `Method.plain` (p = 0, r = 0; MAE: p = 0, mask ratio 0.75). Sparse = p = 0, r = 0.75 "
