@@ -118,9 +118,12 @@ class DINO(EMATeacherMethod):
         self._teacher_sum, self._teacher_count = None, 0
 
     @torch.no_grad()
-    def update_center(self, batch_mean: torch.Tensor) -> None:
+    def update_center(self, batch_mean: torch.Tensor, center: torch.Tensor | None = None) -> None:
+        """Move ``center`` (default: the class outputs' ``self.center``) by an EMA towards the
+        step's ``batch_mean`` averaged over processes."""
+        center = self.center if center is None else center
         batch_center = all_reduce_mean(batch_mean.clone())
-        self.center.mul_(self.cfg.center_momentum).add_(batch_center, alpha=1.0 - self.cfg.center_momentum)
+        center.mul_(self.cfg.center_momentum).add_(batch_center, alpha=1.0 - self.cfg.center_momentum)
 
     def forward(
         self, views, progress: float = 0.0, draws: TokenDraws = None, with_metrics: bool = False

@@ -25,7 +25,6 @@ from typing import ClassVar
 
 import torch
 
-from dilemma.distributed import all_reduce_mean
 from dilemma.errors import require
 from dilemma.heads import DINOHead
 from dilemma.losses import masked_patch_loss
@@ -112,9 +111,7 @@ class IBOT(DINO):
         count = self._teacher_count  # one per teacher image, as the class outputs
         super().after_step()
         if count:  # the patch centre moves as the class one: the step's global mean, EMA
-            with torch.no_grad():
-                batch_center = all_reduce_mean(self._patch_sum / count)
-                self.patch_center.lerp_(batch_center, 1.0 - self.cfg.center_momentum)
+            self.update_center(self._patch_sum / count, self.patch_center)
         self._patch_sum = None
 
     def draw_masks(self, n: int, grid: tuple[int, int], draws: TokenDraws, device) -> torch.Tensor:
