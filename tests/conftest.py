@@ -35,6 +35,36 @@ TINY = [
 ]
 
 
+# I-JEPA's model (no class token, average pooling) and its sparsity (the context block: r = 0)
+IJEPA_RECIPE = ("model.global_pool=avg", "model.class_token=false", "dilemma.drop_rate=0")
+
+
+def tiny_method(name: str, *overrides: str):
+    """``(method, config)``: the built-in method ``name`` at TINY sizes, weights seeded."""
+    from dilemma.build import build_method
+    from dilemma.config import load_config
+
+    cfg = load_config(None, [*TINY, f"method.name={name}", *overrides])
+    torch.manual_seed(0)
+    return build_method(cfg), cfg
+
+
+def embedded_views(cfg, n: int):
+    """The method's views (``cfg``'s augmentation) of the first ``n`` embedded Animal-MNIST training images."""
+    from dilemma.build import build_views
+    from dilemma.data import load_source
+
+    images = load_source("animal-mnist", img_size=28, in_chans=1, val_fraction=0.2, seed=0).train.load(list(range(n)))
+    return build_views(cfg)(images, seeds=range(n))
+
+
+def block_inputs(module) -> list[tuple[int, int]]:
+    """Record ``(batch, tokens)`` entering the first block of the encoder ``module`` on each call."""
+    counts = []
+    module.vit.blocks[0].register_forward_pre_hook(lambda m, args: counts.append(tuple(args[0].shape[:2])))
+    return counts
+
+
 @pytest.fixture(scope="session")
 def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():

@@ -5,31 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dilemma.build import build_method, build_views
-from dilemma.config import load_config
-from dilemma.data import load_source
 from dilemma.losses import dino_loss
 from dilemma.masks import batch_draws, block_masks
 from dilemma.methods.dino import teacher_temperature_at
 from dilemma.pretext import Dilemma, GlobalBatchRows, hide_under_mask, sample_tokens
-from tests.conftest import TINY
+from tests.conftest import block_inputs, embedded_views, tiny_method
 
 
 def _ibot(*overrides):
-    cfg = load_config(None, [*TINY, "method.name=ibot", *overrides])
-    torch.manual_seed(0)
-    return build_method(cfg), cfg
-
-
-def _views(cfg, n=8):
-    images = load_source("animal-mnist", img_size=28, in_chans=1, val_fraction=0.2, seed=0).train.load(list(range(n)))
-    return build_views(cfg)(images, seeds=range(n))
-
-
-def _block_inputs(module):
-    counts = []
-    module.vit.blocks[0].register_forward_pre_hook(lambda m, args: counts.append(tuple(args[0].shape[:2])))
-    return counts
+    return tiny_method("ibot", *overrides)
 
 
 def test_block_masks_meet_their_budget_in_blocks():
@@ -110,8 +94,8 @@ def test_the_mask_token_replaces_the_patch_content_before_the_position(tiny_enco
 
 def test_student_teacher_inputs_and_no_teacher_gradient():
     method, cfg = _ibot()
-    student, teacher = _block_inputs(method.encoder), _block_inputs(method.teacher_encoder)
-    out = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
+    student, teacher = block_inputs(method.encoder), block_inputs(method.teacher_encoder)
+    out = method(embedded_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
     out.loss.backward()
     assert student == [(16, 1 + 12), (16, 1 + 16)]  # global crops sparse (K = 12); local crops dense
     assert teacher == [(16, 1 + 49)]  # global crops only, dense, clean, unmasked
@@ -138,7 +122,7 @@ def test_loss_is_the_direct_computation(overrides):
     with torch.no_grad():
         method.center.normal_(generator=torch.Generator().manual_seed(5))
         method.patch_center.normal_(generator=torch.Generator().manual_seed(6))
-    views, n, progress = _views(cfg, 8), 8, 0.1
+    views, n, progress = embedded_views(cfg, 8), 8, 0.1
     out = method(views, progress, torch.Generator().manual_seed(0))
     c = cfg.method.ibot
     cls_temp = teacher_temperature_at(progress, 0.04, 0.07, 0.3)  # 0.05
@@ -184,7 +168,7 @@ def test_loss_is_the_direct_computation(overrides):
 
 def test_patch_centre_moves_once_per_step_by_the_teacher_patch_mean():
     method, cfg = _ibot("method.ibot.shared_head=false")
-    views = _views(cfg, 8)
+    views = embedded_views(cfg, 8)
     method.before_step(0.0)
     method(views, 0.0, torch.Generator().manual_seed(0))
     assert method.patch_center.abs().sum() == 0 and method.center.abs().sum() == 0
@@ -199,7 +183,7 @@ def test_patch_centre_moves_once_per_step_by_the_teacher_patch_mean():
 def test_loss_goes_down_on_a_fixed_batch():
     method, cfg = _ibot()
     method.cfg.center_momentum = 1.0  # fixed targets: frozen centres, and teacher momentum 1 at progress 1
-    views = _views(cfg, 16)
+    views = embedded_views(cfg, 16)
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(15):
@@ -214,10 +198,10 @@ def test_loss_goes_down_on_a_fixed_batch():
 def test_masked_share_follows_the_config():
     dense = ("dilemma.misplace_prob=0", "dilemma.drop_rate=0")
     method, cfg = _ibot("method.ibot.mask_prob=0", *dense)
-    out = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0))
+    out = method(embedded_views(cfg, 8), 0.0, torch.Generator().manual_seed(0))
     assert out.logs["masked_share"] == 0 and out.logs["patch_loss"] == 0  # no mask: DINO's loss alone
     method, cfg = _ibot(
         "method.ibot.mask_prob=1", "method.ibot.mask_min_ratio=0.4", "method.ibot.mask_max_ratio=0.4", *dense
     )
-    out = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0))
+    out = method(embedded_views(cfg, 8), 0.0, torch.Generator().manual_seed(0))
     assert 0.3 < out.logs["masked_share"] <= 0.4

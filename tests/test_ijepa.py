@@ -10,28 +10,17 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from dilemma.build import build_method, build_views
 from dilemma.cli import main
 from dilemma.config import load_config
-from dilemma.data import load_source
 from dilemma.errors import DilemmaError
 from dilemma.masks import batch_draws, cut_contexts, multi_block_masks
 from dilemma.pretext import GlobalBatchRows, PositionDraws, misplace_tokens
 from dilemma.weights import encoder_from_checkpoint
-from tests.conftest import TINY
-
-RECIPE = ["model.global_pool=avg", "model.class_token=false", "dilemma.drop_rate=0"]
+from tests.conftest import IJEPA_RECIPE, TINY, embedded_views, tiny_method
 
 
 def _ijepa(*overrides):
-    cfg = load_config(None, [*TINY, "method.name=ijepa", *RECIPE, *overrides])
-    torch.manual_seed(0)
-    return build_method(cfg), cfg
-
-
-def _images(cfg, n=8):
-    images = load_source("animal-mnist", img_size=28, in_chans=1, val_fraction=0.2, seed=0).train.load(list(range(n)))
-    return build_views(cfg)(images, seeds=range(n))
+    return tiny_method("ijepa", *IJEPA_RECIPE, *overrides)
 
 
 def _as_sets(indices: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -104,7 +93,7 @@ def test_misplacement_on_a_given_keep_set():
 
 def test_the_predictor_gets_target_positions_never_target_tokens():
     method, cfg = _ijepa("dilemma.misplace_prob=1.0")
-    images = _images(cfg)[0]
+    images = embedded_views(cfg, 8)[0]
     seen = []
     method.predictor.register_forward_hook(lambda module, args, out: seen.append((args, out)))
     method((images,), 0.3, torch.Generator().manual_seed(0))
@@ -131,7 +120,7 @@ def test_the_predictor_gets_target_positions_never_target_tokens():
 
 def test_loss_is_the_direct_computation_and_the_target_encoder_gets_no_gradient():
     method, cfg = _ijepa()
-    images = _images(cfg)[0]
+    images = embedded_views(cfg, 8)[0]
     context_in, target_in = [], []
     method.encoder.vit.blocks[0].register_forward_pre_hook(lambda m, a: context_in.append(a[0].shape[:2]))
     method.target_encoder.vit.blocks[0].register_forward_pre_hook(lambda m, a: target_in.append(a[0].shape[:2]))
@@ -172,7 +161,7 @@ def test_drop_rate_keeps_a_share_of_the_context():
 
 def test_loss_goes_down_on_a_fixed_batch():
     method, cfg = _ijepa()
-    images = _images(cfg, 16)[0]
+    images = embedded_views(cfg, 16)[0]
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(15):
@@ -186,7 +175,7 @@ def test_loss_goes_down_on_a_fixed_batch():
 
 def test_average_pooled_backbone_without_class_token_exports_to_timm(tmp_path):
     run = tmp_path / "run"
-    sets = [a for kv in [*TINY, *RECIPE, "eval.knn_at_end=false"] for a in ("--set", kv)]
+    sets = [a for kv in [*TINY, *IJEPA_RECIPE, "eval.knn_at_end=false"] for a in ("--set", kv)]
     assert main(["pretrain", "--method", "ijepa", "--out", str(run), "--max-steps", "2", *sets]) == 0
     out = tmp_path / "backbone.safetensors"
     assert main(["export", str(run), "--out", str(out)]) == 0

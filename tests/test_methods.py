@@ -5,39 +5,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dilemma.build import build_method, build_views
-from dilemma.config import load_config
-from dilemma.data import load_source
 from dilemma.losses import byol_loss, dino_loss, nt_xent_loss, vicreg_loss
 from dilemma.methods import METHODS
 from dilemma.methods.dino import teacher_temperature_at
 from dilemma.methods.mae import patchify, unpatchify
 from dilemma.pretext import TokenSample
-from tests.conftest import TINY
+from tests.conftest import IJEPA_RECIPE, block_inputs, embedded_views, tiny_method
 
-
-def _method(name, *overrides):
-    cfg = load_config(None, [*TINY, f"method.name={name}", *overrides])
-    torch.manual_seed(0)
-    return build_method(cfg), cfg
-
-
-def _views(cfg, n=16):
-    images = load_source("animal-mnist", img_size=28, in_chans=1, val_fraction=0.2, seed=0).train.load(list(range(n)))
-    return build_views(cfg)(images, seeds=range(n))
-
-
-def _block_inputs(module):
-    """Record the token count entering the first block of ``module`` on each call."""
-    counts = []
-    module.vit.blocks[0].register_forward_pre_hook(lambda m, args: counts.append(tuple(args[0].shape[:2])))
-    return counts
+_method = tiny_method
 
 
 @pytest.mark.parametrize("name", ["dino", "simclr", "mae", "byol", "vicreg"])
 def test_loss_goes_down_on_a_fixed_batch(name):
     method, cfg = _method(name)
-    views = _views(cfg)
+    views = embedded_views(cfg, 16)
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     progress = 0.5
@@ -63,9 +44,9 @@ def test_every_trainable_parameter_takes_part(name, arm):
     in the loss: every one gets a gradient, plain and with DILEMMA (I-JEPA: its average-pooled ViT)."""
     extra = list(METHODS[name].plain) if arm == "plain" else []
     if name == "ijepa":
-        extra += ["model.global_pool=avg", "model.class_token=false", "dilemma.drop_rate=0"]
+        extra += IJEPA_RECIPE
     method, cfg = _method(name, *extra)
-    views = _views(cfg, 8)
+    views = embedded_views(cfg, 8)
     method(views, 0.3, torch.Generator().manual_seed(0)).loss.backward()
     idle = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
     assert not idle, idle
@@ -73,7 +54,7 @@ def test_every_trainable_parameter_takes_part(name, arm):
 
 def test_registry_and_views_per_method():
     assert set(METHODS) == {"mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot", "ijepa"}
-    shapes = {name: [tuple(v.shape) for v in _views(_method(name)[1], n=4)] for name in METHODS}
+    shapes = {name: [tuple(v.shape) for v in embedded_views(_method(name)[1], 4)] for name in METHODS}
     assert shapes["mocov3"] == shapes["simclr"] == shapes["byol"] == shapes["vicreg"] == [(4, 1, 28, 28)] * 2
     assert shapes["dino"] == shapes["ibot"] == [(4, 1, 28, 28)] * 2 + [(4, 1, 16, 16)] * 2  # 2 global + 2 local
     assert shapes["mae"] == shapes["ijepa"] == [(4, 1, 28, 28)]
@@ -81,8 +62,8 @@ def test_registry_and_views_per_method():
 
 def test_dino_student_teacher_inputs_and_no_teacher_gradient():
     method, cfg = _method("dino")
-    student, teacher = _block_inputs(method.encoder), _block_inputs(method.teacher_encoder)
-    out = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
+    student, teacher = block_inputs(method.encoder), block_inputs(method.teacher_encoder)
+    out = method(embedded_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
     loss, logs = out.loss, out.logs
     loss.backward()
     assert student == [(16, 1 + 12), (16, 1 + 16)]  # global crops sparse (K = 12); local crops dense 4 x 4
@@ -95,14 +76,14 @@ def test_dino_student_teacher_inputs_and_no_teacher_gradient():
 
 def test_dino_local_crops_can_be_corrupted_too():
     method, cfg = _method("dino", "method.dino.local_dilemma=true")
-    student = _block_inputs(method.encoder)
-    method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0))
+    student = block_inputs(method.encoder)
+    method(embedded_views(cfg, 8), 0.0, torch.Generator().manual_seed(0))
     assert student == [(16, 1 + 12), (16, 1 + 4)]  # local: K = floor(16 * 0.25)
 
 
 def test_dino_teacher_clean_positions_and_centre_update():
     method, cfg = _method("dino", "dilemma.misplace_prob=1.0", "dilemma.drop_rate=0.0")
-    views = _views(cfg, 8)
+    views = embedded_views(cfg, 8)
     assert method.center.abs().sum() == 0
     method.before_step(0.0)
     method(views[:2] + views[2:], 0.0, torch.Generator().manual_seed(0))
@@ -150,8 +131,8 @@ def test_nt_xent_matches_a_direct_computation():
 @pytest.mark.parametrize("clean_view", [False, True])
 def test_two_student_views_and_clean_view_switch(name, clean_view):
     method, cfg = _method(name, f"method.{name}.clean_view={clean_view}")
-    student = _block_inputs(method.encoder)
-    out = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
+    student = block_inputs(method.encoder)
+    out = method(embedded_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
     loss, logs = out.loss, out.logs
     loss.backward()
     # both views sparse: one encoder call over both; a clean second view: a sparse call and a dense one
@@ -162,8 +143,8 @@ def test_two_student_views_and_clean_view_switch(name, clean_view):
 
 def test_mae_decoder_uses_true_positions_when_encoder_saw_wrong_ones():
     method, cfg = _method("mae", "dilemma.misplace_prob=1.0")
-    images = _views(cfg, 4)[0]
-    seen = _block_inputs(method.encoder)
+    images = embedded_views(cfg, 4)[0]
+    seen = block_inputs(method.encoder)
     sample = method.dilemma.sample(4, generator=torch.Generator().manual_seed(0))
     assert (sample.positions != sample.keep).all()  # every visible token misplaced
     cls, patches = method.encoder(images, keep=sample.keep, positions=sample.positions)
@@ -179,7 +160,7 @@ def test_mae_decoder_uses_true_positions_when_encoder_saw_wrong_ones():
 
 def test_mae_loss_only_on_masked_patches_and_patchify_round_trip():
     method, cfg = _method("mae", "dilemma.misplace_prob=0")
-    images = _views(cfg, 4)[0]
+    images = embedded_views(cfg, 4)[0]
     keep = torch.arange(12).repeat(4, 1)
     sample = TokenSample(keep, keep, torch.zeros(4, 12, dtype=torch.bool))
     pred = torch.randn(4, 49, 16)
@@ -200,7 +181,7 @@ def test_mae_needs_masking_and_draws_a_picture(tmp_path):
     with pytest.raises(DilemmaError, match="drop_rate > 0"):
         _method("mae", "dilemma.drop_rate=0")
     method, cfg = _method("mae")
-    (path,) = method.pictures(_views(cfg, 8)[0], tmp_path)
+    (path,) = method.pictures(embedded_views(cfg, 8)[0], tmp_path)
     assert path.name == "mae_reconstruction.png" and path.stat().st_size > 500
 
 
@@ -214,8 +195,8 @@ def test_encoder_accepts_local_crop_sizes(tiny_encoder):
 
 def test_byol_online_sparse_target_dense_and_no_target_gradient():
     method, cfg = _method("byol")
-    online, target = _block_inputs(method.encoder), _block_inputs(method.target_encoder)
-    out = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
+    online, target = block_inputs(method.encoder), block_inputs(method.target_encoder)
+    out = method(embedded_views(cfg, 8), 0.0, torch.Generator().manual_seed(0), True)
     out.loss.backward()
     assert online == [(16, 1 + 12)]  # both views in one call, sparse (K = 12)
     assert target == [(16, 1 + 49)]  # dense and clean
@@ -229,7 +210,7 @@ def test_byol_loss_matches_a_direct_computation():
     """The method's loss, recomputed from the networks' outputs: dense, clean views (p = r = 0), so
     the online network's input is known; prediction of each view against the other view's target."""
     method, cfg = _method("byol", "dilemma.misplace_prob=0", "dilemma.drop_rate=0")
-    views = _views(cfg, 8)
+    views = embedded_views(cfg, 8)
     out = method(views, 0.0, torch.Generator().manual_seed(0))
     with torch.no_grad():
         p = [method.predictor(method.projector(method.encoder.vit.forward_features(v)[:, 0])) for v in views]
@@ -264,5 +245,5 @@ def test_vicreg_loss_matches_a_direct_computation():
     assert torch.allclose(loss, 25 * invariance + 25 * variance + covariance, atol=1e-4)
     # the weights are the config's: a method built with others logs the same terms, another total
     method, cfg = _method("vicreg", "method.vicreg.covariance_weight=0", "method.vicreg.variance_weight=0")
-    out = method(_views(cfg, 8), 0.0, torch.Generator().manual_seed(0))
+    out = method(embedded_views(cfg, 8), 0.0, torch.Generator().manual_seed(0))
     assert torch.allclose(out.logs["ssl_loss"], 25 * out.logs["invariance"])

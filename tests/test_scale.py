@@ -15,7 +15,7 @@ from dilemma.config import load_config
 from dilemma.data import PretrainBatches
 from dilemma.distributed import sync_batchnorm
 from dilemma.train.step import Stepper
-from tests.conftest import TINY
+from tests.conftest import IJEPA_RECIPE, TINY
 
 BATCH = 8
 
@@ -99,9 +99,6 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, meth
         assert (update - ddp_update).abs().max() <= 1e-4 * update.abs().max() + 1e-6, key
         moved += not torch.equal(before[key], value)
     assert moved > 10  # the step really changed the weights
-
-
-IJEPA_RECIPE = ("model.global_pool=avg", "model.class_token=false", "dilemma.drop_rate=0")
 
 
 def _ijepa_ddp_worker(rank: int, port: int, out: str) -> None:
