@@ -42,14 +42,16 @@ def _pretrain(args) -> None:
     # a default name no other start can take: the time, and the pid (torchrun's, shared by its ranks)
     launcher = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
     out = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{launcher}"
-    base = None
-    if args.resume:
-        if not args.out:
-            raise DilemmaError("--resume needs --out DIR: the run folder to continue")
+    base, resume = None, bool(args.resume)
+    if args.resume and not args.out:
+        raise DilemmaError(f"--resume {args.resume if args.resume == 'auto' else ''}needs --out DIR: the run folder")
+    if args.resume == "auto":  # a restart (torchrun --max-restarts) runs the same command: continue if there is a run
+        resume = RunDir(out).holds_checkpoint()
+    elif args.resume:  # the checkpoint's config, then what the command line changes
         base = RunDir(out).resume_checkpoint(say=False)[1]["config"]
     cfg = load_config(args.config, overrides, base=base)
     try:
-        pretrain(cfg, out, resume=args.resume)
+        pretrain(cfg, out, resume=resume)
     finally:
         if is_distributed():  # launched by torchrun: leave the process group cleanly
             import torch.distributed
@@ -346,11 +348,18 @@ def _check_data(args) -> None:
 
     from dilemma.data import list_image_source, load_source
     from dilemma.data.folders import scan_files
+    from dilemma.data.shards import is_shard_folder
     from dilemma.data.sources import _find_idx
 
     source = Path(args.source).expanduser()
     if not source.exists():
         raise DilemmaError(f"{args.source!r} does not exist")
+    if is_shard_folder(source):
+        return _check_shards(source if source.is_dir() else source.parent, args)
+    if args.verify:
+        raise DilemmaError(
+            f"--verify checks the checksums of a shard folder (dilemma shard); {args.source!r} is not one"
+        )
     if source.is_dir() and _find_idx(source):  # decoded into memory when it is loaded: nothing to scan
         splits = load_source(str(source), img_size=28, in_chans=1, val_fraction=args.val_fraction)
         print(
@@ -379,6 +388,55 @@ def _check_data(args) -> None:
     print(f"{len(bad)} of {len(train.paths) + len(val.paths) + len(train.unreadable)} images cannot be used")
     if bad:
         raise SystemExit(1)
+
+
+def _check_shards(folder: Path, args) -> None:
+    """Each shard present, whole and matching its index (``--verify``: and its sha256); then every
+    sample decoded. Every problem listed; exit status 1 when there is one."""
+    from dilemma.data.shards import SPLITS, ShardImageSet, check_shard, read_manifest, scan_samples
+
+    manifest = read_manifest(folder)
+    entries = [entry for split in SPLITS for entry in manifest["splits"][split]["shards"]]
+    counts = {split: manifest["splits"][split]["samples"] for split in SPLITS}
+    print(
+        f"{folder}: {len(entries)} shards of {manifest.get('made_from', {}).get('layout', '?')}; "
+        f"{len(manifest['classes'])} classes; {counts['train']} train / {counts['val']} val samples"
+    )
+    bad = [problem for entry in entries if (problem := check_shard(folder, entry, args.verify))]
+    total = sum(counts.values())
+    if not bad:  # the samples of whole shards, decoded
+        for split in SPLITS:
+            images = ShardImageSet(folder, manifest, split, 224, 3, 1.0, skip_bad=True)
+            bad += scan_samples(images, args.workers, not args.no_progress)
+    for problem in bad:
+        print(f"bad: {problem}")
+    unchecked = "" if args.verify else " (checksums not checked: add --verify)"
+    print(f"{len(bad)} problems in {len(entries)} shards of {total} samples{unchecked}")
+    if bad:
+        raise SystemExit(1)
+
+
+def _shard(args) -> None:
+    from dilemma.data.sharding import make_indexes, make_shards
+
+    if args.index:
+        manifest = make_indexes(Path(args.source))
+        shards = sum(len(manifest["splits"][s]["shards"]) for s in ("train", "val"))
+        print(f"indexed {shards} shards in {args.source}")
+        return
+    if not args.out:
+        raise DilemmaError("dilemma shard SRC needs --out DIR: a new or empty folder for the shards")
+    manifest = make_shards(
+        args.source, Path(args.out), samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
+        seed=args.seed, skip_bad=args.skip_bad, workers=args.workers, show_progress=not args.no_progress,
+    )  # fmt: skip
+    parts = manifest["splits"]
+    skipped = f"; {len(manifest['skipped'])} unreadable files skipped" if manifest["skipped"] else ""
+    print(
+        f"wrote {len(parts['train']['shards']) + len(parts['val']['shards'])} shards to {args.out}: "
+        f"{parts['train']['samples']} train / {parts['val']['samples']} val samples, "
+        f"{len(manifest['classes'])} classes{skipped}; train on them with --data {args.out}"
+    )
 
 
 def _export(args) -> None:
@@ -490,7 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/<date-time>)")
     p.add_argument("--max-steps", type=int, help="train.max_steps")
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this much training wall-clock")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="always",
+        default=None,
+        choices=["auto"],
+        help="continue the run in --out from its last checkpoint; '--resume auto': continue it if --out holds one "
+        "(of this config; another run's is refused), else start it (for restarts: torchrun --max-restarts)",
+    )
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--method", help=f"method.name: {', '.join(METHODS)}, or your own as path/to/file.py:ClassName")
     p.add_argument("--data", help="data.source: embedded name, MNIST-IDX folder, image folder or file list")
@@ -581,7 +647,24 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     chk.add_argument("--val-fraction", type=float, default=0.2, help="as data.val_fraction (for the counts)")
     chk.add_argument("--no-progress", action="store_true")
+    chk.add_argument("--verify", action="store_true", help="a shard folder: also check every shard's sha256")
     chk.set_defaults(run=_check_data)
+
+    sh = commands.add_parser(
+        "shard", help="an image folder, file list or IDX set -> WebDataset tar shards with offset indexes"
+    )
+    sh.add_argument("source", help="what to convert (as data.source); with --index: a folder of tar shards")
+    sh.add_argument("--out", help="a new or empty folder for the shards and manifest.json")
+    sh.add_argument("--samples-per-shard", type=int, default=1000, help="default 1000 (~110 MB of ImageNet JPEGs)")
+    sh.add_argument(
+        "--val-fraction", type=float, default=0.2, help="as data.val_fraction (sources without a val split)"
+    )
+    sh.add_argument("--seed", type=int, default=0, help="as data.split_seed; also orders the samples over the shards")
+    sh.add_argument("--skip-bad", action="store_true", help="leave unreadable files out (counted) instead of stopping")
+    sh.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes writing shards")
+    sh.add_argument("--index", action="store_true", help="(re)make the offset indexes of the tars in SOURCE")
+    sh.add_argument("--no-progress", action="store_true")
+    sh.set_defaults(run=_shard)
 
     ex = commands.add_parser("export", help="write the backbone alone for timm (a local-dir / Hub folder, or a file)")
     ex.add_argument("checkpoint", help="checkpoint file or run folder")
@@ -626,6 +709,7 @@ ARG_BOUNDS = {
     "temperature": (0, None, "(]"),
     "seed": (0, SEED_BOUND, "[)"),
     "val_fraction": (0, 1, "()"),
+    "samples_per_shard": (1, 10_000_000, "[]"),
     "misplace_prob": (0, 1, "[]"),
     "drop_rate": (0, 1, "[)"),
     "layer_decay": (0, 1, "(]"),

@@ -112,6 +112,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 100
+    checkpoint_every_minutes: typing.Optional[float] = None  # also save when this much training time has passed
     keep_checkpoints: int = 2
     snapshot_every: typing.Optional[float] = (
         None  # also keep checkpoints every this fraction of training (read-out curves)
@@ -514,6 +515,10 @@ def validate_train(t: TrainConfig, data: DataConfig) -> None:
         "the run has no end: set train.max_steps, train.epochs or train.time_budget (whichever comes first ends it)",
     )
     require(t.log_every >= 1 and t.ckpt_every >= 1, "train.log_every and train.ckpt_every must be >= 1")
+    require(
+        t.checkpoint_every_minutes is None or 0 < t.checkpoint_every_minutes <= 1e6,
+        f"train.checkpoint_every_minutes must be > 0 (minutes) or null, got {t.checkpoint_every_minutes}",
+    )
     require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     require(
         t.snapshot_every is None or 0.01 <= t.snapshot_every < 1.0,

@@ -67,6 +67,10 @@ class RunDir:
     def holds_run(self) -> bool:
         return self.checkpoints.exists()
 
+    def holds_checkpoint(self) -> bool:
+        """Whether there is a checkpoint to resume (``last.pt`` or a ``step_*.pt``)."""
+        return self.last.exists() or any(self.checkpoints.glob("step_*.pt"))
+
     def run_id(self) -> str | None:
         """The id this folder's run was started with (the first line of ``provenance.jsonl`` that
         has one; None for a folder without, e.g. of an older version)."""

@@ -108,15 +108,18 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def decode(path: str, mode: str, min_side: int = 0) -> Image.Image:
-    """The image at ``path`` upright (EXIF orientation applied) in ``mode``; raises ``BadImage``.
-    ``min_side``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale while its short side stays >= this."""
+def decode(source: str | bytes | bytearray | memoryview, mode: str, min_side: int = 0, name: str = "") -> Image.Image:
+    """The image at ``source`` (a path, or a file's bytes named ``name``) upright (EXIF orientation
+    applied) in ``mode``; raises ``BadImage``. ``min_side``: a JPEG may be decoded at 1/2, 1/4 or 1/8
+    scale while its short side stays >= this."""
+    in_memory = not isinstance(source, str)
+    name = name or (str(source) if not in_memory else "<bytes>")
     try:
-        if os.path.getsize(path) == 0:
-            raise BadImage(path, "empty (0-byte) file")
-        with Image.open(path) as img:
+        if (len(source) if in_memory else os.path.getsize(source)) == 0:
+            raise BadImage(name, "empty (0-byte) file")
+        with Image.open(io.BytesIO(source) if in_memory else source) as img:
             if min(img.size) < MIN_IMAGE_SIDE:
-                raise BadImage(path, f"{img.size[0]}x{img.size[1]} px, smaller than {MIN_IMAGE_SIDE} px")
+                raise BadImage(name, f"{img.size[0]}x{img.size[1]} px, smaller than {MIN_IMAGE_SIDE} px")
             if min_side and img.format == "JPEG":
                 img.draft(img.mode if img.mode in ("L", "RGB") else None, (min_side, min_side))
             img.load()
@@ -124,13 +127,13 @@ def decode(path: str, mode: str, min_side: int = 0) -> Image.Image:
     except BadImage:
         raise
     except FileNotFoundError:
-        raise BadImage(path, "file not found") from None
+        raise BadImage(name, "file not found") from None
     except Image.DecompressionBombError:
         raise BadImage(
-            path, f"too large (over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels)"
+            name, f"too large (over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels)"
         ) from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as err:
-        raise BadImage(path, f"unreadable ({err})") from None
+        raise BadImage(name, f"unreadable ({err})") from None
 
 
 def _decodes_like_pil(img: Image.Image, mode: str, min_side: int) -> bool:
@@ -146,15 +149,10 @@ def _decodes_like_pil(img: Image.Image, mode: str, min_side: int) -> bool:
     )
 
 
-def _fast_jpeg(path: str, mode: str, min_side: int) -> torch.Tensor | None:
-    """The pixels from torchvision's JPEG decoder where they are exactly ``decode``'s, else None."""
-    if decode_jpeg is None:
+def _jpeg_tensor(data: bytearray | memoryview, mode: str, min_side: int) -> torch.Tensor | None:
+    """A JPEG file's bytes (writable) decoded by torchvision where the pixels are exactly ``decode``'s, else None."""
+    if decode_jpeg is None or bytes(data[:3]) != JPEG_START or len(data) > FAST_DECODE_MAX_BYTES:
         return None
-    with open(path, "rb") as f:
-        head = f.read(3)
-        if head != JPEG_START or os.fstat(f.fileno()).st_size > FAST_DECODE_MAX_BYTES:
-            return None
-        data = bytearray(head + f.read())  # the rest at once: PIL's many small header reads from a file cost more
     with Image.open(io.BytesIO(data)) as img:
         if not _decodes_like_pil(img, mode, min_side):
             return None
@@ -164,16 +162,28 @@ def _fast_jpeg(path: str, mode: str, min_side: int) -> torch.Tensor | None:
         return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=read_mode)
 
 
-def decode_pixels(path: str, mode: str, min_side: int = 0) -> torch.Tensor:
-    """``decode`` as uint8 ``(C, H, W)``. The common JPEG goes straight into a tensor with
-    torchvision's decoder (the same pixels, faster than PIL + a copy:
-    benchmarks/results/data_loading.md); every other file, and any the fast path refuses, through
-    ``decode``, which also names what is wrong with a bad one."""
+def _fast_jpeg(path: str, mode: str, min_side: int) -> torch.Tensor | None:
+    """The pixels from torchvision's JPEG decoder where they are exactly ``decode``'s, else None."""
+    if decode_jpeg is None:
+        return None
+    with open(path, "rb") as f:
+        head = f.read(3)
+        if head != JPEG_START or os.fstat(f.fileno()).st_size > FAST_DECODE_MAX_BYTES:
+            return None
+        data = bytearray(head + f.read())  # the rest at once: PIL's many small header reads from a file cost more
+    return _jpeg_tensor(data, mode, min_side)
+
+
+def decode_pixels(source: str | bytearray | memoryview, mode: str, min_side: int = 0, name: str = "") -> torch.Tensor:
+    """``decode`` as uint8 ``(C, H, W)``; ``source`` a path or a file's bytes (writable). The common
+    JPEG goes straight into a tensor with torchvision's decoder (the same pixels, faster than PIL + a
+    copy: benchmarks/results/data_loading.md); every other file, and any the fast path refuses,
+    through ``decode``, which also names what is wrong with a bad one."""
     try:
-        pixels = _fast_jpeg(path, mode, min_side)
+        pixels = _fast_jpeg(source, mode, min_side) if isinstance(source, str) else _jpeg_tensor(source, mode, min_side)
     except Exception:  # whatever the fast path refuses, decode() reads or names
         pixels = None
-    return pixels if pixels is not None else pil_to_uint8(decode(path, mode, min_side))
+    return pixels if pixels is not None else pil_to_uint8(decode(source, mode, min_side, name))
 
 
 def centre_view(img: Image.Image, size: int, crop_pct: float) -> Image.Image:

@@ -30,6 +30,7 @@ from dilemma.data.folders import (
     read_file_list,
 )
 from dilemma.data.sets import Splits, TensorImageSet
+from dilemma.data.shards import is_shard_folder, load_shards
 from dilemma.data.texture import cue_conflict_images, fill_with_texture
 from dilemma.errors import DilemmaError
 
@@ -161,8 +162,7 @@ def _silhouette_split(val_fraction: float, seed: int):
 def load_textured(img_size: int, in_chans: int, val_fraction: float, seed: int) -> Splits:
     """Animal-Texture: shape and texture agree (each silhouette wears its own class's texture); the
     texture phases are drawn from ``seed`` (train) and ``seed + 1`` (val)."""
-    train_x, train_y, val_x, val_y, classes = _silhouette_split(val_fraction, seed)
-    train_x, val_x = fill_with_texture(train_x, train_y, seed), fill_with_texture(val_x, val_y, seed + 1)
+    train_x, train_y, val_x, val_y, classes, _ = memory_arrays(TEXTURED, val_fraction, seed)
     splits = _tensor_splits_from(TEXTURED, train_x, train_y, val_x, val_y, classes, img_size, in_chans)
     splits.notes.append("Animal-MNIST silhouettes filled with a texture per class")
     return splits
@@ -188,7 +188,9 @@ def _find_idx(folder: Path) -> dict[str, Path]:
     return {}
 
 
-def load_idx_folder(folder: Path, img_size: int, in_chans: int, val_fraction: float, seed: int) -> Splits:
+def idx_folder_arrays(folder: Path, val_fraction: float, seed: int):
+    """An MNIST-IDX folder's ``(train_x, train_y, val_x, val_y, classes, notes)`` at its own size: a
+    ``train`` + ``t10k`` pair as train / val, a single set split like Animal-MNIST."""
     files = _find_idx(folder)
     image_files = sorted(k for k in files if "-images-idx3-ubyte" in k)
     pairs = {}
@@ -203,7 +205,7 @@ def load_idx_folder(folder: Path, img_size: int, in_chans: int, val_fraction: fl
     for prefix, (x, y) in pairs.items():
         _check_idx_pair(prefix, x, y, folder)
     distinct = np.unique(np.concatenate([y for _, y in pairs.values()]))
-    classes, notes = [str(c) for c in distinct], []
+    classes, notes = [str(c) for c in distinct], ["MNIST-IDX folder"]
     if not np.array_equal(distinct, np.arange(len(distinct))):  # gaps: renumber, and say so
         pairs = {k: (x, np.searchsorted(distinct, y)) for k, (x, y) in pairs.items()}
         notes.append(f"labels {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''} renumbered")
@@ -222,14 +224,35 @@ def load_idx_folder(folder: Path, img_size: int, in_chans: int, val_fraction: fl
         ]
     if "train" in pairs and ("t10k" in pairs or "test" in pairs):
         (train_x, train_y), (val_x, val_y) = pairs["train"], pairs.get("t10k", pairs.get("test"))
-        splits = _tensor_splits_from(folder.name, train_x, train_y, val_x, val_y, classes, img_size, in_chans)
-    elif len(pairs) != 1:
+        return train_x, train_y, val_x, val_y, classes, notes
+    if len(pairs) != 1:
         raise DilemmaError(f"{str(folder)!r} holds IDX sets {sorted(pairs)}: expected one set, or train + t10k")
-    else:
-        ((x, y),) = pairs.values()
-        splits = _tensor_splits(folder.name, x, y, classes, img_size, in_chans, val_fraction, seed)
-    splits.notes += ["MNIST-IDX folder", *notes]
+    ((x, y),) = pairs.values()
+    train_idx, val_idx = split_train_val([image.tobytes() for image in x], y, val_fraction, seed)
+    return x[train_idx], y[train_idx], x[val_idx], y[val_idx], classes, notes
+
+
+def load_idx_folder(folder: Path, img_size: int, in_chans: int, val_fraction: float, seed: int) -> Splits:
+    train_x, train_y, val_x, val_y, classes, notes = idx_folder_arrays(folder, val_fraction, seed)
+    splits = _tensor_splits_from(folder.name, train_x, train_y, val_x, val_y, classes, img_size, in_chans)
+    splits.notes += notes
     return splits
+
+
+def memory_arrays(source: str, val_fraction: float, seed: int):
+    """``(train_x, train_y, val_x, val_y, classes, notes)`` of a source held in memory (embedded,
+    Animal-Texture, an MNIST-IDX folder) at its own size, split as training splits it; None for a
+    source of files."""
+    if source in EMBEDDED:
+        return (*_silhouette_split(val_fraction, seed), [f"embedded {source}"])
+    if source == TEXTURED:
+        train_x, train_y, val_x, val_y, classes = _silhouette_split(val_fraction, seed)
+        train_x, val_x = fill_with_texture(train_x, train_y, seed), fill_with_texture(val_x, val_y, seed + 1)
+        return train_x, train_y, val_x, val_y, classes, [TEXTURED]
+    path = Path(source).expanduser()
+    if path.is_dir() and _find_idx(path):
+        return idx_folder_arrays(path, val_fraction, seed)
+    return None
 
 
 def _fingerprints(listing: Listing, skip_bad: bool) -> tuple[Listing, list[bytes]]:
@@ -383,7 +406,8 @@ def load_source(
     skip_bad: bool = False,
     crop_pct: float = 1.0,
 ) -> Splits:
-    """Resolve ``data.source``: an embedded name, an MNIST-IDX folder, an image folder or a file list."""
+    """Resolve ``data.source``: an embedded name, a shard folder (``dilemma shard``), an MNIST-IDX
+    folder, an image folder or a file list."""
     if source in EMBEDDED:
         return load_embedded(source, img_size, in_chans, val_fraction, seed)
     if source == TEXTURED:
@@ -394,6 +418,8 @@ def load_source(
             f"data source {source!r} is neither an embedded dataset ({', '.join([*EMBEDDED, TEXTURED])}) "
             "nor an existing folder or file list"
         )
+    if is_shard_folder(path):
+        return load_shards(path, img_size, in_chans, crop_pct, skip_bad)
     if path.is_dir() and _find_idx(path):
         return load_idx_folder(path, img_size, in_chans, val_fraction, seed)
     return load_image_source(path, img_size, in_chans, crop_pct, val_fraction, seed, skip_bad)

@@ -184,6 +184,7 @@ class Run:
     step: int = 0
     elapsed: float = 0.0  # seconds of training so far (across resumes): the clock of the schedules
     skipped: int = 0  # optimiser steps skipped for a non-finite loss
+    saved_at: float = 0.0  # ``elapsed`` at the last checkpoint (train.checkpoint_every_minutes)
     bad_images: set = field(default_factory=set)  # unreadable files met (and replaced), "path: reason"
 
     @property
@@ -223,6 +224,7 @@ class Run:
     def save(self) -> None:
         if is_main():  # one writer per run folder
             self.checkpoints.save(self.state(), self.step)
+        self.saved_at = self.elapsed
 
     def save_snapshots(self) -> None:
         """Keep a checkpoint at every ``train.snapshot_every`` fraction of training reached (once
@@ -253,6 +255,7 @@ class Run:
         if ckpt.get("scaler"):
             self.stepper.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.elapsed, self.skipped = ckpt["step"], ckpt["elapsed"], ckpt.get("nonfinite_skips", 0)
+        self.saved_at = self.elapsed
 
 
 def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) -> dict:
@@ -489,8 +492,10 @@ def log_step(run: Run, result, lr: float, clock: Throughput, bar) -> None:
 
 
 def save_checkpoints(run: Run) -> None:
-    """Every ``train.ckpt_every`` steps, and the snapshots at fractions of training."""
-    if run.step % run.cfg.train.ckpt_every == 0:
+    """Every ``train.ckpt_every`` steps or ``train.checkpoint_every_minutes`` of training, whichever
+    comes first (what a failure can lose), and the snapshots at fractions of training."""
+    minutes = run.cfg.train.checkpoint_every_minutes
+    if run.step % run.cfg.train.ckpt_every == 0 or (minutes and run.elapsed - run.saved_at >= minutes * 60):
         run.save()
     run.save_snapshots()
 
