@@ -532,6 +532,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _resume_mode(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dilemma.methods import METHODS
 
@@ -553,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="always",
         default=None,
-        choices=["auto"],
+        type=_resume_mode,
         help="continue the run in --out from its last checkpoint; '--resume auto': continue it if --out holds one "
         "(of this config; another run's is refused), else start it (for restarts: torchrun --max-restarts)",
     )

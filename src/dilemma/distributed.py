@@ -114,8 +114,27 @@ def init_from_env(device_name: str) -> torch.device | None:
     use_cuda = resolve_device(device_name).type == "cuda"  # one GPU per process: cuda:LOCAL_RANK
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    dist.init_process_group("nccl" if use_cuda else "gloo", **_restart_safe_store())
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def _restart_safe_store() -> dict:
+    """Under torchrun's elastic agent, the group's store with a prefix per restart attempt.
+
+    The agent keeps one store across restarts (``TORCHELASTIC_USE_AGENT_STORE``), and torch's env://
+    rendezvous adds no per-attempt prefix to it (it assumes a new store for each attempt), so after a
+    restart a process can read the previous attempt's gloo addresses and wait for a peer that is
+    dead (seen with torch 2.14). Elsewhere (no agent, or no restarts) torch's own rendezvous."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    from torch.distributed.constants import default_pg_timeout
+
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False, timeout=default_pg_timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"dilemma/attempt_{attempt}/", agent_store), "rank": rank, "world_size": size}
 
 
 class _AllReduceSum(torch.autograd.Function):

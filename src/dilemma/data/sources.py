@@ -420,6 +420,11 @@ def load_source(
         )
     if is_shard_folder(path):
         return load_shards(path, img_size, in_chans, crop_pct, skip_bad)
+    if path.is_dir() and next(path.glob("*.tar"), None) is not None:
+        raise DilemmaError(
+            f"{str(path)!r} holds .tar files but no manifest.json: index them (and write one) with "
+            f"dilemma shard --index {path}"
+        )
     if path.is_dir() and _find_idx(path):
         return load_idx_folder(path, img_size, in_chans, val_fraction, seed)
     return load_image_source(path, img_size, in_chans, crop_pct, val_fraction, seed, skip_bad)

@@ -101,7 +101,10 @@ class Stepper:
         self.method.after_step()
         logs = {key: sum(m_logs[key] for m_logs in all_logs) / len(all_logs) for key in all_logs[0]}
         # the logged loss is the global batch's (the other logs are this process's)
-        return StepResult(all_reduce_mean(torch.stack(losses).mean()), logs, torch.cat(features))
+        loss = all_reduce_mean(torch.stack(losses).mean())
+        if "loss" in logs:
+            logs["loss"] = loss
+        return StepResult(loss, logs, torch.cat(features))
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every process: they must all skip a step together, or the
