@@ -557,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         nargs="?",
-        const="always",
+        const=True,
         default=None,
         type=_resume_mode,
         help="continue the run in --out from its last checkpoint; '--resume auto': continue it if --out holds one "
