@@ -7,6 +7,7 @@ message a user sees (the list in the reliability issue's closing note comes from
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -171,7 +172,38 @@ def _round_three_fixtures(root: Path) -> dict[str, Path]:
     _folder(root / "empty_val" / "train", {"a": 3, "b": 3})
     (root / "empty_val" / "val" / "a").mkdir(parents=True)
     fixtures.update(_noted_fixtures(root))
+    fixtures.update(_shard_fixtures(root))
     return fixtures
+
+
+def _shard_fixtures(root: Path) -> dict[str, Path]:
+    """Shard folders (``dilemma shard`` of 12 PNGs, 4 a shard), each damaged in one way."""
+    import shutil
+
+    from dilemma.data.sharding import make_shards
+    from dilemma.data.shards import MANIFEST, index_path
+
+    good = root / "shards" / "good"
+    make_shards(str(_folder(root / "shards" / "pngs", {"a": 6, "b": 6})), good, samples_per_shard=4,
+                val_fraction=0.25, workers=1, show_progress=False)  # fmt: skip
+    damaged = {}
+    for name in ("missing", "truncated", "no_index", "wrong_index", "old_format"):
+        damaged[name] = root / "shards" / name
+        shutil.copytree(good, damaged[name])
+    (damaged["missing"] / "val-000000.tar").unlink()
+    with open(damaged["truncated"] / "train-000000.tar", "r+b") as f:
+        f.truncate(f.seek(0, os.SEEK_END) - 100)
+    index_path(damaged["no_index"] / "train-000001.tar").unlink()
+    for tar in damaged["wrong_index"].glob("train-*.tar"):  # every offset moved onto the .cls member's data
+        index = np.load(index_path(tar))
+        index["offset"] += (index["size"] + 511) // 512 * 512 + 512
+        np.save(index_path(tar), index)
+    manifest = json.loads((good / MANIFEST).read_text())
+    (damaged["old_format"] / MANIFEST).write_text(json.dumps({**manifest, "format": "dilemma-shards-v0"}))
+    foreign = root / "shards" / "foreign"
+    foreign.mkdir()
+    shutil.copy(good / "train-000000.tar", foreign / "data-000000.tar")
+    return {f"{{shards_{name}}}": path for name, path in {"good": good, **damaged, "foreign": foreign}.items()}
 
 
 def _idx(path: Path, array: np.ndarray) -> None:
@@ -618,6 +650,51 @@ CASES = [
         "export its backbone first",
     ),
     ("val folder with no images", ["pretrain", "--data", "{empty_val}"], "holds no images: add the held-out"),
+    # shards (issue 31): each names the shard, and what to do
+    ("a shard missing", ["pretrain", "--data", "{shards_missing}", *SMALL_IMAGES], "shard 'val-000000.tar' is missing"),
+    ("a truncated shard", ["pretrain", "--data", "{shards_truncated}", *SMALL_IMAGES], "its manifest says"),
+    (
+        "a tar without its index",
+        ["pretrain", "--data", "{shards_no_index}", *SMALL_IMAGES],
+        "shard 'train-000001.tar' in",
+    ),
+    (
+        "a tar without its index: the command",
+        ["pretrain", "--data", "{shards_no_index}", *SMALL_IMAGES],
+        "Rebuild its index with: dilemma shard --index",
+    ),
+    (
+        "an index that does not match its tar",
+        ["pretrain", "--data", "{shards_wrong_index}", *SMALL_IMAGES],
+        "dilemma shard --index",
+    ),
+    (
+        "a manifest of another format version",
+        ["pretrain", "--data", "{shards_old_format}", *SMALL_IMAGES],
+        "of format 'dilemma-shards-v0'; this dilemma reads 'dilemma-shards-v1'",
+    ),
+    ("tars without a manifest", ["pretrain", "--data", "{shards_foreign}"], "holds .tar files but no manifest.json"),
+    ("shard without --out", ["shard", "{two_classes}"], "needs --out DIR"),
+    ("shard into a folder holding other files", ["shard", "{two_classes}", "--out", "{two_classes}"], "is not empty"),
+    ("shard into a file", ["shard", "{two_classes}", "--out", "{file}"], "cannot make --out folder"),
+    (
+        "shard a missing source",
+        ["shard", "/nonexistent/images", "--out", "{out}/missing_shards"],
+        "is neither an embedded dataset",
+    ),
+    (
+        "shard a corrupt image",
+        ["shard", "{corrupt}", "--out", "{out}/corrupt_shards", "--no-progress"],
+        "broken.png: not an image PIL can read",
+    ),
+    (
+        "shard 0 samples a shard",
+        ["shard", "{two_classes}", "--out", "{out}", "--samples-per-shard", "0"],
+        "--samples-per-shard must be in [1, 10000000]",
+    ),
+    ("index a folder of no tars", ["shard", "--index", "{empty}"], "holds no manifest and no .tar files"),
+    ("check-data --verify on a folder", ["check-data", "{two_classes}", "--verify"], "is not one"),
+    ("--resume auto without --out", ["pretrain", "--resume", "auto"], "--resume auto needs --out DIR"),
 ]
 
 # Inputs that are not errors but were once handled silently or wrongly: each run must succeed and
@@ -631,6 +708,10 @@ NOTED = [
     ("file list with a quoted comma", ["pretrain", "--data", "{quoted}", *SMALL_IMAGES], "file list"),
     ("an exported folder as the start", ["pretrain", "--set", "model.pretrained={exported}"], "exported folder"),
     ("check-data on an IDX folder", ["check-data", "{idx}"], "nothing to decode file by file"),
+    ("training on shards", ["pretrain", "--data", "{shards_good}", *SMALL_IMAGES], "WebDataset shards made from"),
+    ("check-data on shards", ["check-data", "{shards_good}", "--workers", "1"], "0 problems in 3 shards of 12 samples"),
+    ("shard an IDX set (PNG-encoded)", ["shard", "{idx}", "--out", "{out}/idx_shards", "--workers", "1"],
+     "train on them with --data"),
     ("file list with a comment above its header", ["pretrain", "--data", "{commented}", *SMALL_IMAGES], "file list"),
     ("kNN with k above the bank", ["eval", "knn", "--checkpoint", "{ckpt}", "--data", "{two_classes}", "--k", "50"],
      "k=50 asked"),

@@ -185,7 +185,13 @@ def test_unreadable_folders_and_files_are_named_or_skipped(tmp_path, monkeypatch
 
 
 def test_command_line_mistakes_are_one_error_line_too(capsys):
-    for argv in (["pretrain", "--bogus"], ["eval", "knn"], ["pretrain", "--max-steps", "many"], ["nothing"]):
+    for argv in (
+        ["pretrain", "--bogus"],
+        ["eval", "knn"],
+        ["pretrain", "--max-steps", "many"],
+        ["nothing"],
+        ["pretrain", "--resume", "maybe", "--out", "x"],
+    ):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         err = capsys.readouterr().err

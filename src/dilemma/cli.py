@@ -44,7 +44,8 @@ def _pretrain(args) -> None:
     out = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{launcher}"
     base, resume = None, bool(args.resume)
     if args.resume and not args.out:
-        raise DilemmaError(f"--resume {args.resume if args.resume == 'auto' else ''}needs --out DIR: the run folder")
+        flag = "--resume auto" if args.resume == "auto" else "--resume"
+        raise DilemmaError(f"{flag} needs --out DIR: the run folder to continue")
     if args.resume == "auto":  # a restart (torchrun --max-restarts) runs the same command: continue if there is a run
         resume = RunDir(out).holds_checkpoint()
     elif args.resume:  # the checkpoint's config, then what the command line changes

@@ -171,6 +171,9 @@ def make_shards(
                 entries[(job.split, job.number)] = entry
                 skipped += bad
                 bar.update(len(job.positions))
+        except BaseException:
+            bar.leave = False  # the error line alone stays on the terminal
+            raise
         finally:
             bar.close()
             if pool is not None:
