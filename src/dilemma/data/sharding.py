@@ -126,10 +126,11 @@ def _claim(folder: Path, plan: dict) -> bool:
 
 
 def _pool(workers: int):
-    from multiprocessing import get_context
+    """Worker processes forked where the platform can (spawned ones import torch again: ~2 s each)."""
+    import multiprocessing
 
-    methods = get_context().get_all_start_methods() if hasattr(get_context(), "get_all_start_methods") else []
-    return get_context("fork" if "fork" in methods else "spawn").Pool(workers)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(workers)
 
 
 def make_shards(

@@ -481,34 +481,43 @@ def check_shard(folder: Path, entry: dict, verify: bool) -> str | None:
     return None
 
 
-def _scan_chunk(args) -> list[str]:
-    images, start, stop = args
+_scanned: ShardImageSet | None = None  # the set a scanning worker reads (set once per worker)
+
+
+def _scan_with(images: ShardImageSet) -> None:
+    global _scanned
+    _scanned = images
+
+
+def _scan_chunk(bounds: tuple[int, int]) -> list[str]:
     problems = []
-    for i in range(start, stop):
+    for i in range(*bounds):
         try:
-            images.decode(i)
+            _scanned.decode(i)
         except BadImage as bad:
             problems.append(f"{bad.path}: {bad.reason}")
     return problems
 
 
 def scan_samples(images: ShardImageSet, workers: int, show_progress: bool = True) -> list[str]:
-    """Every sample read and decoded (``workers`` processes); the problems, ``name: reason``."""
-    from multiprocessing import get_context
+    """Every sample read and decoded (``workers`` processes, forked where the platform can: the
+    set's arrays are inherited, not sent); the problems, ``name: reason``."""
+    import multiprocessing
 
     from tqdm import tqdm
 
-    chunks = [(images, start, min(start + 256, len(images))) for start in range(0, len(images), 256)]
+    chunks = [(start, min(start + 256, len(images))) for start in range(0, len(images), 256)]
     bar = tqdm(total=len(images), disable=not show_progress, unit="img", desc="decoding", dynamic_ncols=True)
-    problems = []
+    problems, pool = [], None
     try:
         if workers <= 1 or len(chunks) <= 1:
+            _scan_with(images)
             results = map(_scan_chunk, chunks)
-            pool = None
         else:
-            pool = get_context("spawn").Pool(workers)
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            pool = multiprocessing.get_context(method).Pool(workers, initializer=_scan_with, initargs=(images,))
             results = pool.imap(_scan_chunk, chunks)
-        for (_, start, stop), found in zip(chunks, results, strict=True):
+        for (start, stop), found in zip(chunks, results, strict=True):
             problems += found
             bar.update(stop - start)
     finally:
