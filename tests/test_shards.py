@@ -242,3 +242,21 @@ def test_the_manifest_holds_what_the_issue_lists(shards):
     entry = manifest["splits"]["train"]["shards"][0]
     assert set(entry) == {"name", "index", "samples", "bytes", "sha256"}
     assert entry["bytes"] == (shards / entry["name"]).stat().st_size
+
+
+def test_loader_workers_read_shards_with_their_own_handles(shards):
+    """Forked DataLoader workers inherit the set (its arrays, not its open files) and give the
+    batches one process gives."""
+    from dilemma.build import build_views
+    from dilemma.config import load_config
+    from dilemma.data import pretrain_loader
+
+    views = build_views(load_config(None, ["model.img_size=32", "model.in_chans=3", "model.patch_size=8"]))
+    images = load_source(str(shards), **CROP).train
+    images.decode_pixels(0)  # a handle open in the parent before the fork
+    batches = PretrainBatches(images, 6, views, 0)
+    with_workers = list(pretrain_loader(batches, 0, 4, num_workers=2, pin_memory=False))
+    for step, batch in enumerate(with_workers):
+        alone = batches[step]
+        assert all(torch.equal(u, v) for u, v in zip(batch.views, alone.views, strict=True))
+        assert torch.equal(batch.labels, alone.labels)

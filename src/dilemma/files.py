@@ -7,6 +7,11 @@ import os
 from pathlib import Path
 from typing import IO, Iterator
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
+
 from dilemma.errors import DilemmaError
 
 
@@ -38,3 +43,34 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     except OSError as err:
         raise DilemmaError(f"cannot write {str(path)!r}: {err.strerror or err}") from None
     return Path(path)
+
+
+class Locked(Exception):
+    """Another process holds the lock; ``holder`` is the pid it wrote (or "unknown")."""
+
+    def __init__(self, holder: str):
+        super().__init__(f"locked by pid {holder}")
+        self.holder = holder
+
+
+def take_lock(path: str | Path, exclusive: bool = True) -> int | None:
+    """An advisory lock (``flock``) on ``path``, which the OS releases when the process dies (no
+    stale locks after a kill). Exclusive: held on the returned descriptor, with this pid written
+    into the file; shared: only a check that no one holds it exclusively (None returned). Raises
+    ``Locked`` when another process holds it, ``OSError`` when the file cannot be opened; None
+    where the platform has no ``flock``."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if exclusive else os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise Locked(holder) from None
+    if not exclusive:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -30,14 +30,9 @@ from pathlib import Path
 import torch
 import yaml
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks
-    fcntl = None
-
 from dilemma.config import safe_yaml
 from dilemma.errors import DilemmaError
-from dilemma.files import written_whole
+from dilemma.files import Locked, take_lock, written_whole
 
 FORMAT = "dilemma-checkpoint-v1"
 LAST = "last.pt"
@@ -173,25 +168,18 @@ class RunDir:
     def lock(self) -> None:
         """Hold the folder's lock while this process runs (the OS releases it when the process dies,
         so a killed run leaves no stale lock); a second writer is refused, with the holder's pid."""
-        if self._lock_fd is not None or fcntl is None:  # held already, or no flock (Windows)
+        if self._lock_fd is not None:
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_fd = take_lock(self.path / LOCK)
         except OSError as err:
             raise DilemmaError(f"cannot write to run folder {str(self.path)!r}: {err.strerror or err}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+        except Locked as held:
             raise DilemmaError(
-                f"{str(self.path)!r} is in use by another dilemma process (pid {holder}): one writer per run "
+                f"{str(self.path)!r} is in use by another dilemma process (pid {held.holder}): one writer per run "
                 "folder. Choose another --out, or wait for that run to end"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

@@ -44,6 +44,7 @@ from PIL import Image
 from dilemma.data.folders import BadImage, FileImageSet, decode, decode_pixels
 from dilemma.data.sets import Splits
 from dilemma.errors import DilemmaError
+from dilemma.files import Locked, atomic_write_text, take_lock
 
 FORMAT = "dilemma-shards-v1"
 MANIFEST = "manifest.json"
@@ -70,41 +71,23 @@ def is_shard_folder(path: Path) -> bool:
 
 # ---- locking: one writer per shard folder, and readers that refuse a folder being written ---------
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks
-    fcntl = None
-
 
 def folder_lock(folder: Path, exclusive: bool) -> int | None:
-    """The folder's lock held by this process (exclusive: the writer; shared: a reader's check), or
-    an error naming the writer's pid. The OS releases it when the process dies."""
-    if fcntl is None:
-        return None
-    lock = folder / LOCK
+    """The folder's lock held by this process (exclusive: the writer), or (shared) only the check
+    that no ``dilemma shard`` is writing it; an error naming the writer's pid."""
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644) if exclusive else os.open(lock, os.O_RDONLY)
+        return take_lock(folder / LOCK, exclusive)
     except FileNotFoundError:
         return None  # a reader of a folder no writer ever locked
     except OSError as err:
         if not exclusive:
             return None  # a read-only copy of a finished folder: nobody can be writing it
         raise DilemmaError(f"cannot write to shard folder {str(folder)!r}: {err.strerror or err}") from None
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
+    except Locked as held:
         raise DilemmaError(
-            f"shard folder {str(folder)!r} is being written by a dilemma shard process (pid {holder}): "
+            f"shard folder {str(folder)!r} is being written by a dilemma shard process (pid {held.holder}): "
             "wait for it to finish, then start again"
         ) from None
-    if exclusive:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
-    os.close(fd)  # a reader only checks
-    return None
 
 
 # ---- writing ---------------------------------------------------------------------------------------
@@ -259,8 +242,6 @@ def index_tar(tar_path: Path, keys_are_positions: bool, first_position: int = 0)
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    from dilemma.files import atomic_write_text
-
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 
