@@ -260,3 +260,44 @@ def test_loader_workers_read_shards_with_their_own_handles(shards):
         alone = batches[step]
         assert all(torch.equal(u, v) for u, v in zip(batch.views, alone.views, strict=True))
         assert torch.equal(batch.labels, alone.labels)
+
+
+def test_skip_bad_leaves_unreadable_files_out_and_a_resume_says_the_same(folder, tmp_path, capsys):
+    """--skip-bad: a broken file is left out (named on stderr, listed in the manifest), the others
+    keep their listing order; a file-list entry without an image extension gets its format's."""
+    import shutil
+
+    source = tmp_path / "src"
+    shutil.copytree(folder, source)
+    (source / "class_1" / "img_00002.jpg").write_bytes(b"not a JPEG")
+    shutil.copy(source / "class_0" / "img_00000.jpg", source / "class_0" / "img_00001.jpg")  # still a JPEG
+    out = tmp_path / "shards"
+    with pytest.raises(DilemmaError, match=r"img_00002.jpg: not an image PIL can read. .*--skip-bad"):
+        make_shards(str(source), out, samples_per_shard=5, val_fraction=0.25, workers=1, show_progress=False)
+    shutil.rmtree(out)
+    manifest = make_shards(str(source), out, samples_per_shard=5, val_fraction=0.25, workers=1, skip_bad=True,
+                           show_progress=False)  # fmt: skip
+    assert "warning: left out unreadable image" in capsys.readouterr().err
+    assert [Path(p).name for p in manifest["skipped"]] == ["img_00002.jpg"]
+    files = load_source(str(source), **CROP)
+    bad = next(i for i in range(len(files.train)) if files.train.paths[i].endswith("class_1/img_00002.jpg"))
+    shards = load_source(str(out), **CROP)
+    assert len(shards.train) == len(files.train) - 1
+    keep = [i for i in range(len(files.train)) if i != bad]
+    assert torch.equal(shards.train.labels.long(), files.train.labels[keep])
+    (out / MANIFEST).unlink()  # killed before the manifest: the resume lists the same files
+    index_path(out / "val-000000.tar").unlink()
+    assert make_shards(str(source), out, samples_per_shard=5, val_fraction=0.25, workers=1, skip_bad=True,
+                       show_progress=False)["skipped"] == manifest["skipped"]  # fmt: skip
+
+
+def test_a_listed_file_without_an_image_extension_gets_its_formats(folder, tmp_path):
+    listed = tmp_path / "photo_without_extension"
+    listed.write_bytes(next(folder.rglob("*.png")).read_bytes())
+    others = sorted(folder.rglob("*.jpg"))[:7]
+    (tmp_path / "list.csv").write_text("".join(f"{p},{i % 2}\n" for i, p in enumerate([listed, *others])))
+    out = tmp_path / "shards"
+    make_shards(str(tmp_path / "list.csv"), out, samples_per_shard=100, val_fraction=0.25, workers=1,
+                show_progress=False)  # fmt: skip
+    names = [m for tar in out.glob("*.tar") for m in tarfile.open(tar).getnames()]
+    assert sum(n.endswith(".png") for n in names) == 1 and sum(n.endswith(".jpg") for n in names) == 7

@@ -170,7 +170,9 @@ def make_shards(
         try:
             for job, (entry, bad) in zip(jobs, results or pool.imap(write_shard, jobs), strict=True):
                 entries[(job.split, job.number)] = entry
-                skipped += bad
+                for path, reason in bad:
+                    bar.write(f"warning: left out unreadable image {path}: {reason}", file=sys.stderr)
+                skipped += [path for path, _ in bad]  # the manifest keeps the paths (the same after a resume)
                 bar.update(len(job.positions))
         except BaseException:
             bar.leave = False  # the error line alone stays on the terminal

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dilemma.data.folders import BadImage, FileImageSet, decode, decode_pixels
+from dilemma.data.folders import IMAGE_SUFFIXES, BadImage, FileImageSet, decode, decode_pixels
 from dilemma.data.sets import Splits
 from dilemma.errors import DilemmaError
 from dilemma.files import Locked, atomic_write_text, take_lock
@@ -118,9 +118,10 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _checked_bytes(path: str) -> bytes:
-    """A file's bytes, refused (``BadImage``) unless PIL recognises an image of at least 4 px in them
-    (the header only: the pixels are decoded when training reads them)."""
+def _checked_bytes(path: str) -> tuple[bytes, str]:
+    """A file's bytes and the extension its member gets (the file's own, or its format's where the
+    name has none, e.g. from a file list), refused (``BadImage``) unless PIL recognises an image of
+    at least 4 px in them (the header only: the pixels are decoded when training reads them)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -130,7 +131,7 @@ def _checked_bytes(path: str) -> bytes:
         raise BadImage(path, "empty (0-byte) file")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
+            (width, height), kind = img.size, img.format
     except Image.DecompressionBombError:
         raise BadImage(
             path, f"too large (over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels)"
@@ -139,7 +140,8 @@ def _checked_bytes(path: str) -> bytes:
         raise BadImage(path, "not an image PIL can read") from None
     if min(width, height) < 4:
         raise BadImage(path, f"{width}x{height} px, smaller than 4 px")
-    return data
+    suffix = os.path.splitext(path)[1].lower()
+    return data, suffix[1:] if suffix in IMAGE_SUFFIXES else {"JPEG": "jpg", "TIFF": "tif"}.get(kind, str(kind).lower())
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -157,15 +159,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_shard(job: ShardJob) -> dict:
+def write_shard(job: ShardJob) -> tuple[dict, list[tuple[str, str]]]:
     """Write one shard and its index (temp files renamed: a killed conversion leaves none half-written;
     the index last, so a shard whose index exists is whole). Returns its manifest entry and the
-    files skipped. A shard already written (its index exists) is only hashed again."""
+    files skipped, ``(path, reason)``. A shard already written (its index exists) is only hashed again."""
     tar_path = Path(job.folder) / job.name
     entry = {"name": job.name, "index": index_path(tar_path).name}
     if index_path(tar_path).is_file() and tar_path.is_file():  # written by an earlier, killed conversion
-        samples = len(np.load(index_path(tar_path), allow_pickle=False))
-        return {**entry, "samples": samples, "bytes": tar_path.stat().st_size, "sha256": sha256_of(tar_path)}, []
+        index = read_index(index_path(tar_path))
+        missing = sorted(set(job.positions) - set(index["position"].tolist()))
+        skipped = [(job.paths[job.positions.index(p)], "left out when this shard was written") for p in missing]
+        whole = {"samples": len(index), "bytes": tar_path.stat().st_size, "sha256": sha256_of(tar_path)}
+        return {**entry, **whole}, skipped
     rows, skipped = [], []
     tmp = tar_path.with_name(f".{job.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -174,16 +179,15 @@ def write_shard(job: ShardJob) -> dict:
                 data, ext = _png(job.arrays[i]), "png"
             else:
                 try:
-                    data = _checked_bytes(job.paths[i])
+                    data, ext = _checked_bytes(job.paths[i])
                 except BadImage as bad:
                     if not job.skip_bad:
                         raise DilemmaError(
                             f"cannot read image {bad}. Remove or replace it, or add --skip-bad to leave it out "
                             "(counted)"
                         ) from None
-                    skipped.append(f"{bad.path}: {bad.reason}")
+                    skipped.append((bad.path, bad.reason))
                     continue
-                ext = os.path.splitext(job.paths[i])[1].lower().lstrip(".")
             key = f"{position:09d}"
             offset = tar.offset + BLOCK  # ustar: one header block, then the data
             tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
@@ -214,8 +218,6 @@ def index_tar(tar_path: Path, keys_are_positions: bool, first_position: int = 0)
     per key (WebDataset's: the member name up to the first dot of its base name) the first member
     with an image extension, and the ``.cls`` label (-1 without one). Positions are the keys
     (``keys_are_positions``: this tool's shards) or ``first_position`` onwards in the tar's order."""
-    from dilemma.data.folders import IMAGE_SUFFIXES
-
     images, labels = {}, {}
     try:
         with tarfile.open(tar_path, mode="r:") as tar:
