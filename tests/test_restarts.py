@@ -92,6 +92,22 @@ def test_resume_auto_starts_a_new_run_then_continues_it_and_refuses_another(tmp_
     assert "cannot resume: the checkpoint was made with another model" in capsys.readouterr().err
 
 
+def test_a_kill_between_writing_a_checkpoint_and_linking_last_resumes_from_the_newer_one(tmp_path, reference, capsys):
+    """The step file is written (atomically), then last.pt linked to it: a kill in between leaves
+    last.pt on the previous checkpoint. Resuming continues from the newest one, and says so."""
+    folder, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(folder, run)
+    ckpts = run / "checkpoints"
+    os.link(ckpts / "step_0000004.pt", ckpts / ".last")  # last.pt still the step-4 file, as when it was linked
+    os.replace(ckpts / ".last", ckpts / "last.pt")
+    os.utime(ckpts / "step_0000004.pt", (1, 1))  # written long before step 8
+    assert main(_args(run) + ["--resume", "auto"]) == 0
+    resumed = [json.loads(line)["resumed_at_step"] for line in (run / "provenance.jsonl").read_text().splitlines()]
+    assert resumed[-1] == STEPS
+    assert "note: resuming from step_0000008.pt (last.pt is older than step_0000008.pt" in capsys.readouterr().err
+
+
 def test_checkpoint_every_minutes_bounds_the_work_a_failure_loses(tmp_path):
     out = tmp_path / "run"
     assert main(_args(out, 5, "train.ckpt_every=1000", "train.checkpoint_every_minutes=0.000001")) == 0

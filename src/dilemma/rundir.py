@@ -107,11 +107,15 @@ class RunDir:
                 )
 
     def resume_checkpoint(self, say: bool = True) -> tuple[Path, dict]:
-        """The newest readable checkpoint ``--resume`` continues from: ``last.pt``, else (missing or
-        damaged, e.g. a torn write; it is a hard link to the newest step file) the newest
-        ``step_*.pt`` that loads, said in one line."""
-        candidates = [self.last, *sorted(self.checkpoints.glob("step_*.pt"), reverse=True)]
-        problems = []
+        """The newest readable checkpoint ``--resume`` continues from: ``last.pt`` (a hard link to the
+        newest step file, or a copy written after it), else the newest ``step_*.pt`` that loads, said
+        in one line: when ``last.pt`` is missing or damaged (a torn write), or older than the newest
+        step file (a kill between writing that file and linking it)."""
+        steps = sorted(self.checkpoints.glob("step_*.pt"), reverse=True)
+        candidates, problems = [self.last, *steps], []
+        if steps and self.last.exists() and steps[0].stat().st_mtime > self.last.stat().st_mtime:
+            candidates = [steps[0], self.last, *steps[1:]]
+            problems.append(f"{LAST} is older than {steps[0].name}: the run stopped between writing and linking it")
         for path in candidates:
             if not path.exists():
                 continue
