@@ -49,7 +49,7 @@ def _pretrain(args) -> None:
     if args.resume == "auto":  # a restart (torchrun --max-restarts) runs the same command: continue if there is a run
         resume = RunDir(out).holds_checkpoint()
     elif args.resume:  # the checkpoint's config, then what the command line changes
-        base = RunDir(out).resume_checkpoint(say=False)[1]["config"]
+        base = RunDir(out).resume_checkpoint()[1]["config"]
     cfg = load_config(args.config, overrides, base=base)
     try:
         pretrain(cfg, out, resume=resume)

@@ -106,17 +106,15 @@ class RunDir:
                     f"in {', '.join(differ)}): resume that run in its own folder, or start a new one"
                 )
 
-    def resume_checkpoint(self, say: bool = True) -> tuple[Path, dict]:
-        """The newest readable checkpoint ``--resume`` continues from: ``last.pt`` (a hard link to the
-        newest step file, or a copy written after it), else the newest ``step_*.pt`` that loads, said
-        in one line: when ``last.pt`` is missing or damaged (a torn write), or older than the newest
-        step file (a kill between writing that file and linking it)."""
+    def resume_checkpoint(self) -> tuple[Path, dict, str | None]:
+        """The newest readable checkpoint ``--resume`` continues from, and a note when it is not
+        ``last.pt`` (a hard link to the newest step file, or a copy written after it): when
+        ``last.pt`` is missing or damaged (a torn write), or holds an earlier step than the newest
+        step file (a kill between writing that file and linking it), the newest ``step_*.pt`` that
+        loads. The caller says the note once the checkpoint is known to be this run's."""
         steps = sorted(self.checkpoints.glob("step_*.pt"), reverse=True)
-        candidates, problems = [self.last, *steps], []
-        if steps and self.last.exists() and steps[0].stat().st_mtime > self.last.stat().st_mtime:
-            candidates = [steps[0], self.last, *steps[1:]]
-            problems.append(f"{LAST} is older than {steps[0].name}: the run stopped between writing and linking it")
-        for path in candidates:
+        problems = []
+        for path in [self.last, *steps]:
             if not path.exists():
                 continue
             try:
@@ -124,16 +122,32 @@ class RunDir:
             except DilemmaError as err:
                 problems.append(str(err))
                 continue
-            if say and (path != self.last or problems):
+            newer = [p for p in steps if _step_of(p) > ckpt["step"]] if path == self.last else []
+            if newer:
+                later = self._newest_loading(newer)
+                if later is not None:
+                    name = later[0].name
+                    why = f"{LAST} holds step {ckpt['step']}: the run stopped between writing {name} and linking it"
+                    return later[0], later[1], f"note: resuming from {name} ({why})"
+            if path != self.last or problems:
                 why = "; ".join(problems) if problems else f"{LAST} is missing"
-                print(f"note: resuming from {path.name} ({why})", file=sys.stderr)
-            return path, ckpt
+                return path, ckpt, f"note: resuming from {path.name} ({why})"
+            return path, ckpt, None
         if problems:
             raise DilemmaError(f"--resume: no readable checkpoint in {str(self.checkpoints)!r} ({problems[0]})")
         raise DilemmaError(
             f"--resume: no checkpoint in {str(self.path)!r} (expected checkpoints/last.pt); "
             "start without --resume or point --out at an earlier run"
         )
+
+    @staticmethod
+    def _newest_loading(paths: list[Path]) -> tuple[Path, dict] | None:
+        for path in paths:
+            try:
+                return path, load_checkpoint(path)
+            except DilemmaError:
+                continue
+        return None
 
     def create(self) -> None:
         """Make the folder for a new run and take its lock, refusing one that already holds a run.
@@ -235,6 +249,12 @@ def provenance(device, processes: int) -> dict:
     except (OSError, subprocess.SubprocessError):
         pass  # no git, or not a checkout
     return record
+
+
+def _step_of(path: Path) -> int:
+    """The step in a ``step_0000100.pt`` name (-1 for another name)."""
+    digits = path.stem.removeprefix("step_")
+    return int(digits) if digits.isdigit() else -1
 
 
 def checkpoint_file(path: str | Path) -> Path:

@@ -281,9 +281,11 @@ def _checkpoint_to_resume(cfg: Config, run_dir: RunDir) -> dict:
     anything in the folder is written (the lock first: a second resume of a running folder is refused)."""
     if is_main():
         run_dir.lock()
-    ckpt = run_dir.resume_checkpoint(say=is_main())[1]
+    _, ckpt, note = run_dir.resume_checkpoint()
     run_dir.check_owns(ckpt, FROZEN_ON_RESUME)
     check_resume_config(ckpt["config"], cfg)
+    if note and is_main():
+        _stderr(note)
     return ckpt
 
 
