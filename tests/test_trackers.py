@@ -302,3 +302,51 @@ def test_tensorboard_gets_the_scalars(tmp_path):
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(_jsonl_history(out, "loss"))
+
+
+def test_credentials_in_a_tracking_uri_reach_no_file_and_no_message(tmp_path, offline, monkeypatch, capsys):
+    """MLflow's basic-auth URI form (and a token in its query): the run uses it, but no file of the
+    run folder (config, provenance, checkpoints, trackers.json) and no line on the terminal holds
+    the user, the password or the token; the note says where credentials belong."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    uri = "http://alice:s3cretPW@127.0.0.1:9/?token=t0kenXYZ"  # nothing listens there: MLflow fails too
+    out = tmp_path / "run"
+    argv = ["pretrain", "--out", str(out), "--max-steps", "2",
+            *_sets("train.loggers=[jsonl, mlflow]", f"train.tracking.tracking_uri={uri}")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["dilemma", *argv])  # provenance records the command line
+    assert main(argv) == 0
+    printed = "".join(capsys.readouterr())
+    assert "holds credentials" in printed and "MLFLOW_TRACKING_PASSWORD" in printed
+    assert "warning: mlflow failed" in printed  # the failure is still said, its URI without credentials
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".pt" for path in files) and (out / "provenance.jsonl") in files
+    for secret in ("s3cretPW", "t0kenXYZ", "alice"):
+        assert secret not in printed
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), path
+    assert "http://127.0.0.1:9/?token=***" in (out / "config.yaml").read_text()
+
+
+def test_a_full_disk_under_tensorboards_writer_thread_is_one_warning(tmp_path, capsys):
+    """TensorBoard writes its event file in a thread of its own: a full disk there (a real 4 KiB
+    tmpfs, mounted where the resumed run's event files go) is one warning line, never the thread's
+    traceback, and the run goes on."""
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--max-steps", "2", *_sets("train.ckpt_every=2")]) == 0
+    (out / "tensorboard").mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(out / "tensorboard")],
+                             capture_output=True)  # fmt: skip
+    if mounted.returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        capsys.readouterr()
+        more = ["pretrain", "--out", str(out), "--resume", "--max-steps", "60",
+                *_sets("train.ckpt_every=2", "train.loggers=[jsonl, tensorboard]")]  # fmt: skip
+        assert main(more) == 0
+    finally:
+        subprocess.run(["umount", str(out / "tensorboard")], capture_output=True)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err, err
+    assert err.count("warning: tensorboard failed") == 1 and "No space left" in err, err
+    assert [r["step"] for r in _records(out)][-1] == 60

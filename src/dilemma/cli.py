@@ -18,6 +18,7 @@ from pathlib import Path
 from dilemma.allocator import keep_freed_memory
 from dilemma.errors import DilemmaError
 from dilemma.files import atomic_write_text
+from dilemma.redact import redact
 
 
 def _pretrain(args) -> None:
@@ -841,7 +842,7 @@ def _report_internal_error(err: BaseException) -> None:
     try:
         fd, path = tempfile.mkstemp(prefix="dilemma-traceback-", suffix=".txt")
         with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
-            f.write(" ".join(map(str, sys.argv)) + "\n\n" + traceback.format_exc())
+            f.write(redact(" ".join(map(str, sys.argv)) + "\n\n" + traceback.format_exc()))
         where = f"saved to {path}"
     except Exception:  # noqa: BLE001 - no temp folder, full disk: the one line still goes out
         pass
@@ -849,7 +850,7 @@ def _report_internal_error(err: BaseException) -> None:
         first = str(err).splitlines()[0][:300] if str(err) else ""
     except Exception:  # noqa: BLE001 - an exception whose str() fails
         first = ""
-    print(f"error: internal error ({type(err).__name__}: {first}); traceback {where}", file=sys.stderr)
+    print(f"error: internal error ({type(err).__name__}: {redact(first)}); traceback {where}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -862,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         args.run(args)
     except DilemmaError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -30,6 +30,7 @@ from dilemma.errors import DilemmaError, require
 from dilemma.methods import METHODS, Method, method_class
 from dilemma.models import GLOBAL_POOLS, ModelConfig
 from dilemma.pretext import check_switches
+from dilemma.redact import redacted
 
 
 @dataclass
@@ -180,7 +181,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as plain values, as it is written and sent (credentials in URIs removed:
+        ``redact.py``; the objects a run holds keep them for its own connections)."""
+        return redacted(dataclasses.asdict(self))
 
 
 # Keys an earlier version had: a saved config (checkpoint) drops them; a user who sets one is told why.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -22,7 +23,7 @@ def written_whole(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     folder, never hides the first error) and the error is raised as it came; an interrupt leaves
     it, as a kill would (run folders remove such leftovers when they open)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # one per writing thread
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f

@@ -33,6 +33,7 @@ import yaml
 from dilemma.config import safe_yaml
 from dilemma.errors import DilemmaError
 from dilemma.files import Locked, take_lock, written_whole
+from dilemma.redact import redacted
 
 FORMAT = "dilemma-checkpoint-v1"
 LAST = "last.pt"
@@ -221,7 +222,7 @@ def provenance(device, processes: int) -> dict:
         version = "not installed"
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": sys.argv,
+        "command": redacted(sys.argv),
         "versions": {
             "dilemma": version,
             "python": platform.python_version(),

@@ -20,12 +20,15 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
 
 from dilemma.config import TrackingConfig
+from dilemma.errors import DilemmaError
 from dilemma.files import atomic_write_text
+from dilemma.redact import redact
 
 STATE_FILE = "trackers.json"
 
@@ -37,6 +40,23 @@ def _numbers(record: dict) -> dict[str, float]:
         for key, value in record.items()
         if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     }
+
+
+# where each tracker library's code lives (its threads' tracebacks pass through these folders)
+LIBRARY_FOLDERS = {"tensorboard": ("/tensorboard/", "/torch/utils/tensorboard/"), "wandb": ("/wandb/",),
+                   "mlflow": ("/mlflow/",)}  # fmt: skip
+
+
+def _library_of(trace) -> str | None:
+    """The tracker whose library raised in a traceback (its innermost frame of theirs), or None."""
+    import traceback
+
+    for frame, _ in reversed(list(traceback.walk_tb(trace))):
+        path = frame.f_code.co_filename.replace(os.sep, "/")
+        for name, folders in LIBRARY_FOLDERS.items():
+            if any(folder in path for folder in folders):
+                return name
+    return None
 
 
 def _without_credentials(uri: str | None) -> str | None:
@@ -234,6 +254,8 @@ class Trackers:
         self.logged: dict[str, int] = {}  # per tracker: the last step it holds
         self.sent: tuple[int, set] = (-1, set())  # the last step sent, and the keys sent at it
         self.later = False
+        self._thread_hook = None  # threading.excepthook before start() installed ours
+        self._lock = threading.Lock()  # a library's thread may switch its tracker off while the main thread logs
 
     def start(
         self,
@@ -254,7 +276,17 @@ class Trackers:
         run folder is written."""
         if not self.enabled:
             return
+        uri = next((t.settings.tracking_uri for t in self.active if t.name == "mlflow"), None)
+        if uri and redact(uri) != uri:
+            print(
+                "note: train.tracking.tracking_uri holds credentials: this process uses them, and nothing writes "
+                "them down (config, checkpoints, provenance, logs); give them to MLflow as MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD instead, which a resume or a later read-out needs",
+                file=sys.stderr,
+            )
         self.later = later
+        if self._thread_hook is None:
+            self._thread_hook, threading.excepthook = threading.excepthook, self._thread_failed
         self.state = {**(saved or {}), **self._read_state()} if saved is not None or later else {}
         if later:
             self.active = [tracker for tracker in self.active if tracker.name in self.state]
@@ -299,9 +331,10 @@ class Trackers:
 
     def _write_state(self) -> None:
         try:
-            atomic_write_text(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1) + "\n")
-        except OSError as err:  # the trackers' bookkeeping must not cost the run either
-            print(f"warning: cannot write {self.run_dir / STATE_FILE}: {err.strerror or err}", file=sys.stderr)
+            with self._lock:
+                atomic_write_text(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1) + "\n")
+        except DilemmaError as err:  # the trackers' bookkeeping must not cost the run either
+            print(f"warning: {err}", file=sys.stderr)
 
     def _send(self, tracker: Tracker, record: dict, values: dict[str, float]) -> None:
         step = record["step"]
@@ -343,6 +376,19 @@ class Trackers:
         for tracker in list(self.active):
             self._guard(tracker, "finishing", tracker.finish, status)
         self.active = []
+        if self._thread_hook is not None:
+            threading.excepthook, self._thread_hook = self._thread_hook, None
+
+    def _thread_failed(self, args) -> None:
+        """A tracker library's own thread failed (TensorBoard's event writer on a full disk or a
+        read-only folder): the one warning of ``_guard`` instead of the thread's traceback. Other
+        threads' exceptions go to the hook that was there before."""
+        library = _library_of(args.exc_traceback)
+        tracker = next((t for t in list(self.active) if t.name == library), None)
+        if library is None:
+            self._thread_hook(args)
+        elif tracker is not None:
+            self._switch_off(tracker, "writing in its own thread", args.exc_value)
 
     def _guard(self, tracker: Tracker, what: str, call, *args):
         """``call(*args)``'s result (True for None), or False after a failure, which is a warning."""
@@ -350,21 +396,25 @@ class Trackers:
             result = call(*args)
             return True if result is None else result
         except Exception as err:  # any failure of a tracker: never the run's
-            text = str(err).strip()
-            first = text.splitlines()[0][:300] if text else type(err).__name__
-            print(
-                f"warning: {tracker.name} failed while {what} ({first}); it is off for the rest of this run. "
-                "metrics.jsonl and the checkpoints are unaffected.",
-                file=sys.stderr,
-            )
-            self.active.remove(tracker)
-            if tracker.name in self.state and not self.later:  # a resume sends it what it missed
-                self.state[tracker.name] = {
-                    **self.state[tracker.name],
-                    "logged_up_to": self.logged.get(tracker.name, -1),
-                }
-                self._write_state()
+            self._switch_off(tracker, what, err)
             return False
+
+    def _switch_off(self, tracker: Tracker, what: str, err: BaseException | None) -> None:
+        """One warning, the tracker off for the rest of the run (once: its thread and the main
+        thread may both report a failure)."""
+        if tracker not in self.active:
+            return
+        self.active = [t for t in self.active if t is not tracker]
+        text = str(err).strip()
+        first = text.splitlines()[0][:300] if text else type(err).__name__
+        print(
+            f"warning: {tracker.name} failed while {what} ({redact(first)}); it is off for the rest of this run. "
+            "metrics.jsonl and the checkpoints are unaffected.",
+            file=sys.stderr,
+        )
+        if tracker.name in self.state and not self.later:  # a resume sends it what it missed
+            self.state[tracker.name] = {**self.state[tracker.name], "logged_up_to": self.logged.get(tracker.name, -1)}
+            self._write_state()
 
 
 def run_folder(path: str | Path) -> Path | None:
@@ -416,7 +466,7 @@ def log_to_run(path: str | Path, values: dict, pictures: list[Path] = (), prefix
     try:
         run.lock()
     except DilemmaError as err:  # still training (its process holds the folder), or not writable
-        print(f"note: this read-out is not sent to the trackers of {folder}: {err}", file=sys.stderr)
+        print(f"note: this read-out is not sent to the trackers of {folder}: {redact(str(err))}", file=sys.stderr)
         return
     try:
         trackers = Trackers(folder, *_tracking_of(folder))
@@ -427,6 +477,6 @@ def log_to_run(path: str | Path, values: dict, pictures: list[Path] = (), prefix
             trackers.image(picture, step)
         trackers.finish()
     except Exception as err:  # an old or damaged run folder: the read-out itself stands
-        print(f"warning: could not log to the trackers of {folder}: {err}", file=sys.stderr)
+        print(f"warning: could not log to the trackers of {folder}: {redact(str(err))}", file=sys.stderr)
     finally:
         run.unlock()
