@@ -695,6 +695,13 @@ CASES = [
     ("index a folder of no tars", ["shard", "--index", "{empty}"], "holds no manifest and no .tar files"),
     ("check-data --verify on a folder", ["check-data", "{two_classes}", "--verify"], "is not one"),
     ("--resume auto without --out", ["pretrain", "--resume", "auto"], "--resume auto needs --out DIR"),
+    # round four (issue 33): retired keys name themselves
+    ("a retired key", ["pretrain", "--set", "train.progress=false"], "train.progress was renamed train.show_progress"),
+    (
+        "a password in an error",
+        ["pretrain", "--data", "http://alice:pw123@host/?token=t0k"],
+        "'http://host/?token=***' is neither an embedded dataset",
+    ),
 ]
 
 # Inputs that are not errors but were once handled silently or wrongly: each run must succeed and
@@ -710,6 +717,8 @@ NOTED = [
     ("check-data on an IDX folder", ["check-data", "{idx}"], "nothing to decode file by file"),
     ("training on shards", ["pretrain", "--data", "{shards_good}", *SMALL_IMAGES], "WebDataset shards made from"),
     ("check-data on shards", ["check-data", "{shards_good}", "--workers", "1"], "0 problems in 3 shards of 12 samples"),
+    ("export to a .SAFETENSORS file", ["export", "{ckpt}", "--out", "b.SAFETENSORS"],
+     "safetensors.torch.load_file"),
     ("shard an IDX set (PNG-encoded)", ["shard", "{idx}", "--out", "{out}/idx_shards", "--workers", "1"],
      "train on them with --data"),
     ("file list with a comment above its header", ["pretrain", "--data", "{commented}", *SMALL_IMAGES], "file list"),

@@ -242,3 +242,54 @@ def test_knn_votes_stay_finite_at_any_temperature():
     top = (queries @ bank.T).topk(20, dim=1)
     reference.scatter_add_(1, labels[top.indices], (top.values / 0.07).exp())
     assert torch.equal(usual.argmax(1), reference.argmax(1))
+
+
+def _mae_layer_id(name: str, num_layers: int) -> int:
+    """MAE's util/lr_decay.py ``get_layer_id_for_vit``, as written there (the reference)."""
+    if name in ["cls_token", "pos_embed"]:
+        return 0
+    elif name.startswith("patch_embed"):
+        return 0
+    elif name.startswith("blocks"):
+        return int(name.split(".")[1]) + 1
+    else:
+        return num_layers
+
+
+def test_finetune_layer_decay_is_maes_rule():
+    """Every parameter's lr scale is MAE's (``decay ** (num_layers - layer_id)``, num_layers = depth + 1):
+    the final norm and the head train at the full lr, as in MAE and BEiT (timm's grouping gave the
+    final norm the last block's 0.75)."""
+    from dilemma.eval.finetune import layer_decay_groups
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, depth=3, num_classes=10)
+    groups = layer_decay_groups(vit, weight_decay=0.05, layer_decay=0.65)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, param in vit.named_parameters():
+        assert scale[id(param)] == pytest.approx(0.65 ** (4 - _mae_layer_id(name, 4))), name
+        no_decay = param.ndim == 1 or name in ("cls_token", "pos_embed")
+        assert decay[id(param)] == (0.0 if no_decay else 0.05), name
+    assert scale[id(vit.norm.weight)] == scale[id(vit.head.weight)] == 1.0
+    assert scale[id(vit.blocks[2].mlp.fc2.weight)] == pytest.approx(0.65)
+
+
+def test_linear_protocol_names_the_features_it_reads(tmp_path, capsys):
+    """A class-token ViT's probe reads the final-norm class token; an average-pooled one (I-JEPA's)
+    its pooled patch tokens: the protocol line says which."""
+    for pool, expected, absent in (("token", "final-norm class tokens", "pooled"),
+                                   ("avg", "avg-pooled patch tokens", "class token")):  # fmt: skip
+        out = tmp_path / pool
+        model = [] if pool == "token" else ["model.global_pool=avg", "model.class_token=false"]
+        assert main(["pretrain", "--out", str(out), "--max-steps", "1", *_sets("eval.knn_at_end=false", *model)]) == 0
+        capsys.readouterr()
+        assert main(["eval", "linear", "--checkpoint", str(out), "--epochs", "1"]) == 0
+        line = capsys.readouterr().out
+        assert f"frozen dense backbone, {expected}" in line and absent not in line.split("]")[0].split("[", 1)[1]
+
+
+def test_export_chooses_a_file_by_its_extension_in_any_case(run_dir, tmp_path):
+    out = tmp_path / "backbone.SafeTensors"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert out.is_file()
+    assert set(safetensors.torch.load_file(out)) == set(encoder_from_checkpoint(run_dir)[0].vit.state_dict())

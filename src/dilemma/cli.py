@@ -184,7 +184,7 @@ def _eval_linear(args) -> None:
         )
         top1 = probe.top1(val_f, val_y)
         protocol = (
-            linear_protocol(s.linear_epochs, s.linear_lr)
+            linear_protocol(s.linear_epochs, s.linear_lr, encoder.embedding_kind())
             + f"; {splits.name} train {len(splits.train)} / val {len(splits.val)}"
         )
         print(f"{path}: linear top-1 {top1:.2f}%  [{protocol}]")

@@ -190,7 +190,7 @@ class Config:
 RETIRED = {
     "optim.warmup_steps": "optim.warmup_steps was replaced by optim.warmup, a fraction of training "
     "(steps or wall-clock) such as 0.1, so that runs of equal time get the same lr schedule",
-    "train.progress": "train.show_progress was renamed train.show_progress (the progress bar); "
+    "train.progress": "train.progress was renamed train.show_progress (the progress bar); "
     "'progress' is the fraction of training the schedules follow",
 }
 

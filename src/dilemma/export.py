@@ -108,7 +108,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, method: str | None 
     ``method``: as in ``encoder_from_checkpoint``."""
     encoder, cfg = encoder_from_checkpoint(checkpoint, method=method)
     out = Path(out)
-    if out.suffix == ".safetensors":
+    if out.suffix.lower() == ".safetensors":  # B.SAFETENSORS too: the extension is matched without case
         return _export_file(_weights(encoder.vit), cfg, out)
     return save_timm_folder(encoder.vit, cfg.model, out, model_card(cfg, str(checkpoint)))
 

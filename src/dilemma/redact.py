@@ -13,7 +13,7 @@ import re
 
 URI = re.compile(r"[a-z][a-z0-9+.\-]*://[^\s'\"<>]+", re.IGNORECASE)
 USER_INFO = re.compile(r"^([a-z][a-z0-9+.\-]*://)[^/?#]*@", re.IGNORECASE)
-QUERY_VALUE = re.compile(r"([?&;])([^=&;#]+)=([^&;#)\]]*)")
+QUERY_VALUE = re.compile(r"([?&;])([^=&;#\s]+)=([^&;#)\]\s'\"]*)")
 SECRET_NAME = re.compile(r"pass|pwd|token|secret|key|auth|sig|credential|session", re.IGNORECASE)
 HIDDEN = "***"
 

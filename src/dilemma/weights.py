@@ -76,7 +76,7 @@ def _exported_folder_weights(path: Path) -> Path | None:
 
 def _read_state_dict(path: Path) -> dict:
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
@@ -141,7 +141,7 @@ def pretrained_state(spec: str, method: str | None = None) -> tuple[dict, str]:
         return encoder.vit.state_dict(), f"run {str(path)!r}"
     if path.is_file():
         return _read_state_dict(path), f"file {str(path)!r}"
-    if os.sep in spec or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+    if os.sep in spec or path.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors"):
         raise DilemmaError(f"model.pretrained: {spec!r} does not exist")
     import timm
 
@@ -165,7 +165,7 @@ def pretrained_state(spec: str, method: str | None = None) -> tuple[dict, str]:
 
 def _dilemma_checkpoint_or_none(path: Path) -> dict | None:
     """The dilemma checkpoint a ``.pt`` file holds (loaded once), or None for any other file."""
-    if path.suffix != ".pt" or not path.is_file() or not zipfile.is_zipfile(path):
+    if path.suffix.lower() != ".pt" or not path.is_file() or not zipfile.is_zipfile(path):
         return None
     try:
         return load_checkpoint(path)

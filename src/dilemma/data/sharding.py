@@ -208,7 +208,7 @@ def _held_out(tar_name: str) -> bool:
 def _manifest_for_tars(folder: Path) -> dict:
     """A manifest for tars made by another tool, each indexed (positions in name order); tars named
     like ``*-val-*`` / ``*-test-*`` hold the val split, the others train."""
-    tars = sorted(p for p in folder.iterdir() if p.suffix == ".tar" and not p.name.startswith("."))
+    tars = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".tar" and not p.name.startswith("."))
     if not tars:
         raise DilemmaError(f"{str(folder)!r} holds no manifest and no .tar files: nothing to index")
     splits, labels = {split: {"positions": 0, "samples": 0, "shards": []} for split in SPLITS}, set()

@@ -1,8 +1,10 @@
 """End-to-end fine-tuning (the MAE / BEiT protocol, through timm's own pieces).
 
 All weights train: timm's ViT gets a fresh linear head (``reset_classifier``), AdamW with
-layer-wise lr decay (timm's ``param_groups_layer_decay``: block i's lr is scaled by
-``decay ** (depth + 1 - i)``), warm-up + cosine, drop-path, label smoothing, timm's training
+layer-wise lr decay as MAE and BEiT define it (MAE's ``util/lr_decay.py``, ``get_layer_id_for_vit``:
+the embeddings are layer 0, block i layer i + 1, everything else (final norm, pooled norm, head)
+layer depth + 1; the lr scale is ``decay ** (depth + 1 - layer)``, so block i gets
+``decay ** (depth - i)`` and the final norm and head 1.0), warm-up + cosine, drop-path, label smoothing, timm's training
 transform (random resized crop + flip, optionally RandAugment and random erasing) and Mixup /
 CutMix; top-1 on the val split with a dense, centre (un-augmented) forward. ``dilemma eval
 finetune --protocol mae`` sets MAE's values; the default is a short protocol for small data.
@@ -26,10 +28,32 @@ from dilemma.errors import DilemmaError
 from dilemma.models import ViTEncoder
 from dilemma.schedules import cosine, warmup_factor
 
-try:
-    from timm.optim import param_groups_layer_decay
-except ImportError:  # timm < 1.0.12 has it only here
-    from timm.optim.optim_factory import param_groups_layer_decay
+EMBEDDINGS = ("cls_token", "reg_token", "dist_token", "pos_embed", "patch_embed")
+
+
+def layer_id(name: str, depth: int) -> int:
+    """MAE's ``get_layer_id_for_vit``: 0 for the embeddings, i + 1 for block i, depth + 1 for the rest."""
+    if name.startswith(EMBEDDINGS):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(vit, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups by MAE's ``param_groups_lrd``: an ``lr_scale`` per layer (``layer_id``), no weight
+    decay on 1-D parameters and the no-weight-decay tokens and embeddings."""
+    depth, skip_decay, groups = len(vit.blocks), vit.no_weight_decay(), {}
+    for name, param in vit.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = layer_id(name, depth)
+        decay = 0.0 if param.ndim == 1 or name in skip_decay else weight_decay
+        group = groups.setdefault(
+            (layer, decay), {"params": [], "weight_decay": decay, "lr_scale": layer_decay ** (depth + 1 - layer)}
+        )
+        group["params"].append(param)
+    return list(groups.values())
 
 
 @dataclass
@@ -141,11 +165,8 @@ def finetune(
 
 
 def _optimizer(vit, settings: FinetuneConfig) -> torch.optim.AdamW:
-    """AdamW over timm's layer-decay groups; each group's ``lr_scale`` is applied per step."""
-    groups = param_groups_layer_decay(
-        vit, settings.weight_decay, no_weight_decay_list=vit.no_weight_decay(), layer_decay=settings.layer_decay
-    )
-    return torch.optim.AdamW(groups, lr=settings.lr)
+    """AdamW over MAE's layer-decay groups; each group's ``lr_scale`` is applied per step."""
+    return torch.optim.AdamW(layer_decay_groups(vit, settings.weight_decay, settings.layer_decay), lr=settings.lr)
 
 
 def _train_loader(
@@ -232,7 +253,8 @@ def _protocol(settings: FinetuneConfig, splits: Splits, *, drop_path: float, mix
     extras += [f"mixup {f.mixup} / cutmix {f.cutmix}"] if mixing else []
     extras += [f"random erasing {f.reprob}"] if f.reprob else []
     return (
-        f"fine-tune: all weights, AdamW lr {f.lr} (batch {f.batch_size}), layer decay {f.layer_decay}, weight decay "
+        f"fine-tune: all weights, AdamW lr {f.lr} (batch {f.batch_size}), layer decay {f.layer_decay} (MAE's layers: "
+        f"embeddings 0, block i i+1, final norm and head depth+1), weight decay "
         f"{f.weight_decay}, warm-up {f.warmup_epochs} epoch + cosine, {f.epochs} epochs, drop-path "
         f"{drop_path:g}, label smoothing {f.label_smoothing}, random resized crop + flip"
         + "".join(f", {e}" for e in extras)

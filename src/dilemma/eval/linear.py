@@ -66,9 +66,10 @@ def train_linear_probe(
     return LinearProbe(classifier.eval(), mean, std)
 
 
-def linear_protocol(epochs: int, lr: float, batch_size: int = PROBE_BATCH) -> str:
+def linear_protocol(epochs: int, lr: float, features: str, batch_size: int = PROBE_BATCH) -> str:
+    """The protocol; ``features``: what the encoder's embedding reads (``ViTEncoder.embedding_kind``)."""
     return (
-        f"linear probe: frozen dense backbone, final-norm class token (cached, no augmentation), standardised; "
+        f"linear probe: frozen dense backbone, {features} (cached, no augmentation), standardised; "
         f"one linear layer, SGD momentum 0.9, lr {lr} x batch/256, batch {batch_size}, cosine, {epochs} epochs, "
         "no weight decay; top-1 on val"
     )
