@@ -328,25 +328,37 @@ def test_credentials_in_a_tracking_uri_reach_no_file_and_no_message(tmp_path, of
     assert "http://127.0.0.1:9/?token=***" in (out / "config.yaml").read_text()
 
 
-def test_a_full_disk_under_tensorboards_writer_thread_is_one_warning(tmp_path, capsys):
-    """TensorBoard writes its event file in a thread of its own: a full disk there (a real 4 KiB
-    tmpfs, mounted where the resumed run's event files go) is one warning line, never the thread's
-    traceback, and the run goes on."""
-    out = tmp_path / "run"
-    assert main(["pretrain", "--out", str(out), "--max-steps", "2", *_sets("train.ckpt_every=2")]) == 0
-    (out / "tensorboard").mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(out / "tensorboard")],
-                             capture_output=True)  # fmt: skip
-    if mounted.returncode:
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb", "mlflow"])
+@pytest.mark.parametrize("disk", ["size=4k", "ro"], ids=["full disk", "read-only"])
+def test_a_tracker_on_a_full_or_read_only_disk_is_one_warning_never_a_traceback(tmp_path, monkeypatch, capsys,
+                                                                                  tracker, disk):  # fmt: skip
+    """Each tracker writing to a real full (4 KiB tmpfs) or read-only disk: TensorBoard's writer
+    thread, W&B's own log file (Python's logging would print a traceback per record), MLflow's file
+    store. At most one warning line, never a traceback, and the run goes on. (W&B moves to the
+    system's temp folder by itself when its folder is read-only: then nothing is said.)"""
+    out, disk_dir = tmp_path / "run", tmp_path / "disk"
+    sets = _sets("train.ckpt_every=2", "model.depth=1")
+    if tracker == "tensorboard":  # its folder is the run's: mounted there before a resume opens it
+        assert main(["pretrain", "--out", str(out), "--max-steps", "2", *sets]) == 0
+        disk_dir = out / "tensorboard"
+    disk_dir.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", disk, "tmpfs", str(disk_dir)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(disk_dir))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (disk_dir / "mlruns").as_uri())
     try:
         capsys.readouterr()
-        more = ["pretrain", "--out", str(out), "--resume", "--max-steps", "60",
-                *_sets("train.ckpt_every=2", "train.loggers=[jsonl, tensorboard]")]  # fmt: skip
-        assert main(more) == 0
+        resume = ["--resume"] if tracker == "tensorboard" else []
+        assert main(["pretrain", "--out", str(out), *resume, "--max-steps", "12", *sets,
+                     "--set", f"train.loggers=[jsonl, {tracker}]"]) == 0  # fmt: skip
     finally:
-        subprocess.run(["umount", str(out / "tensorboard")], capture_output=True)
+        subprocess.run(["umount", str(disk_dir)], capture_output=True)
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "Exception in thread" not in err, err
-    assert err.count("warning: tensorboard failed") == 1 and "No space left" in err, err
-    assert [r["step"] for r in _records(out)][-1] == 60
+    assert "Traceback" not in err and "Logging error" not in err and "Exception in thread" not in err, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) <= 1 and (warnings or (tracker, disk) == ("wandb", "ro")), err
+    assert all(f"{tracker} failed" in line and ("No space left" in line or "Read-only" in line) for line in warnings)
+    assert [r["step"] for r in _records(out)][-1] == 12

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 import math
 import os
 import sys
@@ -287,6 +288,10 @@ class Trackers:
         self.later = later
         if self._thread_hook is None:
             self._thread_hook, threading.excepthook = threading.excepthook, self._thread_failed
+            # a library's own log file on a full or read-only disk: Python's logging would print a
+            # traceback per record ("--- Logging error ---", W&B's debug.log); the tracker's failure
+            # still reaches us as the one warning when its calls fail
+            self._logging_errors, logging.raiseExceptions = logging.raiseExceptions, False
         self.state = {**(saved or {}), **self._read_state()} if saved is not None or later else {}
         if later:
             self.active = [tracker for tracker in self.active if tracker.name in self.state]
@@ -378,6 +383,7 @@ class Trackers:
         self.active = []
         if self._thread_hook is not None:
             threading.excepthook, self._thread_hook = self._thread_hook, None
+            logging.raiseExceptions = self._logging_errors
 
     def _thread_failed(self, args) -> None:
         """A tracker library's own thread failed (TensorBoard's event writer on a full disk or a
