@@ -33,6 +33,7 @@ def checkpoint_fixtures(root: Path) -> dict[str, str]:
     for name, extra in [
         ("ckpt", []),
         ("baseline_ckpt", ["--set", "dilemma.misplace_prob=0", "--set", "dilemma.drop_rate=0"]),
+        ("avg_pool_ckpt", ["--set", "model.global_pool=avg", "--set", "model.class_token=false"]),  # I-JEPA's ViT
     ]:
         out = root / name
         assert main(["pretrain", *TINY_SETS, "--out", str(out), *extra]) == 0
