@@ -538,7 +538,11 @@ CASES = [
     ("file list with some labels", ["pretrain", "--data", "{mixed_labels}"], "give a label on every line or on none"),
     ("file list with a negative label", ["pretrain", "--data", "{negative_label}"], "labels must be >= 0"),
     ("file list of comments only", ["pretrain", "--data", "{comments_only}"], "names no images"),
-    ("folder of duplicates only", ["pretrain", "--data", "{duplicates}"], "holds 12 images but only 1 distinct"),
+    (
+        "folder of duplicates only",
+        ["pretrain", "--data", "{duplicates}"],
+        "holds 12 images, 12 of them with an exact copy",
+    ),
     ("IDX folder without images", ["pretrain", "--data", "{idx_labels_only}"], "no *-images-idx3-ubyte"),
     ("kNN on one class", ["eval", "knn", "--checkpoint", "{ckpt}", "--data", "{one_class}"], "at least 2 classes"),
     ("linear probe on one class", ["eval", "linear", "--checkpoint", "{ckpt}", "--data", "{one_class}"], "2 classes"),
@@ -697,6 +701,21 @@ CASES = [
     ("--resume auto without --out", ["pretrain", "--resume", "auto"], "--resume auto needs --out DIR"),
     # round four (issue 33): retired keys name themselves
     ("a retired key", ["pretrain", "--set", "train.progress=false"], "train.progress was renamed train.show_progress"),
+    # round four, part two (issue 37)
+    (
+        "I-JEPA predictor width the sin-cos PE cannot take",
+        [
+            "pretrain",
+            "--method",
+            "ijepa",
+            "--set",
+            "method.ijepa.predictor_dim=50",
+            "--set",
+            "method.ijepa.predictor_heads=5",
+        ],
+        "method.ijepa.predictor_dim must be divisible by 4",
+    ),
+    ("a data path with a newline", ["pretrain", "--data", "/no/such\nfolder"], "'/no/such\\nfolder' is neither"),
     (
         "a password in an error",
         ["pretrain", "--data", "http://alice:pw123@host/?token=t0k"],

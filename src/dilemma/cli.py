@@ -642,7 +642,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
     cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     cmp.add_argument("--time-budget", type=float, default=10.0, metavar="MINUTES", help="training wall-clock per run")
-    cmp.add_argument("--max-steps", type=int, default=1_000_000, help="also stop here (default: only the budget)")
+    cmp.add_argument(
+        "--max-steps",
+        type=int,
+        help="also stop every run here (default: a train.max_steps given with --set or --config, else only the budget)",
+    )
     cmp.add_argument("--probe-epochs", type=int, help="eval.linear_epochs for every read-out")
     cmp.add_argument(
         "--curve-points", type=int, default=4, help="read out at this many points over training (the last is the end)"
@@ -863,7 +867,8 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         args.run(args)
     except DilemmaError as err:
-        print(f"error: {redact(str(err))}", file=sys.stderr)
+        message = redact(str(err)).replace("\r", "\\r").replace("\n", "\\n")  # a name with a newline: one line still
+        print(f"error: {message}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

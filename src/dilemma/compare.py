@@ -28,7 +28,7 @@ import timm
 import torch
 
 from dilemma.build import load_splits
-from dilemma.config import config_from_dict, load_config, safe_yaml
+from dilemma.config import config_from_dict, load_config, read_yaml, safe_yaml
 from dilemma.data.sources import TEXTURED
 from dilemma.distributed import resolve_device
 from dilemma.errors import DilemmaError
@@ -319,15 +319,16 @@ def _layout_table(results: list[dict], variants: list[str]) -> list[str]:
 
 
 def _header(
-    results: list[dict], variants: list[str], *, time_budget: float, max_steps: int, seeds: list[int]
+    results: list[dict], variants: list[str], *, time_budget: float, max_steps: int | None, seeds: list[int]
 ) -> list[str]:
     """The title, the machine and budget, and the read-out protocol."""
+    cap = f"max {max_steps} steps" if max_steps else "no step cap"
     return [
         f"# Comparison on {results[0]['data']}: {', '.join(variants)}",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads; python {platform.python_version()}, "
         f"torch {torch.__version__}, timm {timm.__version__}. Budget {time_budget} min of training per run "
-        f"(max {max_steps} steps), seeds {seeds}; runs one at a time. Chance: {100 / results[0]['num_classes']:.1f} %.",
+        f"({cap}), seeds {seeds}; runs one at a time. Chance: {100 / results[0]['num_classes']:.1f} %.",
         "",
         f"Read-outs: {results[0]['protocol']}. kNN and linear = the 100 % point. Mean ± std over seeds.",
         "",
@@ -404,7 +405,7 @@ def _variants_list(results: list[dict], variants: list[str]) -> list[str]:
     return lines
 
 
-def summarise(results: list[dict], *, time_budget: float, max_steps: int, seeds: list[int]) -> str:
+def summarise(results: list[dict], *, time_budget: float, max_steps: int | None, seeds: list[int]) -> str:
     """``summary.md``: the results table, the paired differences, the read-outs over time, the variants."""
     variants = list(dict.fromkeys(r["variant"] for r in results))
     lines = [
@@ -428,18 +429,28 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         return []
 
 
-def _fixed_overrides(time_budget: float, max_steps: int, probe_epochs: int | None, curve_points: int) -> list[str]:
+def _fixed_overrides(
+    time_budget: float, max_steps: int | None, probe_epochs: int | None, curve_points: int
+) -> list[str]:
     """The settings every run of a comparison shares (its budget, read-out, snapshots)."""
     fixed = [
         *([f"eval.linear_epochs={probe_epochs}"] if probe_epochs is not None else []),
         f"train.time_budget={time_budget}",
-        f"train.max_steps={max_steps}",
+        *([f"train.max_steps={max_steps}"] if max_steps is not None else []),
         "train.show_progress=false",
         "eval.knn_at_end=false",
     ]
     if curve_points > 1:
         fixed.append(f"train.snapshot_every={1 / curve_points}")
     return fixed
+
+
+def _sets_max_steps(config: str | None) -> bool:
+    """Whether the config file sets ``train.max_steps`` (a cap compare then keeps)."""
+    if config is None:
+        return False
+    train = read_yaml(config).get("train")
+    return isinstance(train, dict) and "max_steps" in train
 
 
 def _run_name(variant: str, seed: int) -> str:
@@ -494,7 +505,9 @@ def _run_all(runs: list[tuple], out: Path) -> list[dict]:
     return results
 
 
-def _write_outputs(results: list[dict], out: Path, *, time_budget: float, max_steps: int, seeds: list[int]) -> None:
+def _write_outputs(
+    results: list[dict], out: Path, *, time_budget: float, max_steps: int | None, seeds: list[int]
+) -> None:
     """``results.json``, ``summary.md`` and the pictures in ``out``; the summary is printed too."""
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     summary = summarise(results, time_budget=time_budget, max_steps=max_steps, seeds=seeds)
@@ -509,18 +522,23 @@ def compare(
     seeds: list[int],
     out: Path,
     time_budget: float,
-    max_steps: int = 1_000_000,
+    max_steps: int | None = None,
     probe_epochs: int | None = None,
     curve_points: int = 4,
     config: str | None = None,
     overrides: list[str] = (),
 ) -> list[dict]:
     """Each ``NAME=key=value,...`` variant x seed, trained for ``time_budget`` minutes and read out,
-    also at ``curve_points - 1`` snapshots evenly spaced over training (the read-out over time)."""
+    also at ``curve_points - 1`` snapshots evenly spaced over training (the read-out over time).
+    ``max_steps`` caps every run; without it a step cap given with ``--set`` (or a variant, or the
+    config file) is kept, and otherwise only the budget ends a run."""
     fixed = _fixed_overrides(time_budget, max_steps, probe_epochs, curve_points)
     group = f"train.tracking.group={json.dumps(out.resolve().name)}"  # the arms side by side in a tracker
-    runs = _plan(variants, seeds, config, [group, *overrides], fixed)
+    only_the_budget = [] if _sets_max_steps(config) else ["train.max_steps=null"]  # first: --set and variants win
+    runs = _plan(variants, seeds, config, [*only_the_budget, group, *overrides], fixed)
     _make_out(out)
     results = _run_all(runs, out)
-    _write_outputs(results, out, time_budget=time_budget, max_steps=max_steps, seeds=seeds)
+    caps = {cfg.train.max_steps for *_, cfg in runs}
+    cap = caps.pop() if len(caps) == 1 else None
+    _write_outputs(results, out, time_budget=time_budget, max_steps=cap, seeds=seeds)
     return results

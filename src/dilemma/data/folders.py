@@ -326,13 +326,21 @@ def _integer_labels(values: list[str], where: str) -> tuple[list[int], list[str]
     ints = [int(v) for v in values]
     if min(ints) < 0:
         raise DilemmaError(f"{where}: labels must be >= 0, got {min(ints)}")
+    spellings: dict[int, set[str]] = {}
+    for value, text in zip(ints, values, strict=True):
+        spellings.setdefault(value, set()).add(text)
+    merged = [sorted(texts) for texts in spellings.values() if len(texts) > 1]
+    notes = [  # "007" and "7" are one class: say so, the user may have meant two
+        "labels read as integers: " + "; ".join(" and ".join(map(repr, texts)) + f" are class {int(texts[0])}"
+                                                for texts in merged[:3]) + ("; ..." if len(merged) > 3 else "")
+    ] if merged else []  # fmt: skip
     distinct = sorted(set(ints))
     if distinct == list(range(len(distinct))):
-        return ints, [str(c) for c in distinct], []
+        return ints, [str(c) for c in distinct], notes
     index = {value: i for i, value in enumerate(distinct)}
     shown = ", ".join(str(v) for v in distinct[:5]) + (", ..." if len(distinct) > 5 else "")
     note = f"labels {shown} renumbered 0..{len(distinct) - 1}"
-    return [index[v] for v in ints], [str(v) for v in distinct], [note]
+    return [index[v] for v in ints], [str(v) for v in distinct], [*notes, note]
 
 
 def read_file_list(path: Path) -> Listing:

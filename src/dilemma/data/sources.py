@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import importlib.resources
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -351,13 +352,16 @@ def _listing_notes(listing: Listing) -> list[str]:
 
 
 def _no_val_error(source: Path, keys: list[bytes], split: bool, val_fraction: float) -> DilemmaError:
-    """Why no image could be held out: too few distinct images (duplicates stay in train), or too few."""
-    distinct = len(set(keys))
-    if split and distinct < len(keys) and distinct * val_fraction < 0.5:
+    """Why no image could be held out: too few images without a twin (an image with an exact copy
+    stays in train), or too few images."""
+    copies = Counter(keys)
+    without_twin = sum(1 for key in keys if copies[key] == 1)
+    if split and without_twin < len(keys) and without_twin * val_fraction < 0.5:
         return DilemmaError(
-            f"{str(source)!r} holds {len(keys)} images but only {distinct} distinct: exact duplicates "
-            "never go to val (a val image must have no copy in train), so none can be held out; "
-            "add distinct images"
+            f"{str(source)!r} holds {len(keys)} images, {len(keys) - without_twin} of them with an exact copy: an "
+            "image with a copy never goes to val (a val image must have no copy in train), and the "
+            f"{without_twin} without one are too few to hold out any; add distinct images, or give the held-out "
+            "images as a val/ folder"
         )
     return DilemmaError(f"{str(source)!r} is too small to hold out a val split: add images or raise data.val_fraction")
 

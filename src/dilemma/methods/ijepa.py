@@ -59,6 +59,11 @@ class IJEPAConfig:
             f"{s} predictor sizes must be >= 1 (dim <= 2^14, depth <= 64), got {sizes}",
         )
         require(
+            self.predictor_dim % 4 == 0,
+            f"{s}.predictor_dim must be divisible by 4 (the predictor's fixed 2D sin-cos positional embedding), "
+            f"got {self.predictor_dim}",
+        )
+        require(
             self.predictor_dim % self.predictor_heads == 0,
             f"{s}.predictor_dim {self.predictor_dim} is not divisible by predictor_heads {self.predictor_heads}",
         )

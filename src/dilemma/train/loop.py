@@ -77,14 +77,25 @@ def adamw(groups: list[dict], lr: float, use_scaler: bool = False) -> torch.opti
     return torch.optim.AdamW(groups, lr=lr, fused=True) if fused else torch.optim.AdamW(groups, lr=lr, foreach=True)
 
 
+def _frozen_keys(config: dict, section: str) -> dict:
+    """The keys of ``section`` a resume may not change: for ``method``, its name and the run's own
+    method's settings (another method's section shapes nothing this run saved)."""
+    values = config.get(section, {})
+    if section != "method":
+        return values
+    name = values.get("name")
+    own = values.get(name) if isinstance(values.get(name), dict) else {}
+    return {"name": name, **{f"{name}.{key}": value for key, value in own.items()}}
+
+
 def check_resume_config(saved: dict, cfg: Config) -> None:
     current = cfg.to_dict()
-    changed = [
-        f"{section}.{key}: {saved[section][key]!r} -> {current[section][key]!r}"
-        for section in FROZEN_ON_RESUME
-        for key in saved[section]
-        if saved[section][key] != current[section][key]
-    ]
+    changed = []
+    for section in FROZEN_ON_RESUME:
+        before, now = _frozen_keys(saved, section), _frozen_keys(current, section)
+        changed += [
+            f"{section}.{key}: {value!r} -> {now.get(key)!r}" for key, value in before.items() if now.get(key) != value
+        ]
     changed += [
         f"data.{key}: {saved['data'][key]!r} -> {current['data'][key]!r}"
         for key in FROZEN_DATA_KEYS

@@ -60,6 +60,40 @@ def _library_of(trace) -> str | None:
     return None
 
 
+def _sound_state(state) -> dict:
+    """Tracker state (``trackers.json``, a checkpoint's ``trackers``: untrusted input) with its damaged
+    or ill-typed entries dropped: a tracker without one starts a new run."""
+    if not isinstance(state, dict):
+        return {}
+
+    def sound(name, entry):
+        if name == "held_up_to":
+            return isinstance(entry, int) and not isinstance(entry, bool)
+        if name == "status":
+            return isinstance(entry, str)
+        return isinstance(entry, dict) and isinstance(entry.get("logged_up_to", -1), int)
+
+    return {name: entry for name, entry in state.items() if isinstance(name, str) and sound(name, entry)}
+
+
+def _existing_store(uri) -> str | None:
+    """A tracking URI read back from a run folder (untrusted): a local file store only where it
+    exists already, so a copied or edited ``trackers.json`` never makes MLflow create folders
+    elsewhere on this machine."""
+    if uri is None:
+        return None
+    if not isinstance(uri, str):
+        raise DilemmaError(f"the saved MLflow tracking URI is not text ({type(uri).__name__})")
+    if uri.startswith("file:") or "://" not in uri:
+        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path) if uri.startswith("file:") else uri)
+        if not path.is_dir():
+            raise DilemmaError(
+                f"the saved MLflow file store {str(path)!r} does not exist here; it is not created from a run "
+                "folder's trackers.json (set MLFLOW_TRACKING_URI or train.tracking.tracking_uri to use another)"
+            )
+    return uri
+
+
 def _without_credentials(uri: str | None) -> str | None:
     """A tracking URI without ``user:password@`` (credentials belong in MLFLOW_TRACKING_USERNAME / _PASSWORD)."""
     if not uri:
@@ -192,7 +226,8 @@ class MLflow(Tracker):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         s = self.settings
-        self.client = MlflowClient(tracking_uri=s.tracking_uri or (saved or {}).get("tracking_uri"))
+        uri = s.tracking_uri or _existing_store((saved or {}).get("tracking_uri"))
+        self.client = MlflowClient(tracking_uri=uri)
         if saved:
             self.run_id = saved["run_id"]
             if not self.later:
@@ -292,7 +327,7 @@ class Trackers:
             # traceback per record ("--- Logging error ---", W&B's debug.log); the tracker's failure
             # still reaches us as the one warning when its calls fail
             self._logging_errors, logging.raiseExceptions = logging.raiseExceptions, False
-        self.state = {**(saved or {}), **self._read_state()} if saved is not None or later else {}
+        self.state = {**_sound_state(saved), **self._read_state()} if saved is not None or later else {}
         if later:
             self.active = [tracker for tracker in self.active if tracker.name in self.state]
         held = max(held_up_to, self.state.get("held_up_to", -1))
@@ -322,17 +357,7 @@ class Trackers:
             state = json.loads((self.run_dir / STATE_FILE).read_text())
         except (OSError, ValueError):
             return {}
-        if not isinstance(state, dict):
-            return {}
-
-        def sound(name, entry):
-            if name == "held_up_to":
-                return isinstance(entry, int)
-            if name == "status":
-                return isinstance(entry, str)
-            return isinstance(entry, dict) and isinstance(entry.get("logged_up_to", -1), int)
-
-        return {name: entry for name, entry in state.items() if sound(name, entry)}
+        return _sound_state(state)
 
     def _write_state(self) -> None:
         try:
