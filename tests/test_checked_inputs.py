@@ -96,3 +96,39 @@ def test_compare_keeps_a_step_cap_given_with_set_and_says_none_otherwise(tmp_pat
     (result,) = json.loads((out / "results.json").read_text())
     assert result["steps"] == 3 and result["stopped_by"] == "max_steps"
     assert "(max 3 steps)" in (out / "summary.md").read_text()
+
+
+def test_compare_refuses_an_arm_that_cannot_run_before_training_any(tmp_path, capsys):
+    """I-JEPA's targets covering a 4 x 4 grid, patch-shuffle grids that do not divide the image: the
+    second arm is refused before the first trains a step."""
+    out = tmp_path / "cmp"
+    for bad, said in (
+        ("method.name=ijepa,model.global_pool=avg,model.class_token=false,dilemma.drop_rate=0,model.patch_size=7",
+         "on the 4x4 patch grid"),
+        ("eval.shuffle_grids=[3]", "eval.shuffle_grids [3] do not divide the 28-px image"),
+    ):  # fmt: skip
+        argv = ["compare", "--variant", "a=", "--variant", f"b={bad}", "--seeds", "0", "--time-budget", "5",
+                "--out", str(out), *_sets()]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: variant 'b' cannot run (nothing was trained)") and said in err, err
+        assert not (out / "a").exists()
+
+
+def test_a_checkpoints_every_config_section_is_checked_before_anything_is_built(tmp_path, capsys):
+    """A checkpoint is untrusted input: a method section's sizes (the run's own method or another's)
+    are checked like a config file's, in one line, before a model is allocated."""
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--max-steps", "1", *_sets()]) == 0
+    capsys.readouterr()
+    for section, key, value, said in (
+        ("ijepa", "predictor_dim", 2**20, "method.ijepa predictor sizes must be >= 1 (dim <= 2^14"),
+        ("mocov3", "proj_dim", -5, "method.mocov3"),
+    ):
+        ckpt = load_checkpoint(out)
+        ckpt["config"]["method"][section][key] = value
+        torch.save(ckpt, tmp_path / f"{section}.pt")
+        assert main(["eval", "knn", "--checkpoint", str(tmp_path / f"{section}.pt")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: the checkpoint's config is not one this dilemma accepts") and said in err, err
+        assert err.count("\n") == 1

@@ -27,13 +27,13 @@ from typing import Callable
 import timm
 import torch
 
-from dilemma.build import load_splits
+from dilemma.build import build_method, load_splits
 from dilemma.config import config_from_dict, load_config, read_yaml, safe_yaml
 from dilemma.data.sources import TEXTURED
 from dilemma.distributed import resolve_device
 from dilemma.errors import DilemmaError
 from dilemma.eval.occlusion import occlusion_curve
-from dilemma.eval.robustness import Robustness, robustness
+from dilemma.eval.robustness import Robustness, grids_for, robustness
 from dilemma.eval.shape_bias import shape_bias_eval
 from dilemma.files import atomic_write_text
 from dilemma.rundir import CheckpointDir, RunDir, load_checkpoint
@@ -480,6 +480,25 @@ def _plan(
     ]
 
 
+def _check_buildable(runs: list[tuple]) -> None:
+    """Every variant built once (its data listed, its method and model made, its read-out grids
+    checked) before the first run trains: an arm that cannot run is refused now, not after the
+    others have trained for hours."""
+    listed, built = set(), set()
+    for _, name, _, cfg in runs:
+        if name in built:
+            continue
+        try:
+            data = json.dumps(cfg.to_dict()["data"], sort_keys=True)
+            if data not in listed:
+                load_splits(cfg)
+                listed.add(data)
+            grids_for(build_method(cfg).encoder, cfg.eval)
+        except DilemmaError as err:
+            raise DilemmaError(f"variant {name!r} cannot run (nothing was trained): {err}") from None
+        built.add(name)
+
+
 def _make_out(out: Path) -> None:
     """Create ``--out``, or say why it cannot hold the comparison."""
     if out.exists() and not out.is_dir():
@@ -536,6 +555,7 @@ def compare(
     group = f"train.tracking.group={json.dumps(out.resolve().name)}"  # the arms side by side in a tracker
     only_the_budget = [] if _sets_max_steps(config) else ["train.max_steps=null"]  # first: --set and variants win
     runs = _plan(variants, seeds, config, [*only_the_budget, group, *overrides], fixed)
+    _check_buildable(runs)
     _make_out(out)
     results = _run_all(runs, out)
     caps = {cfg.train.max_steps for *_, cfg in runs}

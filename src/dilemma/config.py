@@ -666,5 +666,7 @@ def config_from_dict(data: dict, method: str | None = None) -> Config:
             "pass the --method it was trained with"
         )
     cfg = _build([saved], trusted)
-    validate_model(cfg.model)
-    return cfg
+    try:  # every section, as a config file's: its sizes decide what is allocated
+        return validate(cfg)
+    except DilemmaError as err:
+        raise DilemmaError(f"the checkpoint's config is not one this dilemma accepts: {err}") from None
