@@ -132,3 +132,30 @@ def test_a_checkpoints_every_config_section_is_checked_before_anything_is_built(
         err = capsys.readouterr().err
         assert err.startswith("error: the checkpoint's config is not one this dilemma accepts") and said in err, err
         assert err.count("\n") == 1
+
+
+def test_a_start_from_the_other_kind_of_vit_says_so(tmp_path, capsys):
+    """An average-pooled ViT without class token (I-JEPA's), exported, as the start of a class-token
+    model: the message names the difference and the settings that match, not "not a ViT state dict"."""
+    out, exported = tmp_path / "avg", tmp_path / "avg.safetensors"
+    model = ["model.global_pool=avg", "model.class_token=false"]
+    assert main(["pretrain", "--out", str(out), "--max-steps", "1", *_sets(*model)]) == 0
+    assert main(["export", str(out), "--out", str(exported)]) == 0
+    capsys.readouterr()
+    start = ["pretrain", "--out", str(tmp_path / "r"), "--max-steps", "1", *_sets(f"model.pretrained={exported}")]
+    assert main(start) == 2
+    err = capsys.readouterr().err
+    assert "the pretrained ViT has no class token and this model has one" in err, err
+    assert "model.class_token=false, model.global_pool=avg" in err and "timm can read" not in err
+    assert main([*start, *_sets(*model)]) == 0  # the settings it names work
+
+
+def test_a_read_out_under_other_settings_than_the_runs_says_which(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--max-steps", "1", *_sets("eval.knn_k=5")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "knn", "--checkpoint", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "was configured with eval.knn_k=5; this read-out uses 20" in captured.err and "k=20" in captured.out
+    assert main(["eval", "knn", "--checkpoint", str(out), "--k", "5"]) == 0
+    assert "was configured with" not in capsys.readouterr().err

@@ -80,10 +80,32 @@ def _checkpoints(args, drop_path_rate: float | None = None):
     from dilemma.weights import encoder_from_checkpoint
 
     device = resolve_device(args.device)
+    used = _eval_settings(args)
     for path in args.checkpoint:
         encoder, cfg = encoder_from_checkpoint(path, drop_path_rate=drop_path_rate, method=args.method)
+        _say_other_settings(path, cfg.eval, used)
         splits = load_splits(cfg, source=args.data)
         yield str(path), encoder.to(device), cfg, splits, device
+
+
+# The read-out settings that change a number (not its speed), as a run's config may hold them
+RESULT_SETTINGS = ("knn_k", "knn_temperature", "linear_epochs", "linear_lr", "occlusion_fractions", "shuffle_grids",
+                   "position_fractions", "detection_misplace_prob", "seed")  # fmt: skip
+
+
+def _say_other_settings(path, saved, used) -> None:
+    """A run configured with other read-out settings than the ones used (the command's, the same for
+    every checkpoint it compares): say which, so a number is never read under the wrong ones."""
+    differ = [(key, getattr(saved, key), getattr(used, key)) for key in RESULT_SETTINGS
+              if getattr(saved, key) != getattr(used, key)]  # fmt: skip
+    if differ:
+        theirs = ", ".join(f"eval.{key}={a}" for key, a, _ in differ)
+        ours = ", ".join(f"{b}" for *_, b in differ)
+        print(
+            f"note: {path} was configured with {theirs}; this read-out uses {ours} (the defaults and this "
+            "command's flags, the same for every checkpoint: pass them as flags or --set eval.* to use the run's)",
+            file=sys.stderr,
+        )
 
 
 # An eval flag and the eval setting it overrides (``eval.<key>``; fine-tuning: ``eval.finetune.<key>``).

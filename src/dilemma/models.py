@@ -369,6 +369,13 @@ def load_backbone(encoder: ViTEncoder, state: dict, source: str) -> str:
     conv = state.get("patch_embed.proj.weight")
     if conv is not None and conv.ndim == 4 and conv.shape[1] != encoder.in_chans:
         state["patch_embed.proj.weight"] = adapt_input_conv(encoder.in_chans, conv.float())
+    has_token, wants_token = "cls_token" in state, vit.cls_token is not None
+    if "pos_embed" in state and has_token != wants_token:  # timm's layout, the other kind of ViT
+        raise DilemmaError(
+            f"{source}: the pretrained ViT {'has a' if has_token else 'has no'} class token and this model "
+            f"{'has one' if wants_token else 'has none'}: start a model like it (model.class_token="
+            f"{str(has_token).lower()}, model.global_pool={'token' if has_token else 'avg'})"
+        )
     try:
         state = checkpoint_filter_fn(state, vit)
     except Exception as err:  # noqa: BLE001 - a layout timm cannot convert
