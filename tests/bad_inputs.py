@@ -173,6 +173,17 @@ def _round_three_fixtures(root: Path) -> dict[str, Path]:
     (root / "empty_val" / "val" / "a").mkdir(parents=True)
     fixtures.update(_noted_fixtures(root))
     fixtures.update(_shard_fixtures(root))
+    twins = _folder(root / "twins", {"a": 0, "b": 0})
+    for c in ("a", "b"):
+        for i in range(4):
+            image = _png()
+            (twins / c / f"{i}.png").write_bytes(image)
+            (twins / c / f"{i}_copy.png").write_bytes(image)
+    fixtures["{twins}"] = twins
+    lists = root / "lists"
+    fixtures["{two_spellings}"] = _file_list(
+        lists / "spellings.csv", "".join(f"{{png:sp{i}.png}},{['7', '007', '3'][i % 3]}\n" for i in range(9))
+    )
     return fixtures
 
 
@@ -703,6 +714,21 @@ CASES = [
     ("a retired key", ["pretrain", "--set", "train.progress=false"], "train.progress was renamed train.show_progress"),
     # round four, part two (issue 37)
     (
+        "folder whose images all have a twin",
+        ["pretrain", "--data", "{twins}"],
+        "16 images, 16 of them with an exact copy",
+    ),
+    (
+        "a checkpoint's other method section 2^20 wide",
+        ["eval", "knn", "--checkpoint", "{huge_predictor}"],
+        "the checkpoint's config is not one this dilemma accepts: method.ijepa predictor sizes",
+    ),
+    (
+        "compare with an arm that cannot run",
+        ["compare", "--variant", "a=", "--variant", "b=eval.shuffle_grids=[3]", "--seeds", "0", "--out", "{out}/cmp"],
+        "variant 'b' cannot run (nothing was trained): eval.shuffle_grids [3] do not divide",
+    ),
+    (
         "I-JEPA predictor width the sin-cos PE cannot take",
         [
             "pretrain",
@@ -734,6 +760,8 @@ NOTED = [
     ("file list with a quoted comma", ["pretrain", "--data", "{quoted}", *SMALL_IMAGES], "file list"),
     ("an exported folder as the start", ["pretrain", "--set", "model.pretrained={exported}"], "exported folder"),
     ("check-data on an IDX folder", ["check-data", "{idx}"], "nothing to decode file by file"),
+    ("a file list spelling one label two ways", ["pretrain", "--data", "{two_spellings}", *SMALL_IMAGES],
+     "labels read as integers: '007' and '7' are class 7"),
     ("training on shards", ["pretrain", "--data", "{shards_good}", *SMALL_IMAGES], "WebDataset shards made from"),
     ("check-data on shards", ["check-data", "{shards_good}", "--workers", "1"], "0 problems in 3 shards of 12 samples"),
     ("linear probe of an average-pooled ViT", ["eval", "linear", "--checkpoint", "{avg_pool_ckpt}", "--epochs", "1"],

@@ -159,3 +159,24 @@ def test_a_read_out_under_other_settings_than_the_runs_says_which(tmp_path, caps
     assert "was configured with eval.knn_k=5; this read-out uses 20" in captured.err and "k=20" in captured.out
     assert main(["eval", "knn", "--checkpoint", str(out), "--k", "5"]) == 0
     assert "was configured with" not in capsys.readouterr().err
+
+
+def test_a_method_file_written_for_the_tuple_returning_student_is_one_line(tmp_path, capsys):
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "adding_a_method.md"
+    (code,) = re.findall(r"```python\n(.*?)```", docs.read_text(), flags=re.S)
+    old_style = code.replace(
+        "        s1 = self.student(x1, draws, with_metrics)  # sparse, some tokens misplaced\n",
+        "        cls1, patches1, det1 = self.student(x1, draws, with_metrics)  # the earlier interface\n",
+    )
+    assert old_style != code
+    (tmp_path / "old.py").write_text(old_style)
+    argv = ["pretrain", "--method", f"{tmp_path / 'old.py'}:Toy", "--out", str(tmp_path / "r"), "--max-steps", "1"]
+    assert main([*argv, *_sets()]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the start line: it fails in its first step
+    assert re.match(
+        rf"error: method Toy failed at {re.escape(str(tmp_path / 'old.py'))}:\d+: TypeError: cannot unpack", last
+    )
+    assert "returns a StudentOutput (.embedding, .patches, .detection), not a tuple" in last

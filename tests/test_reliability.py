@@ -42,6 +42,10 @@ def checkpoint_fixtures(root: Path) -> dict[str, str]:
     ckpt["config"]["model"]["depth"] = 3
     torch.save(ckpt, root / "tampered.pt")
     runs["{tampered}"] = str(root / "tampered.pt")
+    ckpt = load_checkpoint(root / "ckpt")
+    ckpt["config"]["method"]["ijepa"]["predictor_dim"] = 2**20  # another method's section, 2^20 wide
+    torch.save(ckpt, root / "huge_predictor.pt")
+    runs["{huge_predictor}"] = str(root / "huge_predictor.pt")
     # a run of a method kept in a file of its own (the toy of docs/adding_a_method.md)
     (code,) = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "adding_a_method.md").read_text(), flags=re.S)
     (root / "toy.py").write_text(code)

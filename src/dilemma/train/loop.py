@@ -466,13 +466,45 @@ class Throughput:
         return rate
 
 
+def _method_file_error(method: Method, err: Exception) -> DilemmaError | None:
+    """A failure in a method kept in a file of one's own (``--method file.py:Class``), as one line that
+    names the line of that file and the interface; None for a built-in method (a bug of ours)."""
+    import inspect
+    import traceback
+
+    try:
+        source = inspect.getsourcefile(type(method))
+    except TypeError:
+        return None
+    if source is None or Path(source).resolve().is_relative_to(Path(__file__).resolve().parents[1]):
+        return None
+    lines = [frame.f_lineno for frame, _ in traceback.walk_tb(err.__traceback__) if frame.f_code.co_filename == source]
+    where = f"{source}:{lines[-1]}" if lines else source
+    text = str(err).splitlines()[0] if str(err) else ""
+    hint = (
+        " Method.student() returns a StudentOutput (.embedding, .patches, .detection), not a tuple."
+        if "unpack" in text or "subscriptable" in text
+        else ""
+    )
+    return DilemmaError(
+        f"method {type(method).__name__} failed at {where}: {type(err).__name__}: {text}.{hint} The interface: "
+        "docs/adding_a_method.md"
+    )
+
+
 def take_step(run: Run, batch: Batch, with_metrics: bool, clock: Throughput):
     """The device stage of the batch's views and one optimiser step; the online probe; the step
     counted. Returns the step's result (``skipped`` for a non-finite loss, which may stop the run)."""
     # uint8 crops travel to the device; their photometric ops and normalisation run there
     encoder = run.method.encoder
     views = run.batches.views.finish(batch.views, batch.draws, run.device, encoder.mean, encoder.std)
-    result = run.stepper.step(views, run.progress(), run.step, with_metrics)
+    try:
+        result = run.stepper.step(views, run.progress(), run.step, with_metrics)
+    except Exception as err:
+        plugin = _method_file_error(run.method, err)
+        if plugin is None:
+            raise
+        raise plugin from None
     if result.skipped:
         _nonfinite(run, result.loss.item())
     elif run.probe is not None:
