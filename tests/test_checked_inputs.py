@@ -99,13 +99,14 @@ def test_compare_keeps_a_step_cap_given_with_set_and_says_none_otherwise(tmp_pat
 
 
 def test_compare_refuses_an_arm_that_cannot_run_before_training_any(tmp_path, capsys):
-    """I-JEPA's targets covering a 4 x 4 grid, patch-shuffle grids that do not divide the image: the
-    second arm is refused before the first trains a step."""
+    """I-JEPA's targets covering a 4 x 4 grid, patch-shuffle grids that do not divide the image, a data
+    source that is not there: the second arm is refused before the first trains a step."""
     out = tmp_path / "cmp"
     for bad, said in (
         ("method.name=ijepa,model.global_pool=avg,model.class_token=false,dilemma.drop_rate=0,model.patch_size=7",
          "on the 4x4 patch grid"),
         ("eval.shuffle_grids=[3]", "eval.shuffle_grids [3] do not divide the 28-px image"),
+        ("data.source=/no/such/folder", "is neither an embedded dataset"),
     ):  # fmt: skip
         argv = ["compare", "--variant", "a=", "--variant", f"b={bad}", "--seeds", "0", "--time-budget", "5",
                 "--out", str(out), *_sets()]  # fmt: skip
