@@ -181,3 +181,21 @@ def test_a_method_file_written_for_the_tuple_returning_student_is_one_line(tmp_p
         rf"error: method Toy failed at {re.escape(str(tmp_path / 'old.py'))}:\d+: TypeError: cannot unpack", last
     )
     assert "returns a StudentOutput (.embedding, .patches, .detection), not a tuple" in last
+
+
+def test_a_run_that_stops_on_its_time_budget_says_so_on_its_last_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["pretrain", "--out", str(out), "--max-steps", "100000", "--time-budget", "0.002", *_sets()]
+    assert main(argv) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("note: stopped by the time budget (train.time_budget = 0.002 min) at step "), last
+    assert " of 100000;" in last
+
+
+def test_compare_help_shows_its_defaults(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: 0 1 2" in text and "(default 10)" in text and "(default 4)" in text

@@ -662,8 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--config", help="base YAML config for every variant")
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
-    cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    cmp.add_argument("--time-budget", type=float, default=10.0, metavar="MINUTES", help="training wall-clock per run")
+    cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
+    cmp.add_argument(
+        "--time-budget", type=float, default=10.0, metavar="MINUTES", help="training wall-clock per run (default 10)"
+    )
     cmp.add_argument(
         "--max-steps",
         type=int,
@@ -671,7 +673,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--probe-epochs", type=int, help="eval.linear_epochs for every read-out")
     cmp.add_argument(
-        "--curve-points", type=int, default=4, help="read out at this many points over training (the last is the end)"
+        "--curve-points",
+        type=int,
+        default=4,
+        help="read out at this many points over training, the last at the end (default 4)",
     )
     cmp.add_argument("--out", required=True, help="folder for the runs, results.json, summary.md, occlusion.png")
     cmp.set_defaults(run=_compare)

@@ -617,4 +617,10 @@ def finish(run: Run, stopped_by: str, log) -> dict:
             log(knn.line())
     run.metrics.write(final)
     run.metrics.close()
+    if stopped_by == "time_budget" and is_main():  # the last line: a run that ends early says so
+        of = f" of {run.end}" if run.end != NO_STEP_LIMIT else ""
+        _stderr(
+            f"note: stopped by the time budget (train.time_budget = {run.cfg.train.time_budget:g} min) at step "
+            f"{run.step}{of}; the lr and momentum schedules ended with it"
+        )
     return final
