@@ -364,3 +364,28 @@ def test_a_tracker_on_a_full_or_read_only_disk_is_one_warning_never_a_traceback(
     assert len(warnings) <= 1 and (warnings or (tracker, disk) == ("wandb", "ro")), err
     assert all(f"{tracker} failed" in line and ("No space left" in line or "Read-only" in line) for line in warnings)
     assert [r["step"] for r in _records(out)][-1] == 12
+
+
+def test_mlflow_works_with_the_skinny_extra_and_a_local_store_and_gets_params(tmp_path, monkeypatch, capsys):
+    """As the README shows: MLFLOW_TRACKING_URI=file:... and nothing else (MLflow 3 keeps its file
+    store behind MLFLOW_ALLOW_FILE_STORE: set here), or no URI at all (the installed MLflow's default
+    where it can open it, else ./mlruns, said); the config arrives as params too."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "store").as_uri())
+    out = tmp_path / "run"
+    argv = ["pretrain", "--out", str(out), "--max-steps", "2", *_sets("train.loggers=[jsonl, mlflow]")]
+    assert main(argv) == 0
+    assert "warning" not in capsys.readouterr().err
+    run_id = json.loads((out / "trackers.json").read_text())["mlflow"]["run_id"]
+    params = MlflowClient((tmp_path / "store").as_uri()).get_run(run_id).data.params
+    assert params["optim.lr"] == "0.001" and params["method.name"] == "mocov3" and params["model.depth"] == "2"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--out", str(tmp_path / "run2"), "--max-steps", "1",
+                 *_sets("train.loggers=[jsonl, mlflow]")]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "warning" not in err
+    # skinny cannot open MLflow's default sqlite store: the file store ./mlruns, and the note saying so
+    assert ("note: mlflow: no tracking URI set" in err) == (tmp_path / "mlruns").is_dir()

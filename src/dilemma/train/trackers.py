@@ -76,6 +76,38 @@ def _sound_state(state) -> dict:
     return {name: entry for name, entry in state.items() if isinstance(name, str) and sound(name, entry)}
 
 
+def _flat(config: dict, prefix: str = "") -> dict[str, object]:
+    """``{"optim": {"lr": 1e-3}}`` -> ``{"optim.lr": 1e-3}``."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _client(uri: str | None):
+    """An MlflowClient for ``uri``; with none set anywhere, MLflow's own default, else (mlflow-skinny
+    cannot open its default sqlite store) a file store in ./mlruns, said once. File stores are
+    allowed explicitly: MLflow 3 keeps them behind MLFLOW_ALLOW_FILE_STORE."""
+    from mlflow.tracking import MlflowClient
+
+    if uri is None:
+        try:
+            return MlflowClient()
+        except Exception:  # noqa: BLE001 - the installed MLflow cannot open its default store
+            uri = Path("mlruns").resolve().as_uri()
+            print(
+                f"note: mlflow: no tracking URI set (train.tracking.tracking_uri or MLFLOW_TRACKING_URI) and this "
+                f"MLflow cannot open its default store: using the file store {uri}",
+                file=sys.stderr,
+            )
+    if uri.startswith("file:") or "://" not in uri:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return MlflowClient(tracking_uri=uri)
+
+
 def _existing_store(uri) -> str | None:
     """A tracking URI read back from a run folder (untrusted): a local file store only where it
     exists already, so a copied or edited ``trackers.json`` never makes MLflow create folders
@@ -220,14 +252,16 @@ class MLflow(Tracker):
     name = "mlflow"
 
     def start(self, saved, config, provenance):
-        from mlflow.tracking import MlflowClient
-
         # a server that is gone must cost seconds, not MLflow's default minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         s = self.settings
-        uri = s.tracking_uri or _existing_store((saved or {}).get("tracking_uri"))
-        self.client = MlflowClient(tracking_uri=uri)
+        uri = (
+            s.tracking_uri
+            or _existing_store((saved or {}).get("tracking_uri"))
+            or os.environ.get("MLFLOW_TRACKING_URI")
+        )
+        self.client = _client(uri)
         if saved:
             self.run_id = saved["run_id"]
             if not self.later:
@@ -239,8 +273,17 @@ class MLflow(Tracker):
                 tags["mlflow.parentRunId"] = self._parent_run(experiment)
             self.run_id = self.client.create_run(experiment, run_name=self.run_name, tags=tags).info.run_id
             self.client.log_dict(self.run_id, config, "config.json")
+            self._log_params(config)
             self.client.log_dict(self.run_id, provenance, "provenance.json")
         return {"run_id": self.run_id, "tracking_uri": _without_credentials(self.client.tracking_uri)}
+
+    def _log_params(self, config: dict) -> None:
+        """The config as params (``optim.lr``, ...), so runs can be searched and compared by setting."""
+        from mlflow.entities import Param
+
+        params = [Param(key, str(value)[:500]) for key, value in _flat(config).items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
 
     def _experiment_id(self) -> str:
         name = self.settings.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "dilemma"
