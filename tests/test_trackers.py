@@ -389,3 +389,19 @@ def test_mlflow_works_with_the_skinny_extra_and_a_local_store_and_gets_params(tm
     assert "warning" not in err
     # skinny cannot open MLflow's default sqlite store: the file store ./mlruns, and the note saying so
     assert ("note: mlflow: no tracking URI set" in err) == (tmp_path / "mlruns").is_dir()
+
+
+def test_a_wandb_offline_run_is_reopened_offline_by_a_later_read_out(tmp_path, offline, monkeypatch, capsys):
+    """trackers.json keeps W&B's mode: a read-out in a new shell (no WANDB_MODE) goes to the same run
+    offline, with no "No API key configured" warning."""
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--max-steps", "2", *_sets("train.loggers=[jsonl, wandb]")]) == 0
+    assert json.loads((out / "trackers.json").read_text())["wandb"]["mode"] == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    capsys.readouterr()
+    assert main(["eval", "knn", "--checkpoint", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "API key" not in err and "warning" not in err, err
+    wandb.teardown()
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 2  # the read-out's offline part of the same run

@@ -198,6 +198,9 @@ class TensorBoard(Tracker):
         self.writer.close()
 
 
+MODES = ("online", "offline", "disabled")  # W&B's modes a run folder may name (untrusted input)
+
+
 class WandB(Tracker):
     """A W&B run (files under ``WANDB_DIR`` or ``RUN_DIR/wandb``; ``WANDB_MODE=offline`` works without
     a network); resumed by its id. W&B's steps only grow, so a read-out made later goes to the
@@ -209,6 +212,8 @@ class WandB(Tracker):
         import wandb
 
         s = self.settings
+        # a run made offline is reopened offline (a later read-out in a new shell has no WANDB_MODE)
+        mode = os.environ.get("WANDB_MODE") or (saved or {}).get("mode")
         self.run = wandb.init(
             project=s.project,
             entity=s.entity,
@@ -219,12 +224,12 @@ class WandB(Tracker):
             id=saved.get("id") if saved else None,
             resume="allow" if saved else None,
             dir=os.environ.get("WANDB_DIR") or str(self.run_dir),
-            settings=wandb.Settings(console="off", silent=True),
+            settings=wandb.Settings(console="off", silent=True, **({"mode": mode} if mode in MODES else {})),
         )
         # online, a resumed run starts after the last step W&B committed: a row still open when the
         # run was killed is lost, and must be sent again (offline, W&B knows no history: 0)
         self.holds_up_to = self.run.starting_step - 1 if saved and self.run.starting_step else None
-        return {"id": self.run.id}
+        return {"id": self.run.id, "mode": self.run.settings.mode}
 
     def scalars(self, values, step):
         self.run.log(values, step=step)
