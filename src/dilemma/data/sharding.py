@@ -11,7 +11,6 @@ again with the same plan keeps the shards written and makes the rest. The manife
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -24,14 +23,15 @@ from dilemma.data.shards import (
     PLAN,
     SPLITS,
     ShardJob,
-    folder_lock,
     index_path,
     index_tar,
+    process_pool,
     read_manifest,
     save_index,
     sha256_of,
     write_manifest,
     write_shard,
+    writing,
 )
 from dilemma.data.sources import list_image_source, memory_arrays
 from dilemma.errors import DilemmaError
@@ -125,14 +125,6 @@ def _claim(folder: Path, plan: dict) -> bool:
     return False
 
 
-def _pool(workers: int):
-    """Worker processes forked where the platform can (spawned ones import torch again: ~2 s each)."""
-    import multiprocessing
-
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(workers)
-
-
 def make_shards(
     source: str,
     out: Path,
@@ -152,8 +144,7 @@ def make_shards(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DilemmaError(f"cannot make --out folder {str(out)!r}: {err.strerror or err}") from None
-    lock = folder_lock(out, exclusive=True)
-    try:
+    with writing(out):
         plan = _plan(parts, classes, made, samples_per_shard, seed, skip_bad)
         if _claim(out, plan):
             print(f"note: {out} already holds these shards; nothing to do", file=sys.stderr)
@@ -165,10 +156,10 @@ def make_shards(
         total = sum(len(job.positions) for job in jobs)
         bar = tqdm(total=total, disable=not show_progress, unit="img", desc="sharding", dynamic_ncols=True)
         entries, skipped = {}, []
-        results = map(write_shard, jobs) if workers <= 1 else None
-        pool = _pool(workers) if workers > 1 else None
+        pool = process_pool(workers) if workers > 1 else None
+        written = pool.imap(write_shard, jobs) if pool else map(write_shard, jobs)
         try:
-            for job, (entry, bad) in zip(jobs, results or pool.imap(write_shard, jobs), strict=True):
+            for job, (entry, bad) in zip(jobs, written, strict=True):
                 entries[(job.split, job.number)] = entry
                 for path, reason in bad:
                     bar.write(f"warning: left out unreadable image {path}: {reason}", file=sys.stderr)
@@ -195,9 +186,6 @@ def make_shards(
         }
         write_manifest(out, manifest)
         return manifest
-    finally:
-        if lock is not None:
-            os.close(lock)
 
 
 def _held_out(tar_name: str) -> bool:
@@ -236,8 +224,7 @@ def _manifest_for_tars(folder: Path) -> dict:
 def make_indexes(folder: Path) -> dict:
     """The index of every shard of ``folder`` made again from its tar; a folder of tars made by
     another tool (no manifest) gets a manifest too. Returns the manifest."""
-    lock = folder_lock(folder, exclusive=True)
-    try:
+    with writing(folder):
         if not (folder / MANIFEST).is_file():
             manifest = _manifest_for_tars(folder)
             write_manifest(folder, manifest)
@@ -250,6 +237,3 @@ def make_indexes(folder: Path) -> dict:
                     raise DilemmaError(f"shard {entry['name']!r} is missing from {str(folder)!r}")
                 save_index(index_tar(tar, keys_are_positions=True), index_path(tar))
         return manifest
-    finally:
-        if lock is not None:
-            os.close(lock)

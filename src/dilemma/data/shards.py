@@ -27,6 +27,7 @@ at every sample, would rescan tars all the time; and current ``webdataset`` rele
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -36,15 +37,16 @@ import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dilemma.data.folders import IMAGE_SUFFIXES, BadImage, FileImageSet, decode, decode_pixels
+from dilemma.data.folders import IMAGE_SUFFIXES, MIN_IMAGE_SIDE, BadImage, FileImageSet, decode, decode_pixels
 from dilemma.data.sets import Splits
 from dilemma.errors import DilemmaError
-from dilemma.files import Locked, atomic_write_text, take_lock
+from dilemma.files import Locked, atomic_write_text, take_lock, written_whole
 
 FORMAT = "dilemma-shards-v1"
 MANIFEST = "manifest.json"
@@ -90,6 +92,26 @@ def folder_lock(folder: Path, exclusive: bool) -> int | None:
         ) from None
 
 
+@contextlib.contextmanager
+def writing(folder: Path) -> Iterator[None]:
+    """The folder's writer lock held for the block (``dilemma shard``, ``--index``)."""
+    fd = folder_lock(folder, exclusive=True)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def process_pool(workers: int, **kwargs):
+    """A multiprocessing pool, forked where the platform can: forked workers inherit what the parent
+    holds (a set's arrays, imported torch) instead of receiving it or importing it again (~2 s each)."""
+    import multiprocessing
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(workers, **kwargs)
+
+
 # ---- writing ---------------------------------------------------------------------------------------
 
 
@@ -121,7 +143,7 @@ def _png(image: np.ndarray) -> bytes:
 def _checked_bytes(path: str) -> tuple[bytes, str]:
     """A file's bytes and the extension its member gets (the file's own, or its format's where the
     name has none, e.g. from a file list), refused (``BadImage``) unless PIL recognises an image of
-    at least 4 px in them (the header only: the pixels are decoded when training reads them)."""
+    at least ``MIN_IMAGE_SIDE`` px in them (the header only: the pixels are decoded when training reads them)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -138,8 +160,8 @@ def _checked_bytes(path: str) -> tuple[bytes, str]:
         ) from None
     except Exception:  # noqa: BLE001 - whatever PIL cannot identify is not an image
         raise BadImage(path, "not an image PIL can read") from None
-    if min(width, height) < 4:
-        raise BadImage(path, f"{width}x{height} px, smaller than 4 px")
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise BadImage(path, f"{width}x{height} px, smaller than {MIN_IMAGE_SIDE} px")
     suffix = os.path.splitext(path)[1].lower()
     return data, suffix[1:] if suffix in IMAGE_SUFFIXES else {"JPEG": "jpg", "TIFF": "tif"}.get(kind, str(kind).lower())
 
@@ -172,8 +194,7 @@ def write_shard(job: ShardJob) -> tuple[dict, list[tuple[str, str]]]:
         whole = {"samples": len(index), "bytes": tar_path.stat().st_size, "sha256": sha256_of(tar_path)}
         return {**entry, **whole}, skipped
     rows, skipped = [], []
-    tmp = tar_path.with_name(f".{job.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with written_whole(tar_path) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i, (position, label) in enumerate(zip(job.positions, job.labels, strict=True)):
             if job.paths is None:
                 data, ext = _png(job.arrays[i]), "png"
@@ -195,22 +216,14 @@ def write_shard(job: ShardJob) -> tuple[dict, list[tuple[str, str]]]:
                 text = str(label).encode()
                 tar.addfile(_member(f"{key}.cls", len(text)), io.BytesIO(text))
             rows.append((position, offset, len(data), label))
-        raw.flush()
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, tar_path)
     index = np.array(rows, dtype=INDEX_DTYPE)
     save_index(index, index_path(tar_path))
     return {**entry, "samples": len(index), "bytes": tar_path.stat().st_size, "sha256": sha256_of(tar_path)}, skipped
 
 
 def save_index(index: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with written_whole(path) as f:
         np.save(f, index, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def index_tar(tar_path: Path, keys_are_positions: bool, first_position: int = 0) -> np.ndarray:
@@ -485,8 +498,6 @@ def _scan_chunk(bounds: tuple[int, int]) -> list[str]:
 def scan_samples(images: ShardImageSet, workers: int, show_progress: bool = True) -> list[str]:
     """Every sample read and decoded (``workers`` processes, forked where the platform can: the
     set's arrays are inherited, not sent); the problems, ``name: reason``."""
-    import multiprocessing
-
     from tqdm import tqdm
 
     chunks = [(start, min(start + 256, len(images))) for start in range(0, len(images), 256)]
@@ -497,8 +508,7 @@ def scan_samples(images: ShardImageSet, workers: int, show_progress: bool = True
             _scan_with(images)
             results = map(_scan_chunk, chunks)
         else:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = multiprocessing.get_context(method).Pool(workers, initializer=_scan_with, initargs=(images,))
+            pool = process_pool(workers, initializer=_scan_with, initargs=(images,))
             results = pool.imap(_scan_chunk, chunks)
         for (start, stop), found in zip(chunks, results, strict=True):
             problems += found
