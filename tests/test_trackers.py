@@ -405,3 +405,16 @@ def test_a_wandb_offline_run_is_reopened_offline_by_a_later_read_out(tmp_path, o
     assert "API key" not in err and "warning" not in err, err
     wandb.teardown()
     assert len(list((out / "wandb").glob("offline-run-*"))) == 2  # the read-out's offline part of the same run
+
+
+def test_a_token_in_a_working_tracking_uri_is_not_written_to_the_trackers_state(tmp_path, monkeypatch):
+    """The tracking URI a resume needs goes to trackers.json and every checkpoint: without its
+    credentials, query tokens included (a file store with a query connects, so the state is written)."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "store").as_uri() + "?token=t0kenXYZ")
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--max-steps", "2", *_sets("train.loggers=[jsonl, mlflow]")]) == 0
+    saved = json.loads((out / "trackers.json").read_text())["mlflow"]["tracking_uri"]
+    assert saved == (tmp_path / "store").as_uri() + "?token=***"
+    for path in [path for path in out.rglob("*") if path.is_file()]:
+        assert b"t0kenXYZ" not in path.read_bytes(), path

@@ -87,6 +87,10 @@ def _flat(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def _is_file_store(uri: str) -> bool:
+    return uri.startswith("file:") or "://" not in uri
+
+
 def _client(uri: str | None):
     """An MlflowClient for ``uri``; with none set anywhere, MLflow's own default, else (mlflow-skinny
     cannot open its default sqlite store) a file store in ./mlruns, said once. File stores are
@@ -103,7 +107,7 @@ def _client(uri: str | None):
                 f"MLflow cannot open its default store: using the file store {uri}",
                 file=sys.stderr,
             )
-    if uri.startswith("file:") or "://" not in uri:
+    if _is_file_store(uri):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return MlflowClient(tracking_uri=uri)
 
@@ -116,7 +120,7 @@ def _existing_store(uri) -> str | None:
         return None
     if not isinstance(uri, str):
         raise DilemmaError(f"the saved MLflow tracking URI is not text ({type(uri).__name__})")
-    if uri.startswith("file:") or "://" not in uri:
+    if _is_file_store(uri):
         path = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path) if uri.startswith("file:") else uri)
         if not path.is_dir():
             raise DilemmaError(
@@ -124,16 +128,6 @@ def _existing_store(uri) -> str | None:
                 "folder's trackers.json (set MLFLOW_TRACKING_URI or train.tracking.tracking_uri to use another)"
             )
     return uri
-
-
-def _without_credentials(uri: str | None) -> str | None:
-    """A tracking URI without ``user:password@`` (credentials belong in MLFLOW_TRACKING_USERNAME / _PASSWORD)."""
-    if not uri:
-        return uri
-    parts = urllib.parse.urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 class Tracker(abc.ABC):
@@ -280,7 +274,7 @@ class MLflow(Tracker):
             self.client.log_dict(self.run_id, config, "config.json")
             self._log_params(config)
             self.client.log_dict(self.run_id, provenance, "provenance.json")
-        return {"run_id": self.run_id, "tracking_uri": _without_credentials(self.client.tracking_uri)}
+        return {"run_id": self.run_id, "tracking_uri": redact(self.client.tracking_uri)}  # written down: no secret
 
     def _log_params(self, config: dict) -> None:
         """The config as params (``optim.lr``, ...), so runs can be searched and compared by setting."""
