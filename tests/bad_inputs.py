@@ -333,6 +333,11 @@ CASES = [
     ("occlusion fraction 0", ["eval", "occlusion", "--checkpoint", "{ckpt}", "--fractions", "0"], "must be in (0, 1]"),
     ("negative workers", ["eval", "knn", "--checkpoint", "{ckpt}", "--workers", "-1"], "--workers must be >= 0"),
     ("compare with a seed twice", ["compare", "--variant", "a=", "--seeds", "0", "0", "--out", "{out}"], "seed twice"),
+    (
+        "compare with a read-out it does not know",
+        ["compare", "--variant", "a=", "--readouts", "knn,shape", "--out", "{out}"],
+        "--readouts: unknown 'shape'; choose among knn, linear, occlusion",
+    ),
     ("compare variant named like a path", ["compare", "--variant", "../x=", "--out", "{out}"], "must be a plain name"),
     (
         "fine-tune batch larger than the data",

@@ -91,3 +91,34 @@ def view_settings(img_size: int, in_chans: int = 1, **data):
     from dilemma.data import ViewSettings
 
     return ViewSettings.from_data(DataConfig(**data), img_size, in_chans)
+
+
+def _bytes_written() -> int:
+    """What this process wrote (``/proc/self/io`` wchar) plus its finished subprocesses' disk writes."""
+    import resource
+
+    try:
+        own = int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["wchar"])
+    except (OSError, KeyError, ValueError):
+        return -1  # not Linux
+    return own + resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock * 512
+
+
+_WRITTEN: dict[str, int] = {}  # test id -> bytes its setup, call and teardown wrote
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    before = _bytes_written()
+    yield
+    _WRITTEN[item.nodeid] = _bytes_written() - before
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The suite's writes and its three largest writers: the whole suite must stay under 1 GB (the
+    disk of a 2-core test machine)."""
+    written = _bytes_written()
+    if written >= 0:
+        top = sorted(_WRITTEN.items(), key=lambda kv: -kv[1])[:3]
+        most = ", ".join(f"{test} {n / 1e6:.0f} MB" for test, n in top)
+        terminalreporter.write_line(f"the tests wrote {written / 1e6:.0f} MB (most: {most})")

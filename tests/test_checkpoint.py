@@ -67,6 +67,24 @@ def test_checkpoint_dir_keeps_last_k(tmp_path):
     assert load_checkpoint(tmp_path)["step"] == 3  # a run folder resolves to its last checkpoint
 
 
+def test_snapshots_at_one_step_share_one_file(tmp_path):
+    """A short run crosses several snapshot fractions in one step: one file on disk (hard links),
+    shared with the step file written at that step, and a later step gets its own file."""
+    ckpts = CheckpointDir(tmp_path, keep=2)
+    state = {"format": FORMAT, "config": {}, "model": {"w": torch.zeros(1000)}, "step": 1}
+    ckpts.save(state, 1)
+    ckpts.save_snapshots(state, 1, [0.1, 0.2, 0.3])
+    ckpts.save_snapshots({**state, "step": 2}, 2, [0.5, 0.6])  # no step file at step 2
+    inodes = {p.name: p.stat().st_ino for p in ckpts.dir.iterdir()}
+    at_step_1 = ("step_0000001.pt", "progress_0100.pt", "progress_0200.pt", "progress_0300.pt")
+    assert len({inodes[n] for n in at_step_1}) == 1
+    assert inodes["progress_0500.pt"] == inodes["progress_0600.pt"] != inodes["step_0000001.pt"]
+    assert [load_checkpoint(p)["step"] for p in ckpts.snapshots()] == [1, 1, 1, 2, 2]
+    ckpts.save({**state, "step": 3}, 3)
+    ckpts.save({**state, "step": 4}, 4)  # rotation unlinks step 1: its snapshots stay whole
+    assert [load_checkpoint(p)["step"] for p in ckpts.snapshots()] == [1, 1, 1, 2, 2]
+
+
 def test_rng_state_holds_only_dtypes_every_supported_torch_can_save():
     """numpy's keys are uint32, which torch.save handles only from torch 2.6 on: they are stored as
     int64 and restored exactly."""

@@ -106,6 +106,24 @@ def test_resume_refuses_another_model(tmp_path, capsys):
     assert "another model, method or data config" in capsys.readouterr().err
 
 
+def test_help_imports_neither_torch_nor_timm():
+    """``dilemma --help`` (and each sub-command's) in well under a second: the heavy imports wait for a
+    sub-command's work. The method names in the help are the built-in ones."""
+    from dilemma.cli import METHOD_NAMES
+
+    assert METHOD_NAMES == tuple(METHODS)
+    check = (
+        "import sys\nfrom dilemma.cli import main\n"
+        "for argv in (['--help'], ['pretrain', '--help'], ['eval', 'knn', '--help'], ['compare', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print(sorted(m for m in ('torch', 'timm', 'torchvision', 'numpy') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"
+    assert "mocov3, dino, simclr" in proc.stdout
+
+
 def test_real_process_exits_nonzero_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(

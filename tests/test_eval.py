@@ -63,6 +63,9 @@ def test_eval_commands_state_protocols_and_compare_checkpoints(run_dir, tmp_path
         results = json.loads(out.read_text())
         assert len(results) == 2 and results[0][key] == results[1][key]  # two checkpoints, same numbers
         assert 10 < results[0][key] <= 100 and words in results[0]["protocol"] and words in printed
+        assert printed.count(results[0]["protocol"]) == 1  # one table, the protocol said once
+        assert printed.startswith(f"run{' ' * (len(results[0]['label']) - 1)}")  # a row a run, labels aligned
+        assert results[0]["label"] == f"MoCo v3 + DILEMMA (p=0.2, r=0.75): {run_dir}"
 
 
 def test_occlusion_at_full_visibility_equals_the_plain_evals(run_dir, small_splits, tmp_path, capsys):
@@ -185,9 +188,16 @@ def test_compare_trains_each_variant_and_seed_reads_them_out_and_reuses_finished
     out = tmp_path / "cmp"
     variants = ["--variant", "plain=dilemma.misplace_prob=0,dilemma.drop_rate=0", "--variant", "dilemma="]
     budget = ["--seeds", "0", "1", "--max-steps", "4", "--time-budget", "10", "--probe-epochs", "1"]
-    argv = ["compare", *variants, *budget, "--curve-points", "2", "--out", str(out)]
+    argv = ["compare", *variants, *budget, "--curve-points", "2", "--readouts", "all", "--out", str(out)]
     argv += _sets(f"data.source={data}", "data.batch_size=8", "train.log_every=1")
+    capsys.readouterr()
     assert main(argv) == 0
+    said = capsys.readouterr().out.splitlines()  # progress: the run, its phase, the time left
+    assert said[0] == "[1/4] plain seed 0: 40 min of training left, and the read-outs"
+    assert said[1] == "[1/4] plain seed 0: training (10 min or 4 steps)"
+    assert said[2].startswith("[1/4] plain seed 0: reading out the final backbone (knn, linear, occlusion, patch-")
+    assert said[3] == "[1/4] plain seed 0: reading out snapshot 1/1"
+    assert said[4].startswith("[1/4] plain seed 0: 4 steps, ") and said[5].startswith("[2/4] dilemma seed 0: about ")
     results = json.loads((out / "results.json").read_text())
     assert [(r["variant"], r["seed"]) for r in results] == [("plain", 0), ("dilemma", 0), ("plain", 1), ("dilemma", 1)]
     assert all(r["steps"] == 4 and r["stopped_by"] == "max_steps" and 0 <= r["knn_top1"] <= 100 for r in results)
@@ -197,6 +207,7 @@ def test_compare_trains_each_variant_and_seed_reads_them_out_and_reuses_finished
     assert all(r["over_time"][-1]["linear_top1"] == r["linear_top1"] for r in results)
     summary = (out / "summary.md").read_text()
     assert "| plain | 2 |" in summary and "| dilemma | 2 |" in summary
+    assert all(line.count("(") == line.count(")") for line in summary.splitlines())  # no sentence cut short
     plain, dilemma = ([r["knn_top1"] for r in results if r["variant"] == v] for v in ("plain", "dilemma"))
     mean, half = compare_module.mean_ci95([d - p for d, p in zip(dilemma, plain, strict=True)])
     assert f"| dilemma | kNN | 2 | {mean:+.2f} ± {half:.2f} |" in summary  # paired by seed, with a 95 % CI

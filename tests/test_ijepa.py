@@ -3,6 +3,7 @@ loss against a direct computation, the target encoder, DILEMMA on the context to
 average-pooled ViT without a class token that I-JEPA reads out."""
 
 import json
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -189,3 +190,27 @@ def test_average_pooled_backbone_without_class_token_exports_to_timm(tmp_path):
     with torch.no_grad():
         assert torch.allclose(vit(x), encoder.embed(x), atol=1e-5)  # timm's avg pool + fc_norm = our read-out
     assert "avg-pooled patch tokens" in encoder.embedding_kind()
+
+
+@pytest.mark.parametrize("name", ["ijepa", "mae"])
+def test_method_flag_brings_the_recipe_of_its_config_file(name):
+    """``Method.recipe`` is what configs/<name>_dilemma.yaml sets outside the method's own section."""
+    from dilemma.methods import METHODS
+
+    shipped = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}_dilemma.yaml").to_dict()
+    flagged = load_config(None, [f"method.name={name}", *METHODS[name].recipe]).to_dict()
+    for section in ("model", "data", "dilemma", "optim"):
+        assert flagged[section] == shipped[section], section
+
+
+def test_method_flag_applies_the_recipe_unless_a_key_is_given(tmp_path, capsys):
+    from dilemma.rundir import load_checkpoint
+
+    run, sets = tmp_path / "run", ["--set", "eval.knn_at_end=false", "--set", "train.show_progress=false"]
+    argv = ["pretrain", "--method", "ijepa", "--out", str(run), "--max-steps", "1", *sets]
+    assert main([*argv, "--set", "data.hflip=true", "--set", "model.depth=1"]) == 0
+    saved = load_checkpoint(run)["config"]
+    assert saved["model"]["global_pool"] == "avg" and saved["model"]["class_token"] is False
+    assert saved["dilemma"]["drop_rate"] == 0 and saved["data"]["hflip"] is True  # --set wins
+    err = capsys.readouterr().err
+    assert "note: --method ijepa comes with its recipe: model.global_pool=avg," in err and "hflip" not in err

@@ -80,3 +80,47 @@ def test_the_checker_sees_every_import_form(tmp_path):
         probe.write_text(code)
         layers_seen = {_layer_of(name) for name in imported_modules(probe, own="dilemma.methods.probe")}
         assert "train" in layers_seen and layers.index("train") > layers.index("methods"), code
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Every package module and the package modules it imports (at the top or inside a function)."""
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {m for m in imported_modules(path) if m in paths and m != name} for name, path in paths.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (``[a, b, a]``), or ``[]``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt, [*path, nxt])):
+                return found
+        state[node] = 2
+        return []
+
+    return next((found for node in sorted(graph) if node not in state and (found := visit(node, [node]))), [])
+
+
+def test_no_module_imports_itself_round_a_circle():
+    """Within a layer too: no two modules import each other, directly or through others (a package's
+    ``__init__`` re-exporting its modules is not a circle of theirs)."""
+    graph = _module_graph()
+    for name in graph:  # a module importing its own package's __init__ (which imports it) is fine
+        graph[name] -= {n for n in graph if name.startswith(f"{n}.")}
+    assert _cycle(graph) == []
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the checker sees one
+
+
+def test_no_function_is_longer_than_50_lines():
+    """A function a reader can hold in view; the argparse builder (a list of flags) is the one exception."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "build_parser":
+                if node.end_lineno - node.lineno + 1 > 50:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, long

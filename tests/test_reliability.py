@@ -287,6 +287,10 @@ def test_compare_reads_out_again_when_a_read_out_setting_changes(tmp_path, capsy
     assert main([*argv, "--probe-epochs", "3"]) == 0
     again = json.loads((out / "a" / "seed_0" / "result.json").read_text())
     assert first["readout"]["linear_epochs"] == 1 and again["readout"]["linear_epochs"] == 3
+    # the default read-outs are what --help says: kNN, linear and the occlusion curve, no layout panels
+    assert again["readout"]["readouts"] == ["knn", "linear", "occlusion"] and len(again["occlusion"]) > 1
+    assert again["patch_shuffle"] == again["position_shuffle"] == [] and again["det_auroc_val"] is None
+    assert again["shape_bias"] is None and "detection" not in again["protocols"]
     assert (out / "a" / "seed_0" / "metrics.jsonl").read_text() == metrics  # read out again, not trained again
     (out / "a" / "seed_0" / "result.json").write_text("{ half a file")
     capsys.readouterr()

@@ -120,16 +120,25 @@ def test_intact_points_equal_the_plain_read_outs(run_dir):
 
 
 def test_robustness_command_writes_json_and_plot(run_dir, tmp_path, capsys):
-    js, png = tmp_path / "r.json", tmp_path / "r.png"
-    args = ["eval", "robustness", "--checkpoint", str(run_dir), "--epochs", "2", "--grids", "1", "7"]
+    """Two checkpoints: one table with a column each, every protocol said once, labels by method and arm."""
+    js, png, step_file = tmp_path / "r.json", tmp_path / "r.png", max((run_dir / "checkpoints").glob("step_*.pt"))
+    args = ["eval", "robustness", "--checkpoint", str(run_dir), str(step_file), "--epochs", "2", "--grids", "1", "7"]
     args += ["--position-fractions", "0", "1", "--fractions", "1", "0.5", "--json", str(js), "--plot", str(png)]
     assert main(args) == 0
-    (result,) = json.loads(js.read_text())
+    result, again = json.loads(js.read_text())
     assert [p["grid"] for p in result["patch_shuffle"]] == [1, 7]
     assert [p["fraction"] for p in result["position_shuffle"]] == [0.0, 1.0]
     assert result["detection_auroc"] is not None  # the tiny run trains with DILEMMA: its head is read out
     assert all(result["protocols"][k] for k in ("patch_shuffle", "position_shuffle", "token_drop", "detection"))
-    assert png.stat().st_size > 1000 and "patch shuffle 7 x 7" in capsys.readouterr().out
+    # the same weights twice: the same label, so each is told by its path too
+    assert result["label"] == f"MoCo v3 + DILEMMA (p=0.2, r=0.75): {run_dir}" and again["label"].endswith(".pt")
+    out = capsys.readouterr().out
+    assert png.stat().st_size > 1000
+    row = next(line for line in out.splitlines() if line.startswith("patch shuffle 7 x 7"))
+    cell = f"{result['patch_shuffle'][1]['linear_top1']:.2f} / {result['patch_shuffle'][1]['knn_top1']:.2f}"
+    assert row.split()[-3:] == cell.split() and row.count(cell) == 2  # side by side, equal weights
+    assert "[1] linear / kNN  [2] linear / kNN" in out
+    assert all(out.count(text) == 1 for text in result["protocols"].values())
 
 
 def test_textured_set_is_a_pure_function_of_its_seed():
@@ -208,9 +217,11 @@ def test_fill_keeps_the_outline_and_draws_the_class_texture():
 
 
 def test_shape_bias_command(run_dir, tmp_path, capsys):
-    js = tmp_path / "s.json"
-    assert main(["eval", "shape-bias", "--checkpoint", str(run_dir), "--epochs", "2", "--json", str(js)]) == 0
+    js, png = tmp_path / "s.json", tmp_path / "s.png"
+    argv = ["eval", "shape-bias", "--checkpoint", str(run_dir), "--epochs", "2", "--json", str(js), "--plot", str(png)]
+    assert main(argv) == 0
     (result,) = json.loads(js.read_text())
+    assert result["label"] == "MoCo v3 + DILEMMA (p=0.2, r=0.75)" and png.stat().st_size > 1000
     for name in ("knn", "linear"):
         found = result[name]
         assert 0.0 <= found["shape_bias"] <= 1.0 and found["images"] == 2000
@@ -224,7 +235,7 @@ def test_compare_reads_shape_bias_out_on_animal_texture(tmp_path):
     sets = [a for kv in [*TINY, "data.source=animal-texture", *fewer] for a in ("--set", kv)]
     argv = ["compare", "--variant", "plain=dilemma.misplace_prob=0,dilemma.drop_rate=0", "--variant", "dilemma="]
     argv += ["--seeds", "0", "--max-steps", "1", "--probe-epochs", "1", "--curve-points", "1", "--out", str(out)]
-    assert main([*argv, *sets]) == 0
+    assert main([*argv, *sets, "--readouts", "shape-bias"]) == 0
     results = json.loads((out / "results.json").read_text())
     for r in results:
         assert 0 <= r["shape_bias"]["linear"]["shape_bias"] <= 1 and r["shape_bias"]["knn"]["images"] == 2000

@@ -216,6 +216,8 @@ def test_compare_groups_its_runs(tmp_path, offline):
     client, child = _mlflow_run(offline, "a seed 0")
     parent = client.get_run(child.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["dilemma.group"] == "cmp"
+    knn = client.get_metric_history(child.info.run_id, "eval/knn_top1")  # the read-outs reach the trackers
+    assert len(knn) == 1 and knn[0].step == 1 and 0 <= knn[0].value <= 100
     _, runs = _wandb_history(out / "a" / "seed_0")
     assert runs[0].run_group == "cmp" and runs[0].display_name == "a seed 0"
 

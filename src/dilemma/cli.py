@@ -51,6 +51,8 @@ def _pretrain(args) -> None:
         resume = RunDir(out).holds_checkpoint()
     elif args.resume:  # the checkpoint's config, then what the command line changes
         base = RunDir(out).resume_checkpoint()[1]["config"]
+    if args.method and base is None:  # a new run (or its restart): the method's recipe comes with it
+        overrides = [*_recipe(args.method, args.config, overrides), *overrides]
     cfg = load_config(args.config, overrides, base=base)
     try:
         pretrain(cfg, out, resume=resume)
@@ -61,9 +63,28 @@ def _pretrain(args) -> None:
             torch.distributed.destroy_process_group()
 
 
+def _recipe(method: str, config: str | None, overrides: list[str]) -> list[str]:
+    """The built-in ``method``'s recipe (``Method.recipe``: ``section.key=value`` settings) less the
+    keys the config file or ``overrides`` give, said in one line."""
+    from dilemma.config import read_yaml
+    from dilemma.methods import METHODS
+
+    if method not in METHODS:
+        return []
+    given = {kv.partition("=")[0].strip() for kv in overrides}
+    tree = read_yaml(config) if config else {}
+    for section, values in tree.items():
+        given |= {f"{section}.{key}" for key in values} if isinstance(values, dict) else set()
+    recipe = [kv for kv in METHODS[method].recipe if kv.partition("=")[0] not in given]
+    if recipe:
+        print(f"note: --method {method} comes with its recipe: {', '.join(recipe)} (--set a key to change it)",
+              file=sys.stderr)  # fmt: skip
+    return recipe
+
+
 def _to_run(path, values: dict | None = None, pictures=()) -> None:
     """A read-out or picture made for a run goes to its tracker runs too (``train.loggers``)."""
-    from dilemma.train.trackers import log_to_run
+    from dilemma.train.later_readouts import log_to_run
 
     log_to_run(path, values or {}, [Path(p) for p in pictures])
 
@@ -167,25 +188,39 @@ def _show_progress(args) -> bool:
     return not args.no_progress
 
 
+def _labelled(results: list[dict], configs: list[dict]) -> list[dict]:
+    """Each result with its run's label (method and arm; ``report.labels``) before its other keys."""
+    from dilemma.report import labels
+
+    names = labels(configs, [r["checkpoint"] for r in results])
+    return [{"checkpoint": r["checkpoint"], "label": name, **r} for r, name in zip(results, names, strict=True)]
+
+
+def _print_side_by_side(results: list[dict], lines) -> None:
+    """Several runs' read-outs as one table (``report``); one run's were printed as it finished."""
+    if len(results) > 1:
+        print("\n".join(lines(results)))
+
+
 def _eval_knn(args) -> None:
     from dilemma.eval.knn import knn_eval
+    from dilemma.report import knn_lines
 
-    settings, results = _eval_settings(args), []
-    for path, encoder, _, splits, device in _checkpoints(args):
+    settings, results, configs = _eval_settings(args), [], []
+    for path, encoder, cfg, splits, device in _checkpoints(args):
         result = knn_eval(
             encoder, splits, settings, **_loading(args, device, splits), show_progress=_show_progress(args)
         )
-        print(f"{path}: {result.line()}")
+        if len(args.checkpoint) == 1:
+            print(f"{path}: {result.line()}")
         _to_run(path, {"knn_top1": result.top1, "knn_top5": result.top5})
+        configs.append(cfg.to_dict())
         results.append(
-            {
-                "checkpoint": path,
-                "data": splits.name,
-                "knn_top1": result.top1,
-                "knn_top5": result.top5,
-                "protocol": result.protocol,
-            }
-        )
+            {"checkpoint": path, "data": splits.name, "knn_top1": result.top1, "knn_top5": result.top5,
+             "protocol": result.protocol}
+        )  # fmt: skip
+    results = _labelled(results, configs)
+    _print_side_by_side(results, knn_lines)
     _write_json(args.json, results)
 
 
@@ -193,9 +228,10 @@ def _eval_linear(args) -> None:
     from dilemma.eval.features import extract_features
     from dilemma.eval.knn import require_labels
     from dilemma.eval.linear import linear_protocol, train_linear_probe
+    from dilemma.report import linear_lines
 
-    s, results = _eval_settings(args), []
-    for path, encoder, _, splits, device in _checkpoints(args):
+    s, results, configs = _eval_settings(args), [], []
+    for path, encoder, cfg, splits, device in _checkpoints(args):
         require_labels(splits, "the linear probe")
         bars = ("train features", "val features") if _show_progress(args) else (None, None)
         loading = {**_loading(args, device, splits), "batch_size": s.batch_size, "l2_normalize": False}
@@ -209,26 +245,33 @@ def _eval_linear(args) -> None:
             linear_protocol(s.linear_epochs, s.linear_lr, encoder.embedding_kind())
             + f"; {splits.name} train {len(splits.train)} / val {len(splits.val)}"
         )
-        print(f"{path}: linear top-1 {top1:.2f}%  [{protocol}]")
+        if len(args.checkpoint) == 1:
+            print(f"{path}: linear top-1 {top1:.2f}%  [{protocol}]")
         _to_run(path, {"linear_top1": top1})
+        configs.append(cfg.to_dict())
         results.append({"checkpoint": path, "data": splits.name, "linear_top1": top1, "protocol": protocol})
+    results = _labelled(results, configs)
+    _print_side_by_side(results, linear_lines)
     _write_json(args.json, results)
 
 
 def _eval_occlusion(args) -> None:
     from dilemma.eval.occlusion import occlusion_curve
+    from dilemma.report import occlusion_lines
 
-    settings, results = _eval_settings(args), []
-    for path, encoder, _, splits, device in _checkpoints(args):
+    settings, results, configs = _eval_settings(args), [], []
+    for path, encoder, cfg, splits, device in _checkpoints(args):
         loading = _loading(args, device, splits)
         curve = occlusion_curve(encoder, splits, settings, **loading, show_progress=_show_progress(args))
-        print(f"{path}: occlusion  [{curve.protocol}]")
-        print("  kept  tokens   kNN top-1   linear top-1")
-        for p in curve.points:
-            print(
-                f"  {p['keep_fraction'] * 100:4.0f}%  {p['tokens']:6d}   "
-                f"{p['knn_top1']:8.2f}%   {p['linear_top1']:8.2f}%"
-            )
+        if len(args.checkpoint) == 1:
+            print(f"{path}: occlusion  [{curve.protocol}]")
+            print("  kept  tokens   kNN top-1   linear top-1")
+            for p in curve.points:
+                print(
+                    f"  {p['keep_fraction'] * 100:4.0f}%  {p['tokens']:6d}   "
+                    f"{p['knn_top1']:8.2f}%   {p['linear_top1']:8.2f}%"
+                )
+        configs.append(cfg.to_dict())
         results.append({"checkpoint": path, "data": splits.name, "points": curve.points, "protocol": curve.protocol})
         _to_run(
             path,
@@ -238,6 +281,8 @@ def _eval_occlusion(args) -> None:
                 for k in ("knn_top1", "linear_top1")
             },
         )
+    results = _labelled(results, configs)
+    _print_side_by_side(results, occlusion_lines)
     _write_json(args.json, results)
     if args.plot:
         from dilemma.viz import plot_occlusion
@@ -287,7 +332,7 @@ def _eval_finetune(args) -> None:
 
 
 def _print_robustness(path: str, report) -> None:
-    """The panels as rows: what was done to the val images, kNN and linear top-1."""
+    """One run's panels as rows: what was done to the val images, kNN and linear top-1."""
     print(f"{path}: robustness (chance {report.chance:.1f}%)")
     for protocol in report.protocols.values():
         print(f"  [{protocol}]")
@@ -301,23 +346,14 @@ def _print_robustness(path: str, report) -> None:
         print(f"  detection AUROC            {report.detection_auroc:.4f} (chance 0.5)")
 
 
-def _robustness_numbers(report) -> dict:
-    """The panels as flat names for a tracker: ``robustness/grid_7/linear_top1``, ``robustness/q_0.5/knn_top1``,
-    ... (no name is a folder of another: MLflow's file store keeps each metric in a file of that path)."""
-    numbers = {"robustness/det_auroc_val": report.detection_auroc}
-    for panel, key, tag in (("patch_shuffle", "grid", "grid"), ("position_shuffle", "fraction", "q")):
-        for point in getattr(report, panel):
-            numbers |= {f"robustness/{tag}_{point[key]:g}/{name}": point[name] for name in ("knn_top1", "linear_top1")}
-    return numbers
-
-
 def _eval_robustness(args) -> None:
     from dilemma.build import load_splits
     from dilemma.distributed import resolve_device
     from dilemma.eval.robustness import robustness
+    from dilemma.report import robustness_lines
     from dilemma.weights import method_from_checkpoint
 
-    settings, results, device = _eval_settings(args), [], resolve_device(args.device)
+    settings, results, configs, device = _eval_settings(args), [], [], resolve_device(args.device)
     for path in args.checkpoint:
         method, cfg = method_from_checkpoint(path, method=args.method)
         splits = load_splits(cfg, source=args.data)
@@ -327,9 +363,13 @@ def _eval_robustness(args) -> None:
             method.evaluated_encoder().to(device), splits, settings, detector=detector,
             **_loading(args, device, splits), show_progress=_show_progress(args),
         )  # fmt: skip
-        _print_robustness(str(path), report)
+        if len(args.checkpoint) == 1:
+            _print_robustness(str(path), report)
+        configs.append(cfg.to_dict())
         results.append({"checkpoint": str(path), "data": splits.name, **report.to_dict()})
-        _to_run(path, _robustness_numbers(report))
+        _to_run(path, report.numbers())
+    results = _labelled(results, configs)
+    _print_side_by_side(results, robustness_lines)
     _write_json(args.json, results)
     if args.plot:
         from dilemma.viz import plot_robustness
@@ -346,7 +386,7 @@ def _eval_shape_bias(args) -> None:
 
     if args.data:
         raise DilemmaError("eval shape-bias reads its own cue-conflict set (Animal-Texture); drop --data")
-    settings, results, device = _eval_settings(args), [], resolve_device(args.device)
+    settings, results, configs, device = _eval_settings(args), [], [], resolve_device(args.device)
     for path in args.checkpoint:
         encoder, cfg = encoder_from_checkpoint(path, method=args.method)
         found = shape_bias_eval(
@@ -361,9 +401,17 @@ def _eval_shape_bias(args) -> None:
                 f"{f['texture_decisions']} texture decisions, {f['neither_share']:.1%} neither); agreeing val top-1 "
                 f"{found['agreeing_val'][f'{name}_top1']:.2f}%"
             )
+        configs.append(cfg.to_dict())
         results.append({"checkpoint": str(path), **found})
         _to_run(path, {f"shape_bias_{name}": found[name]["shape_bias"] for name in ("knn", "linear")})
+    results = _labelled(results, configs)
     _write_json(args.json, results)
+    if args.plot:
+        from dilemma.viz import plot_shape_bias
+
+        print(f"wrote {plot_shape_bias(results, args.plot)}")
+        for result in results:
+            _to_run(result["checkpoint"], pictures=[args.plot])
 
 
 def _check_data(args) -> None:
@@ -506,7 +554,7 @@ def _inspect(args) -> None:
 
 
 def _compare(args) -> None:
-    from dilemma.compare import compare
+    from dilemma.compare import compare, parse_readouts
 
     compare(
         args.variant,
@@ -516,6 +564,7 @@ def _compare(args) -> None:
         max_steps=args.max_steps,
         probe_epochs=args.probe_epochs,
         curve_points=args.curve_points,
+        readouts=parse_readouts(args.readouts),
         config=args.config,
         overrides=args.set,
     )
@@ -562,9 +611,12 @@ def _resume_mode(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from dilemma.methods import METHODS
+# The built-in methods' names, for --help without importing torch (a test holds them equal to
+# dilemma.methods.METHODS).
+METHOD_NAMES = ("mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot", "ijepa")
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dilemma", description="Self-supervised ViT pretraining with DILEMMA.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -588,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(of this config; another run's is refused), else start it (for restarts: torchrun --max-restarts)",
     )
     p.add_argument("--seed", type=int, help="train.seed")
-    p.add_argument("--method", help=f"method.name: {', '.join(METHODS)}, or your own as path/to/file.py:ClassName")
+    p.add_argument("--method", help=f"method.name: {', '.join(METHOD_NAMES)}, or your own as path/to/file.py:ClassName")
     p.add_argument("--data", help="data.source: embedded name, MNIST-IDX folder, image folder or file list")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
     p.add_argument(
@@ -647,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--k", type=int, help="eval.knn_k")
     sb.add_argument("--temperature", type=float, help="eval.knn_temperature")
     sb.add_argument("--epochs", type=int, help="eval.linear_epochs: linear probe epochs")
+    sb.add_argument("--plot", help="also draw the shape bias of each checkpoint to this PNG (needs matplotlib)")
 
     cmp = commands.add_parser(
         "compare",
@@ -676,7 +729,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--curve-points",
         type=int,
         default=4,
-        help="read out at this many points over training, the last at the end (default 4)",
+        help="kNN and linear at this many points over training, the last at the end (default 4)",
+    )
+    cmp.add_argument(
+        "--readouts",
+        default="knn,linear,occlusion",
+        metavar="LIST",
+        help="what to read out of each final backbone, comma-separated, or all: knn, linear, occlusion, "
+        "patch-shuffle, position-shuffle, detection, shape-bias (Animal-Texture runs); kNN and linear always "
+        "(default knn,linear,occlusion)",
     )
     cmp.add_argument("--out", required=True, help="folder for the runs, results.json, summary.md, occlusion.png")
     cmp.set_defaults(run=_compare)

@@ -33,10 +33,11 @@ from dilemma.data.sources import TEXTURED
 from dilemma.distributed import resolve_device
 from dilemma.errors import DilemmaError
 from dilemma.eval.occlusion import occlusion_curve
-from dilemma.eval.robustness import Robustness, grids_for, robustness
+from dilemma.eval.robustness import SHUFFLES, Robustness, grids_for, robustness
 from dilemma.eval.shape_bias import shape_bias_eval
 from dilemma.files import atomic_write_text
 from dilemma.rundir import CheckpointDir, RunDir, load_checkpoint
+from dilemma.train.later_readouts import log_to_run
 from dilemma.train.loop import pretrain
 from dilemma.train.metrics import read_records
 from dilemma.train.signals import Interrupted
@@ -65,6 +66,21 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [kv for kv in overrides.split(",") if kv]
 
 
+READOUTS = ("knn", "linear", "occlusion", "patch-shuffle", "position-shuffle", "detection", "shape-bias")
+DEFAULT_READOUTS = ("knn", "linear", "occlusion")
+
+
+def parse_readouts(text: str) -> tuple[str, ...]:
+    """``--readouts``: names of ``READOUTS``, comma-separated, or ``all``. kNN and linear are always
+    read out: they are the intact point every other read-out is measured against."""
+    names = READOUTS if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in READOUTS]:
+        raise DilemmaError(
+            f"--readouts: unknown {', '.join(map(repr, unknown))}; choose among {', '.join(READOUTS)}, or all"
+        )
+    return tuple(n for n in READOUTS if n in {"knn", "linear", *names})
+
+
 def _trusted(cfg) -> str | None:
     """The method to name when loading this comparison's own checkpoints (one from a file: its name)."""
     return cfg.method.name if ":" in cfg.method.name else None
@@ -78,17 +94,22 @@ def _readout(path: Path, cfg, splits, fractions: list[float] | None = None):
     return occlusion_curve(encoder.to(device), splits, settings, device=device)
 
 
-def _final_readouts(path: Path, cfg, splits) -> tuple[Robustness, dict | None]:
-    """The final backbone's robustness panels (token drop = the occlusion curve) and, for a run on
-    Animal-Texture, its shape bias on the cue-conflict set."""
+def _final_readouts(path: Path, cfg, splits, readouts: tuple[str, ...]) -> tuple[Robustness, dict | None]:
+    """The final backbone's ``readouts`` (``READOUTS``): the robustness panels asked for (token drop =
+    the occlusion curve; without it only its 100 % point, the intact kNN and linear) and, for a run
+    on Animal-Texture, its shape bias on the cue-conflict set."""
     device = resolve_device(cfg.train.device)
     method, _ = method_from_checkpoint(path, method=_trusted(cfg))
     head = method.dilemma.head
-    detector = None if head is None else (method.encoder, head, cfg.dilemma.drop_rate)
+    detector = None if head is None or "detection" not in readouts else (method.encoder, head, cfg.dilemma.drop_rate)
     encoder = method.evaluated_encoder().to(device)
-    report = robustness(encoder, splits, cfg.eval, detector=detector, device=device)
-    bias = shape_bias_eval(encoder, cfg.data, cfg.eval, device=device) if cfg.data.source == TEXTURED else None
-    return report, bias
+    settings = cfg.eval if "occlusion" in readouts else dataclasses.replace(cfg.eval, occlusion_fractions=[1.0])
+    shuffles = [panel for panel in SHUFFLES if panel.replace("_", "-") in readouts]
+    report = robustness(encoder, splits, settings, detector=detector, shuffles=shuffles, device=device)
+    if "detection" not in readouts:
+        report.protocols.pop("detection")
+    textured = cfg.data.source == TEXTURED and "shape-bias" in readouts
+    return report, shape_bias_eval(encoder, cfg.data, cfg.eval, device=device) if textured else None
 
 
 _elsewhere = "use another --out, or remove that folder to run it again"
@@ -103,10 +124,10 @@ def config_sha1(cfg) -> str:
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def readout_settings(cfg) -> dict:
-    """Everything a run's read-outs depend on besides its weights (the ``eval`` section): a result
-    read out otherwise is read out again (its training is reused)."""
-    return cfg.to_dict()["eval"]
+def readout_settings(cfg, readouts: tuple[str, ...]) -> dict:
+    """Everything a run's read-outs depend on besides its weights (the ``eval`` section and the
+    read-outs asked for): a result read out otherwise is read out again (its training is reused)."""
+    return {**cfg.to_dict()["eval"], "readouts": list(readouts)}
 
 
 def _final_record(run: RunDir) -> dict:
@@ -159,41 +180,61 @@ def _training(final: dict, records: list[dict]) -> dict:
     }
 
 
-def _over_time(cfg, run_dir: Path, splits, final: dict, end: dict) -> list[dict]:
-    """kNN / linear of every snapshot, then of the final backbone (its 100 % point ``end``)."""
-    over_time = []
-    for path in CheckpointDir(run_dir, cfg.train.keep_checkpoints).snapshots():
-        point = _readout(path, cfg, splits, fractions=[1.0]).points[0]
+def _over_time(cfg, run_dir: Path, splits, final: dict, end: dict, say: Callable[[str], None]) -> list[dict]:
+    """kNN / linear of every snapshot, then of the final backbone (its 100 % point ``end``); each
+    snapshot's numbers also go to the run's trackers at its step."""
+    over_time, snapshots = [], CheckpointDir(run_dir, cfg.train.keep_checkpoints).snapshots()
+    for i, path in enumerate(snapshots, 1):
+        say(f"reading out snapshot {i}/{len(snapshots)}")
+        point = _accuracies(_readout(path, cfg, splits, fractions=[1.0]).points[0])
         ckpt = load_checkpoint(path)
-        over_time.append({"step": ckpt["step"], "elapsed_s": ckpt["elapsed"], **_accuracies(point)})
+        over_time.append({"step": ckpt["step"], "elapsed_s": ckpt["elapsed"], **point})
+        log_to_run(path, point)
     over_time.append({"step": final["step"], "elapsed_s": final["elapsed_s"], **_accuracies(end)})
     return over_time
 
 
-def run_one(name: str, cfg, run_dir: Path, overrides: list[str]) -> dict:
-    """Pretrain ``cfg`` into ``run_dir`` (or continue it, or reuse it) and read it out: the
-    occlusion curve of the final backbone and kNN / linear of every snapshot (the curve over time).
-    A finished run is read out again when a read-out setting changed, never trained again."""
+def run_one(
+    name: str,
+    cfg,
+    run_dir: Path,
+    overrides: list[str],
+    readouts: tuple[str, ...] = DEFAULT_READOUTS,
+    say: Callable[[str], None] = lambda phase: None,
+) -> dict:
+    """Pretrain ``cfg`` into ``run_dir`` (or continue it, or reuse it) and read it out: ``readouts``
+    of the final backbone and kNN / linear of every snapshot (the curve over time), all of it also
+    sent to the run's trackers. A finished run is read out again when a read-out setting changed,
+    never trained again. ``say``: told each phase as it starts."""
     done, run, identity = run_dir / "result.json", RunDir(run_dir), config_sha1(cfg)
-    readout = readout_settings(cfg)
+    readout = readout_settings(cfg, readouts)
     if done.exists():
         result = _finished_result(done, run_dir, identity, overrides)
         if result.get("readout") == readout:
             return result
         final = _final_record(run)
     else:
+        say(f"training ({_budget(cfg)})")
         final = _train(cfg, run, run_dir, identity)
+    start = time.perf_counter()
     training = _training(final, read_records(run.metrics))
     splits = load_splits(cfg)
-    report, bias = _final_readouts(run.last, cfg, splits)
-    over_time = _over_time(cfg, run_dir, splits, final, report.intact)
+    say(f"reading out the final backbone ({', '.join(readouts)})")
+    report, bias = _final_readouts(run.last, cfg, splits, readouts)
+    log_to_run(run.last, {**report.numbers(), **_shape_bias_numbers(bias)})
+    over_time = _over_time(cfg, run_dir, splits, final, report.intact, say)
     result = {  # the key order is the order of results.json
-        "config_sha1": identity,
-        "readout": readout,
-        "variant": name,
-        "seed": cfg.train.seed,
-        "overrides": overrides,
-        **training,
+        "config_sha1": identity, "readout": readout, "variant": name, "seed": cfg.train.seed, "overrides": overrides,
+        **training, "readout_seconds": time.perf_counter() - start, **_numbers(report, bias, over_time),
+        "data": splits.name, "num_classes": len(splits.classes),
+    }  # fmt: skip
+    atomic_write_text(done, json.dumps(result, indent=1))
+    return result
+
+
+def _numbers(report: Robustness, bias: dict | None, over_time: list[dict]) -> dict:
+    """A run's read-outs as ``results.json`` keeps them."""
+    return {
         "knn_top1": report.intact["knn_top1"],
         "linear_top1": report.intact["linear_top1"],
         "occlusion": report.token_drop,
@@ -204,11 +245,17 @@ def run_one(name: str, cfg, run_dir: Path, overrides: list[str]) -> dict:
         "over_time": over_time,
         "protocol": report.protocols["token_drop"],
         "protocols": report.protocols,
-        "data": splits.name,
-        "num_classes": len(splits.classes),
     }
-    atomic_write_text(done, json.dumps(result, indent=1))
-    return result
+
+
+def _budget(cfg) -> str:
+    minutes, steps = cfg.train.time_budget, cfg.train.max_steps
+    return " or ".join([*([f"{minutes:g} min"] if minutes else []), *([f"{steps} steps"] if steps else [])])
+
+
+def _shape_bias_numbers(bias: dict | None) -> dict:
+    """``shape_bias/linear``, ``shape_bias/knn`` for a tracker (none without a shape-bias read-out)."""
+    return {f"shape_bias/{name}": bias[name]["shape_bias"] for name in ("linear", "knn")} if bias else {}
 
 
 def _accuracies(point: dict) -> dict:
@@ -303,10 +350,12 @@ def _layout_table(results: list[dict], variants: list[str]) -> list[str]:
         return []
     metrics = [m for m in _metrics(first) if m[0].startswith(("linear, ", "retained", "det AUROC", "shape bias"))]
     metrics = [m for m in metrics if any(m[1](r) is not None for r in results)]
+    grids = [p["grid"] for p in first["patch_shuffle"]]
     lines = [
         "",
         "Layout and shape (linear probe fitted on intact images; retained = corrupted / intact top-1; "
-        f"protocols in results.json): {first['protocols']['patch_shuffle'].split(';')[0]}.",
+        f"patch shuffle: each val image cut into g x g cells, g in {grids}, the cells permuted; position shuffle: "
+        "a share q of the tokens given another position's embedding; whole protocols in results.json).",
         "",
         "| variant | " + " | ".join(name for name, _ in metrics) + " |",
         "|---|" + "---:|" * len(metrics),
@@ -509,15 +558,28 @@ def _make_out(out: Path) -> None:
         raise DilemmaError(f"cannot write to --out {str(out)!r}: {err.strerror or err}") from None
 
 
-def _run_all(runs: list[tuple], out: Path) -> list[dict]:
-    """Every run of the plan, one at a time, each reported as it finishes."""
+def _time_left(runs: list[tuple], results: list[dict]) -> str:
+    """What ``runs`` (those not started) will take: their training budgets, and as long a read-out
+    each as those done so far took (an estimate; a step cap can end a run sooner)."""
+    minutes = sum(cfg.train.time_budget or 0 for *_, cfg in runs)
+    read = [r["readout_seconds"] for r in results if r.get("readout_seconds") is not None]
+    if read:
+        return f"about {minutes + len(runs) * statistics.fmean(read) / 60:.0f} min left"
+    return f"{minutes:g} min of training left, and the read-outs" if minutes else "the read-outs left"
+
+
+def _run_all(runs: list[tuple], out: Path, readouts: tuple[str, ...]) -> list[dict]:
+    """Every run of the plan, one at a time: each phase said as it starts, each result as it ends."""
     results = []
-    for seed, name, variant_overrides, cfg in runs:
+    for i, (seed, name, variant_overrides, cfg) in enumerate(runs):
+        head = f"[{i + 1}/{len(runs)}] {name} seed {seed}"
+        print(f"{head}: {_time_left(runs[i:], results)}", flush=True)
         start = time.perf_counter()
-        results.append(run_one(name, cfg, out / name / f"seed_{seed}", variant_overrides))
+        say = lambda phase, head=head: print(f"{head}: {phase}", flush=True)  # noqa: E731
+        results.append(run_one(name, cfg, out / name / f"seed_{seed}", variant_overrides, readouts, say))
         r = results[-1]
         print(
-            f"{name} seed {seed}: {r['steps']} steps, {r['epochs']:.2f} epochs, kNN {r['knn_top1']:.2f}%, "
+            f"{head}: {r['steps']} steps, {r['epochs']:.2f} epochs, kNN {r['knn_top1']:.2f}%, "
             f"linear {r['linear_top1']:.2f}%  ({time.perf_counter() - start:.0f} s)",
             flush=True,
         )
@@ -544,11 +606,13 @@ def compare(
     max_steps: int | None = None,
     probe_epochs: int | None = None,
     curve_points: int = 4,
+    readouts: tuple[str, ...] = DEFAULT_READOUTS,
     config: str | None = None,
     overrides: list[str] = (),
 ) -> list[dict]:
-    """Each ``NAME=key=value,...`` variant x seed, trained for ``time_budget`` minutes and read out,
-    also at ``curve_points - 1`` snapshots evenly spaced over training (the read-out over time).
+    """Each ``NAME=key=value,...`` variant x seed, trained for ``time_budget`` minutes and read out
+    (``readouts``: of ``READOUTS``), also kNN / linear at ``curve_points - 1`` snapshots evenly
+    spaced over training (the read-out over time).
     ``max_steps`` caps every run; without it a step cap given with ``--set`` (or a variant, or the
     config file) is kept, and otherwise only the budget ends a run."""
     fixed = _fixed_overrides(time_budget, max_steps, probe_epochs, curve_points)
@@ -557,7 +621,7 @@ def compare(
     runs = _plan(variants, seeds, config, [*only_the_budget, group, *overrides], fixed)
     _check_buildable(runs)
     _make_out(out)
-    results = _run_all(runs, out)
+    results = _run_all(runs, out, readouts)
     caps = {cfg.train.max_steps for *_, cfg in runs}
     cap = caps.pop() if len(caps) == 1 else None
     _write_outputs(results, out, time_budget=time_budget, max_steps=cap, seeds=seeds)

@@ -176,7 +176,7 @@ def cut_contexts(context: torch.Tensor, score: torch.Tensor, keep_fraction: floa
 
 
 def batch_draws(draws: TokenDraws, n: int, draw):
-    """``draw(rows, generator)`` (a tensor or a tuple of tensors, one row per image) for this
+    """``draw(rows, generator)`` (a tensor or a (named) tuple of tensors, one row per image) for this
     micro-batch's ``n`` images: with ``GlobalBatchRows``, drawn
     for the whole global batch from the step's generator and cut to this micro-batch's rows (the
     same values however the batch is split); otherwise for the ``n`` images with ``draws``."""
@@ -184,5 +184,6 @@ def batch_draws(draws: TokenDraws, n: int, draw):
         full = draw(draws.total, draws.generator)
         if isinstance(full, torch.Tensor):
             return full[draws.rows.to(full.device)]
-        return tuple(t[draws.rows.to(t.device)] for t in full)  # a tuple of tensors
+        cut = (t[draws.rows.to(t.device)] for t in full)  # a tuple of tensors (named or not)
+        return full._make(cut) if hasattr(full, "_make") else tuple(cut)
     return draw(n, draws)

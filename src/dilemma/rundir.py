@@ -320,14 +320,29 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def _linked(source: Path, path: Path) -> bool:
+    """Make ``path`` a hard link to ``source``, atomically (a reader sees the old file or the new);
+    False where the file system has no hard links or ``source`` is gone."""
+    tmp = path.with_name(f".{path.name}.link-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
+
+
 class CheckpointDir:
     """``RUN/checkpoints/``: ``step_0000100.pt`` files (the newest ``keep`` kept) and ``last.pt``."""
 
     def __init__(self, run_dir: str | Path, keep: int):
         self.dir = RunDir(run_dir).checkpoints
         self.keep = keep
+        self.saved: tuple[int, Path] | None = None  # (step, file) of the last save() here
         if self.dir.is_dir():  # temp files of a write that was killed: never a checkpoint, remove them
-            for stale in [*self.dir.glob(".*.tmp-*"), *self.dir.glob(f".{LAST}.link-*")]:
+            for stale in [*self.dir.glob(".*.tmp-*"), *self.dir.glob(".*.link-*")]:
                 stale.unlink(missing_ok=True)
 
     @property
@@ -338,13 +353,8 @@ class CheckpointDir:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step_{step:07d}.pt"
         atomic_save(state, path)
-        # last.pt: a hard link when possible (no second copy on disk), else a copy; both atomic.
-        tmp = self.dir / f".{LAST}.link-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)
-            os.replace(tmp, self.last)
-        except OSError:
+        self.saved = (step, path)
+        if not _linked(path, self.last):  # last.pt: no second copy on disk where links work
             atomic_save(state, self.last)
         for old in sorted(self.dir.glob("step_*.pt"))[: -self.keep]:
             old.unlink(missing_ok=True)
@@ -353,12 +363,17 @@ class CheckpointDir:
     def snapshot_path(self, fraction: float) -> Path:
         return self.dir / f"progress_{round(fraction * 1000):04d}.pt"
 
-    def save_snapshot(self, state: dict, fraction: float) -> Path:
-        """A checkpoint kept at ``fraction`` of training (never rotated): a point of a read-out curve."""
+    def save_snapshots(self, state: dict, step: int, fractions: list[float]) -> None:
+        """Checkpoints kept at these fractions of training (never rotated): points of a read-out
+        curve. All hold the state at ``step``, so one file is written and the others are hard links
+        to it (or to the step file this object just wrote at that step); copies where links fail."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.snapshot_path(fraction)
-        atomic_save(state, path)
-        return path
+        source = self.saved[1] if self.saved and self.saved[0] == step else None
+        for fraction in fractions:
+            path = self.snapshot_path(fraction)
+            if source is None or not _linked(source, path):
+                atomic_save(state, path)
+                source = path
 
     def snapshots(self) -> list[Path]:
         return sorted(self.dir.glob("progress_*.pt"))

@@ -16,6 +16,7 @@ import yaml
 
 from dilemma.errors import DilemmaError
 from dilemma.files import written_whole
+from dilemma.report import labels
 from dilemma.train.metrics import read_records
 
 
@@ -59,18 +60,15 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _run_label(run_dir: str | Path) -> str:
-    """``name (method, p=.., r=.., data)`` from the run's ``config.yaml`` (just the name without one)."""
-    name, config = Path(run_dir).name, Path(run_dir) / "config.yaml"
-    try:
-        cfg = yaml.safe_load(config.read_text())
-        switches = cfg["dilemma"]
-        return (
-            f"{name} ({cfg['method']['name']}, p={switches['misplace_prob']}, r={switches['drop_rate']}, "
-            f"{cfg['data']['source']})"
-        )
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return name
+def _run_labels(run_dirs: list[str | Path]) -> list[str]:
+    """Each run's method and arm (``report.labels``), from its ``config.yaml`` (its folder without one)."""
+    configs = []
+    for run_dir in run_dirs:
+        try:
+            configs.append(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
+        except (OSError, yaml.YAMLError):
+            configs.append(None)
+    return labels(configs, [Path(run_dir).name for run_dir in run_dirs])
 
 
 def _plot_losses(ax, records: list[dict], label: str) -> str:
@@ -134,9 +132,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     throughput. A run that logged fewer than two steps is drawn as points, with a warning."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
-    for index, run_dir in enumerate(run_dirs):
+    for index, (run_dir, label) in enumerate(zip(run_dirs, _run_labels(run_dirs), strict=True)):
         records = read_metrics(run_dir)
-        label = _run_label(run_dir)
         logged = [r for r in records if "stopped_by" not in r]
         if len(logged) < 2:
             print(f"warning: {run_dir} logged {len(logged)} step(s); its curves are single points", file=sys.stderr)
@@ -149,6 +146,11 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     return out
 
 
+def _legend(result: dict) -> str:
+    """A read-out's legend entry: its run's method and arm (``report.labels``), else its checkpoint."""
+    return result.get("label") or result["checkpoint"]
+
+
 def plot_occlusion(results: list[dict], out: str | Path) -> Path:
     """kNN and linear top-1 against the fraction of tokens kept, one line per checkpoint."""
     plt = _pyplot()
@@ -156,7 +158,7 @@ def plot_occlusion(results: list[dict], out: str | Path) -> Path:
     for result in results:
         kept = [p["keep_fraction"] * 100 for p in result["points"]]
         for ax, key in zip(axes, ("knn_top1", "linear_top1"), strict=True):
-            ax.plot(kept, [p[key] for p in result["points"]], "o-", label=result["checkpoint"])
+            ax.plot(kept, [p[key] for p in result["points"]], "o-", label=_legend(result))
     for ax, title in zip(axes, ("kNN top-1 %", "linear top-1 %"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("tokens kept %")
@@ -185,22 +187,24 @@ def plot_robustness(results: list[dict], out: str | Path) -> Path:
         colour = None
         for ax, (key, _, _, x_of) in zip(axes[:3], ROBUSTNESS_PANELS, strict=True):
             xs = [x_of(p) for p in result[key]]
-            line = ax.plot(xs, [p["linear_top1"] for p in result[key]], "o-", color=colour, label=result["checkpoint"])
+            line = ax.plot(xs, [p["linear_top1"] for p in result[key]], "o-", color=colour, label=_legend(result))
             colour = line[0].get_color()
             ax.plot(xs, [p["knn_top1"] for p in result[key]], "s--", color=colour, alpha=0.6)
         if result["detection_auroc"] is not None:  # a run without a detection head has no bar
             auroc = result["detection_auroc"]
-            axes[3].bar(len(axes[3].patches), auroc, color=colour, label=f"{result['checkpoint']}: {auroc:.3f}")
+            axes[3].bar(len(axes[3].patches), auroc, color=colour, label=f"{_legend(result)}: {auroc:.3f}")
     chance = results[0]["chance"]
+    runs = axes[0].get_legend_handles_labels()  # one legend for the figure: the runs, under the panels
     for ax, (_, title, xlabel, _) in zip(axes[:3], ROBUSTNESS_PANELS, strict=True):
-        ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance {chance:.0f} %")
+        chance_line = ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance {chance:.0f} %")
         ax.set(title=f"{title} (linear solid, kNN dashed)", xlabel=xlabel, ylabel="top-1 (%)")
-        ax.legend(fontsize=7)
+        ax.legend(handles=[chance_line], fontsize=7)
     axes[2].invert_xaxis()
     axes[3].axhline(0.5, color="grey", ls=":", lw=1, label="chance 0.5")
     axes[3].set(title="detection AUROC on val images", ylabel="AUROC", ylim=(0, 1), xticks=[])
     axes[3].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*runs, loc="lower center", ncol=min(len(results), 3), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(results) + 2) // 3), 1, 1))
     out = Path(out)
     _save(fig, out)
     plt.close(fig)
@@ -312,9 +316,16 @@ def _panel_lines(ax, key: str, results: list[dict], variants: list[str], panel: 
         _band(ax, [p[x_key] for p in rows[0]], [[p[key] for p in points] for points in rows], name)
 
 
+def plot_shape_bias(results: list[dict], out: str | Path) -> Path:
+    """``dilemma eval shape-bias``'s picture: the shape bias (linear and kNN) of each checkpoint."""
+    as_variants = [{"variant": _legend(r), "shape_bias": r} for r in results]
+    variants = list(dict.fromkeys(r["variant"] for r in as_variants))
+    return _shape_bias_panel(_pyplot(), as_variants, variants, "eval shape-bias", Path(out))
+
+
 def _shape_bias_panel(plt, results: list[dict], variants: list[str], title: str, path: Path) -> Path:
     """Shape bias (linear and kNN) per variant: the mean over seeds, each seed a dot."""
-    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(variants), 4))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(variants), 4 + 0.05 * max(map(len, variants))))
     for offset, (name, marker) in enumerate((("linear", "o"), ("knn", "s"))):
         for i, variant in enumerate(variants):
             values = [r["shape_bias"][name]["shape_bias"] for r in results if r["variant"] == variant]
@@ -325,7 +336,7 @@ def _shape_bias_panel(plt, results: list[dict], variants: list[str], title: str,
             ax.plot([x] * len(values), values, marker, color=f"C{offset}", ms=4)
     ax.axhline(0.5, color="grey", ls=":", lw=1, label="0.5: shape and texture alike")
     ax.set(title=f"{title}\nshape bias on the cue-conflict set", ylabel="shape / (shape + texture)", ylim=(0, 1))
-    ax.set_xticks(range(len(variants)), variants)
+    ax.set_xticks(range(len(variants)), variants, rotation=20 if max(map(len, variants)) > 12 else 0, ha="right")
     ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)

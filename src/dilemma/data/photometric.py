@@ -16,7 +16,7 @@ numbers with the image's crop, so a view stays a function of (seed, step, image)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,23 @@ class Step:
     params: torch.Tensor  # (m,) float
 
 
+class Uniforms(NamedTuple):
+    """An image's ``Photometric.DRAWS`` uniform numbers by use (the columns of ``(n, DRAWS)``, in order)."""
+
+    jitter_gate: torch.Tensor  # (n,) jittered when below jitter_prob
+    jitter_keys: torch.Tensor  # (n, 4) their order is the order of the four jitter ops
+    jitter_factors: torch.Tensor  # (n, 4) brightness, contrast, saturation, hue within their ranges
+    grayscale_gate: torch.Tensor  # (n,)
+    blur_gate: torch.Tensor  # (n,)
+    blur_sigma: torch.Tensor  # (n,) within blur_sigma
+    solarize_gate: torch.Tensor  # (n,)
+
+    @classmethod
+    def of(cls, draws: torch.Tensor) -> Uniforms:
+        columns = draws.double().split([1, 4, 4, 1, 1, 1, 1], dim=1)
+        return cls(*(c.squeeze(1) if c.shape[1] == 1 else c for c in columns))
+
+
 @dataclass(frozen=True)
 class Photometric:
     """A view's photometric ops, as torchvision's per-image pipeline applies them:
@@ -134,9 +151,7 @@ class Photometric:
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # sigma uniform in this range
     solarize_prob: float = 0.0
 
-    # Uniform numbers per image: jitter gate, 4 keys whose order is the jitter order, the 4 jitter
-    # factors, grayscale gate, blur gate, blur sigma, solarisation gate.
-    DRAWS: ClassVar[int] = 13
+    DRAWS: ClassVar[int] = 13  # uniform numbers per image (``Uniforms``)
 
     def __post_init__(self):
         strengths = (self.brightness, self.contrast, self.saturation)
@@ -162,24 +177,23 @@ class Photometric:
 
     def steps(self, draws: torch.Tensor) -> list[Step]:
         """The ops each image gets, in order, from its uniforms ``draws`` ``(n, DRAWS)`` (on the host)."""
-        u = draws.double()
+        u = Uniforms.of(draws)
         steps = []
-        jittered = u[:, 0] < self.jitter_prob
-        order = u[:, 1:5].argsort(dim=1)  # a uniformly random permutation per image, as torch.randperm(4)
-        ranges = self.jitter_ranges
+        jittered = u.jitter_gate < self.jitter_prob
+        order = u.jitter_keys.argsort(dim=1)  # a uniformly random permutation per image, as torch.randperm(4)
         for position in range(4):
-            for op_id, (op, span) in enumerate(zip(JITTER, ranges, strict=True)):
+            for op_id, (op, span) in enumerate(zip(JITTER, self.jitter_ranges, strict=True)):
                 if span is None:
                     continue
                 chosen = _rows(jittered & (order[:, position] == op_id))
-                params = span[0] + (span[1] - span[0]) * u[chosen, 5 + op_id]
+                params = span[0] + (span[1] - span[0]) * u.jitter_factors[chosen, op_id]
                 steps.append(Step(op, chosen, params.float()))
-        grey = _rows(u[:, 9] < self.grayscale_prob)
+        grey = _rows(u.grayscale_gate < self.grayscale_prob)
         steps.append(Step(to_grayscale, grey, torch.zeros(len(grey))))
-        blurred = _rows(u[:, 10] < self.blur_prob)
+        blurred = _rows(u.blur_gate < self.blur_prob)
         low, high = self.blur_sigma
-        steps.append(Step(self._blur, blurred, (low + (high - low) * u[blurred, 11]).float()))
-        solarized = _rows(u[:, 12] < self.solarize_prob)
+        steps.append(Step(self._blur, blurred, (low + (high - low) * u.blur_sigma[blurred]).float()))
+        solarized = _rows(u.solarize_gate < self.solarize_prob)
         steps.append(Step(solarize, solarized, torch.zeros(len(solarized))))
         return [step for step in steps if len(step.rows)]
 

@@ -125,6 +125,35 @@ def _claim(folder: Path, plan: dict) -> bool:
     return False
 
 
+def _write_all(jobs: list, workers: int, show_progress: bool) -> tuple[dict, list[str]]:
+    """Every shard of ``jobs`` (in ``workers`` processes), under a progress bar: ``{(split, number):
+    manifest entry}`` and the paths of the images left out as unreadable."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=sum(len(job.positions) for job in jobs), disable=not show_progress, unit="img", desc="sharding",
+        dynamic_ncols=True,
+    )  # fmt: skip
+    entries, skipped = {}, []
+    pool = process_pool(workers) if workers > 1 else None
+    written = pool.imap(write_shard, jobs) if pool else map(write_shard, jobs)
+    try:
+        for job, (entry, bad) in zip(jobs, written, strict=True):
+            entries[(job.split, job.number)] = entry
+            for path, reason in bad:
+                bar.write(f"warning: left out unreadable image {path}: {reason}", file=sys.stderr)
+            skipped += [path for path, _ in bad]  # the manifest keeps the paths (the same after a resume)
+            bar.update(len(job.positions))
+    except BaseException:
+        bar.leave = False  # the error line alone stays on the terminal
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    return entries, skipped
+
+
 def make_shards(
     source: str,
     out: Path,
@@ -137,8 +166,6 @@ def make_shards(
     show_progress: bool = True,
 ) -> dict:
     """Convert ``source`` into shards in ``out``; returns the manifest."""
-    from tqdm import tqdm
-
     parts, classes, made = _listing(source, val_fraction, seed, skip_bad)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -153,25 +180,7 @@ def make_shards(
         done = sum(index_path(out / job.name).is_file() for job in jobs)
         if done:
             print(f"note: resuming the conversion in {out}: {done} of {len(jobs)} shards were written", file=sys.stderr)
-        total = sum(len(job.positions) for job in jobs)
-        bar = tqdm(total=total, disable=not show_progress, unit="img", desc="sharding", dynamic_ncols=True)
-        entries, skipped = {}, []
-        pool = process_pool(workers) if workers > 1 else None
-        written = pool.imap(write_shard, jobs) if pool else map(write_shard, jobs)
-        try:
-            for job, (entry, bad) in zip(jobs, written, strict=True):
-                entries[(job.split, job.number)] = entry
-                for path, reason in bad:
-                    bar.write(f"warning: left out unreadable image {path}: {reason}", file=sys.stderr)
-                skipped += [path for path, _ in bad]  # the manifest keeps the paths (the same after a resume)
-                bar.update(len(job.positions))
-        except BaseException:
-            bar.leave = False  # the error line alone stays on the terminal
-            raise
-        finally:
-            bar.close()
-            if pool is not None:
-                pool.terminate()
+        entries, skipped = _write_all(jobs, workers, show_progress)
         manifest = {
             **{k: plan[k] for k in ("format", "made_from", "classes", "samples_per_shard", "shuffle_seed")},
             "skipped": skipped,

@@ -17,6 +17,7 @@ classifiers, so a drop in accuracy is the corruption's alone:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,6 +32,8 @@ from dilemma.eval.readout import FrozenReadout
 from dilemma.models import ViTEncoder
 from dilemma.pretext import DetectionHead, auroc, sample_tokens
 
+SHUFFLES = ("patch_shuffle", "position_shuffle")
+
 
 @dataclass
 class Robustness:
@@ -44,6 +47,20 @@ class Robustness:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def numbers(self) -> dict[str, float | None]:
+        """The panels as flat names for a tracker: ``robustness/grid_7/linear_top1``,
+        ``robustness/q_0.5/knn_top1``, ``occlusion/keep_0.25/linear_top1``, ... (no name is a folder
+        of another: MLflow's file store keeps each metric in a file of that path)."""
+        numbers = {**self.intact, "robustness/det_auroc_val": self.detection_auroc}
+        for panel, key, tag in (
+            ("patch_shuffle", "grid", "robustness/grid"),
+            ("position_shuffle", "fraction", "robustness/q"),
+            ("token_drop", "keep_fraction", "occlusion/keep"),
+        ):
+            for point in getattr(self, panel):
+                numbers |= {f"{tag}_{point[key]:g}/{name}": point[name] for name in ("knn_top1", "linear_top1")}
+        return numbers
 
 
 @torch.no_grad()
@@ -89,19 +106,24 @@ def grids_for(encoder: ViTEncoder, settings: EvalConfig) -> list[int]:
     return list(settings.shuffle_grids)
 
 
-def _protocols(readout: FrozenReadout, splits: Splits, grids: list[int], detection: str | None) -> dict[str, str]:
+def _protocols(
+    readout: FrozenReadout, splits: Splits, grids: list[int], detection: str | None, shuffles: Collection[str]
+) -> dict[str, str]:
     s, patch = readout.settings, readout.encoder.vit.patch_embed.patch_size[0]
     fitted = (
         f"kNN (k={s.knn_k}, T={s.knn_temperature}) and a linear probe ({s.linear_epochs} epochs) fitted on dense, "
         f"intact {splits.name} train features ({len(splits.train)}); top-1 on val ({len(splits.val)}), seed {s.seed}"
     )
-    return {
+    shuffled = {
         "patch_shuffle": f"patch shuffle: each val image cut into g x g cells (g in {grids}), the cells permuted "
         f"at random per image (a cell may stay in place; cells not a whole number of {patch} px patches cut "
         f"through tokens); {fitted}",
         "position_shuffle": "position shuffle: pixels intact, every token enters, each with probability q given the "
         "positional embedding of another position, never its own (the pretext's corruption, nothing dropped); "
         + fitted,
+    }
+    return {
+        **{panel: text for panel, text in shuffled.items() if panel in shuffles},
         "token_drop": occlusion_protocol(readout, splits),
         "detection": detection or "no detection head: the run trained without DILEMMA",
     }
@@ -113,14 +135,17 @@ def robustness(
     settings: EvalConfig,
     *,
     detector: tuple[ViTEncoder, DetectionHead, float] | None = None,
+    shuffles: Collection[str] = SHUFFLES,
     device="cpu",
     num_workers: int = 0,
     show_progress: bool = False,
 ) -> Robustness:
     """Every panel for ``encoder`` (the evaluated backbone); ``detector``: ``(student encoder, head,
-    the run's drop rate)`` for a run that trained a detection head."""
+    the run's drop rate)`` for a run that trained a detection head; ``shuffles``: the shuffle
+    panels to read out (one left out stays empty)."""
     require_labels(splits, "the robustness read-out")
-    grids = grids_for(encoder, settings)  # before any work: a grid that does not fit fails at once
+    # before any work: a grid that does not fit fails at once
+    grids = grids_for(encoder, settings) if "patch_shuffle" in shuffles else []
     readout = FrozenReadout.fit(
         encoder, splits.train, len(splits.classes), settings, show_progress=show_progress, device=device,
         num_workers=num_workers,
@@ -129,7 +154,7 @@ def robustness(
     patch = [{"grid": g, **readout.top1(splits.val, patch_shuffle(g), bar(f"{g} x {g} cells"))} for g in grids]
     position = [
         {"fraction": q, **readout.top1(splits.val, position_shuffle(q), bar(f"q = {q}"))}
-        for q in settings.position_fractions
+        for q in (settings.position_fractions if "position_shuffle" in shuffles else [])
     ]
     det, det_protocol = None, None
     if detector is not None:
@@ -150,5 +175,5 @@ def robustness(
         occlusion_points(readout, splits, show_progress=show_progress),
         det,
         100.0 / len(splits.classes),
-        _protocols(readout, splits, grids, det_protocol),
+        _protocols(readout, splits, grids, det_protocol, shuffles),
     )

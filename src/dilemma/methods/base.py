@@ -71,6 +71,9 @@ class Method(nn.Module):
     eval_backbone: ClassVar[str] = "encoder"
     # the overrides that make the plain base method (no detection, dense inputs), for comparisons
     plain: ClassVar[tuple[str, ...]] = ("dilemma.misplace_prob=0", "dilemma.drop_rate=0")
+    # settings outside the method's own section that the method is meant to run with (its model,
+    # views, sparsity); ``--method NAME`` applies them unless the config file or --set gives the key
+    recipe: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, encoder: ViTEncoder, dilemma: Dilemma, cfg: Any):
         super().__init__()

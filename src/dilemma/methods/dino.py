@@ -82,6 +82,24 @@ def teacher_temperature_at(progress: float, warmup_temp: float, temp: float, war
     return warmup_temp + (temp - warmup_temp) * progress / warmup
 
 
+class StepMean:
+    """The mean of rows ``(B, d)`` added over one optimiser step (every micro-batch), taken once."""
+
+    def __init__(self):
+        self.total, self.count = None, 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        total = rows.detach().float().sum(dim=0, keepdim=True)  # (1, d)
+        self.total = total if self.total is None else self.total + total
+        self.count += rows.shape[0]
+
+    def take(self) -> torch.Tensor | None:
+        """``(1, d)``: the mean since the last take (None if nothing was added); starts afresh."""
+        mean = None if not self.count else self.total / self.count
+        self.total, self.count = None, 0
+        return mean
+
+
 class DINO(EMATeacherMethod):
     name = "dino"
     Config = DINOConfig
@@ -100,7 +118,7 @@ class DINO(EMATeacherMethod):
         self.teacher_encoder, self.teacher_head = self.teacher_of(encoder), self.teacher_of(self.head)
         self.criterion = DINOLoss(cfg.student_temp)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
-        self._teacher_sum, self._teacher_count = None, 0  # this step's teacher outputs, for the centre
+        self.teacher_outputs = StepMean()  # this step's teacher outputs, for the centre
 
     @classmethod
     def views(cls, cfg: DINOConfig, settings: ViewSettings):
@@ -108,14 +126,14 @@ class DINO(EMATeacherMethod):
 
     def before_step(self, progress: float) -> None:
         super().before_step(progress)  # the teacher moves
-        self._teacher_sum, self._teacher_count = None, 0  # what a skipped step observed is dropped
+        self.teacher_outputs.take()  # what a skipped step observed is dropped
 
     def after_step(self) -> None:
         """The centre moves once per optimiser step, by the mean teacher output over the step's
         global batch (all micro-batches and processes)."""
-        if self._teacher_count:
-            self.update_center(self._teacher_sum / self._teacher_count)
-        self._teacher_sum, self._teacher_count = None, 0
+        mean = self.teacher_outputs.take()
+        if mean is not None:
+            self.update_center(mean)
 
     @torch.no_grad()
     def update_center(self, batch_mean: torch.Tensor, center: torch.Tensor | None = None) -> None:
@@ -170,7 +188,5 @@ class DINO(EMATeacherMethod):
         return teacher_temperature_at(progress, c.warmup_teacher_temp, c.teacher_temp, c.teacher_temp_warmup)
 
     def observe_teacher(self, teacher_out: torch.Tensor) -> None:
-        """Add this forward's teacher outputs ``(B, out_dim)`` to the step's sum for the centre."""
-        total = teacher_out.detach().float().sum(dim=0, keepdim=True)
-        self._teacher_sum = total if self._teacher_sum is None else self._teacher_sum + total
-        self._teacher_count += teacher_out.shape[0]
+        """Add this forward's teacher outputs ``(B, out_dim)`` to the step's mean for the centre."""
+        self.teacher_outputs.add(teacher_out)

@@ -21,7 +21,7 @@ positions are the targets.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -30,7 +30,7 @@ from dilemma.heads import DINOHead
 from dilemma.losses import masked_patch_loss
 from dilemma.masks import batch_draws, block_masks
 from dilemma.methods.base import Detection, MethodOutput
-from dilemma.methods.dino import DINO, DINOConfig, teacher_temperature_at
+from dilemma.methods.dino import DINO, DINOConfig, StepMean, teacher_temperature_at
 from dilemma.models import ViTEncoder
 from dilemma.pretext import Dilemma, TokenDraws, hide_under_mask
 
@@ -77,6 +77,17 @@ class IBOTConfig(DINOConfig):
         )
 
 
+class MaskedStudent(NamedTuple):
+    """The student's pass over the global crops."""
+
+    cls: torch.Tensor  # (2n, D) class tokens
+    cls_out: torch.Tensor  # (2n, out_dim) through the head
+    patch_out: torch.Tensor  # (2n, K, d) the kept tokens through the patch head
+    keep: torch.Tensor | None  # (2n, K) the kept patches (None: dense)
+    masked: torch.Tensor  # (2n, K) the kept tokens shown as the mask token
+    detection: Detection | None
+
+
 class IBOT(DINO):
     name = "ibot"
     Config = IBOTConfig
@@ -93,7 +104,7 @@ class IBOT(DINO):
             self.teacher_own_patch_head = self.teacher_of(self.own_patch_head)
         patch_dim = cfg.out_dim if cfg.shared_head else cfg.patch_out_dim
         self.register_buffer("patch_center", torch.zeros(1, patch_dim))
-        self._patch_sum = None  # this step's summed per-image mean teacher patch output, for the centre
+        self.teacher_patch_means = StepMean()  # this step's per-image mean teacher patch outputs, for the centre
 
     @property
     def patch_head(self) -> DINOHead:
@@ -105,14 +116,13 @@ class IBOT(DINO):
 
     def before_step(self, progress: float) -> None:
         super().before_step(progress)
-        self._patch_sum = None
+        self.teacher_patch_means.take()  # what a skipped step observed is dropped
 
     def after_step(self) -> None:
-        count = self._teacher_count  # one per teacher image, as the class outputs
         super().after_step()
-        if count:  # the patch centre moves as the class one: the step's global mean, EMA
-            self.update_center(self._patch_sum / count, self.patch_center)
-        self._patch_sum = None
+        mean = self.teacher_patch_means.take()  # one row per teacher image, as the class outputs
+        if mean is not None:  # the patch centre moves as the class one: the step's global mean, EMA
+            self.update_center(mean, self.patch_center)
 
     def draw_masks(self, n: int, grid: tuple[int, int], draws: TokenDraws, device) -> torch.Tensor:
         """Block masks ``(2n, L)`` for the two global crops, view by view as they are stacked; the
@@ -129,12 +139,9 @@ class IBOT(DINO):
 
         return torch.cat([batch_draws(draws, n, draw) for _ in range(2)])
 
-    def forward(
-        self, views, progress: float = 0.0, draws: TokenDraws = None, with_metrics: bool = False
-    ) -> MethodOutput:
-        global_crops, local_crops = views[:2], views[2:]
-        n = global_crops[0].shape[0]
-        global_views = torch.cat(global_crops)  # (2n, C, H, W)
+    def masked_student(self, global_views: torch.Tensor, draws: TokenDraws, with_metrics: bool) -> MaskedStudent:
+        """The student on the global crops ``(2n, C, H, W)``: sparse, block-masked and corrupted."""
+        n = global_views.shape[0] // 2
         grid = self.encoder.grid_of(tuple(global_views.shape[-2:]))
         mask = self.draw_masks(n, grid, draws, global_views.device)  # (2n, L) on the full grid
         sample = self.dilemma.sample(
@@ -145,41 +152,51 @@ class IBOT(DINO):
         positions = None if sample is None else sample.positions
         cls, patches = self.encoder(global_views, keep, positions, masked=masked, mask_token=self.mask_token)
         bce, logs = self.dilemma.loss(patches, sample, with_metrics, views=2, counted=~masked)
-        detections = [None if bce is None else Detection(bce, logs, views=2)]
-        student_cls = list(self.head(cls).chunk(2))
-        local_out, local_detection = self.local_student(local_crops, draws, with_metrics)
-        detections.append(local_detection)
-        # Student patch outputs for the kept tokens; only the masked ones enter the loss (the head is
-        # per token, so computing it for all K is what iBOT does and needs no data-dependent shapes).
-        student_patch = self.patch_head(patches)  # (2n, K, d)
+        # Patch outputs for all kept tokens; only the masked ones enter the loss (the head is per
+        # token, so computing it for all K is what iBOT does and needs no data-dependent shapes).
+        return MaskedStudent(
+            cls, self.head(cls), self.patch_head(patches), keep, masked,
+            None if bce is None else Detection(bce, logs, views=2),
+        )  # fmt: skip
 
-        c = self.cfg
-        temp = self.teacher_temperature(progress)
+    @torch.no_grad()
+    def teacher_targets(self, global_views: torch.Tensor, keep: torch.Tensor | None):
+        """The teacher's class outputs ``(2n, out_dim)`` on the dense, clean, unmasked global crops,
+        and its patch outputs ``(2n, K, d)`` at the student's kept positions (its own patches,
+        whatever positional embedding they were shown with); the step's patch mean is noted."""
+        teacher_cls, teacher_patches = self.teacher_encoder(global_views)  # (2n, D), (2n, L, D)
+        teacher_patch = self.teacher_patch_head(teacher_patches)  # (2n, L, d)
+        self.teacher_patch_means.add(teacher_patch.float().mean(dim=1))  # a row per image
+        if keep is not None:
+            teacher_patch = teacher_patch.gather(1, keep.unsqueeze(-1).expand(-1, -1, teacher_patch.shape[-1]))
+        return self.teacher_head(teacher_cls), teacher_patch
+
+    def forward(
+        self, views, progress: float = 0.0, draws: TokenDraws = None, with_metrics: bool = False
+    ) -> MethodOutput:
+        global_crops, local_crops = views[:2], views[2:]
+        global_views = torch.cat(global_crops)  # (2n, C, H, W)
+        student = self.masked_student(global_views, draws, with_metrics)
+        local_out, local_detection = self.local_student(local_crops, draws, with_metrics)
+        c, temp = self.cfg, self.teacher_temperature(progress)
         patch_temp = teacher_temperature_at(
             progress, c.warmup_teacher_patch_temp, c.teacher_patch_temp, c.teacher_temp_warmup
         )
-        with torch.no_grad():  # the teacher: global crops dense, clean and unmasked
-            teacher_cls, teacher_patches = self.teacher_encoder(global_views)  # (2n, D), (2n, L, D)
-            teacher_cls = self.teacher_head(teacher_cls)  # (2n, out_dim)
-            teacher_patch = self.teacher_patch_head(teacher_patches)  # (2n, L, d)
-        # Targets at the student's kept positions (its own patches, whatever PE they were shown with).
-        at_kept = (
-            teacher_patch
-            if keep is None
-            else teacher_patch.gather(1, keep.unsqueeze(-1).expand(-1, -1, teacher_patch.shape[-1]))
-        )  # (2n, K, d)
-        cls_loss = self.criterion([*student_cls, *local_out], list(teacher_cls.chunk(2)), self.center, temp)
-        patch_loss = masked_patch_loss(student_patch, at_kept, masked, self.patch_center, c.student_temp, patch_temp)
-        ssl = c.cls_weight * cls_loss + c.patch_weight * patch_loss
-        self.observe_teacher(teacher_cls)
-        patch_mean = teacher_patch.float().mean(dim=1).sum(dim=0, keepdim=True)  # sum over images of token means
-        self._patch_sum = patch_mean if self._patch_sum is None else self._patch_sum + patch_mean
-        out = self.output(ssl, detections, features=cls[:n])
-        out.logs.update(
-            cls_loss=cls_loss.detach(),
-            patch_loss=patch_loss.detach(),
-            masked_share=masked.float().mean().detach(),
-            momentum=self.momentum,
-            teacher_temp=temp,
+        teacher_cls, at_kept = self.teacher_targets(global_views, student.keep)
+        cls_loss = self.criterion(
+            [*student.cls_out.chunk(2), *local_out], list(teacher_cls.chunk(2)), self.center, temp
         )
+        patch_loss = masked_patch_loss(
+            student.patch_out, at_kept, student.masked, self.patch_center, c.student_temp, patch_temp
+        )
+        self.observe_teacher(teacher_cls)
+        out = self.output(
+            c.cls_weight * cls_loss + c.patch_weight * patch_loss,
+            [student.detection, local_detection],
+            features=student.cls[: global_crops[0].shape[0]],
+        )
+        out.logs.update(
+            cls_loss=cls_loss.detach(), patch_loss=patch_loss.detach(),
+            masked_share=student.masked.float().mean().detach(), momentum=self.momentum, teacher_temp=temp,
+        )  # fmt: skip
         return out

@@ -19,6 +19,7 @@ only a share 1 - r of each context (the recipes keep r = 0: the context block is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -112,11 +113,28 @@ class Predictor(nn.Module):
         return self.proj(self.norm(out)).view(batch, blocks, per_block, -1)
 
 
+class ImageDraws(NamedTuple):
+    """What ``IJEPA.draw`` draws per image of the global batch, before the cut to a micro-batch's
+    smallest context: a tuple, so ``masks.batch_draws`` cuts every field to the micro-batch's rows."""
+
+    context: torch.Tensor  # (rows, L) bool: the context block less the targets
+    targets: torch.Tensor  # (rows, M, T) the target blocks' patch indices
+    subset: torch.Tensor  # (rows, L) uniform: which context tokens the cut keeps
+    order: torch.Tensor  # (rows, L) the misplacement's variates (``pretext.PositionDraws``)
+    flag: torch.Tensor  # (rows, L)
+    other: torch.Tensor  # (rows, L)
+
+
 class IJEPA(EMATeacherMethod):
     name = "ijepa"
     Config = IJEPAConfig
     eval_backbone = "target_encoder"  # I-JEPA evaluates its target encoder (average-pooled, Sec. 5)
     plain = ("dilemma.misplace_prob=0", "dilemma.drop_rate=0")  # I-JEPA as published
+    recipe = (  # configs/ijepa_dilemma.yaml: an average-pooled ViT without a class token (Sec. 5), one
+        "model.global_pool=avg", "model.class_token=false",  # crop without flip or colour, and the
+        "data.crop_min_scale=0.3", "data.hflip=false", "data.color_jitter=0", "data.blur_prob=0",  # context
+        "dilemma.drop_rate=0", "optim.weight_decay=0.04",  # block as the only sparsity (r > 0 would thin it)
+    )  # fmt: skip
 
     def __init__(self, encoder: ViTEncoder, dilemma: Dilemma, cfg: IJEPAConfig | None = None):
         cfg = cfg or IJEPAConfig()
@@ -142,9 +160,8 @@ class IJEPA(EMATeacherMethod):
         """One view: random resized crop (and flip as ``data.hflip``), as I-JEPA."""
         return Views(settings.crop_and_flip())
 
-    def draw(self, rows: int, generator, device):
-        """Per-image draws for ``rows`` images, before any cut: the context (rows, L) bool, the targets
-        (rows, M, T), and the position variates of the context cut and the misplacement (rows, L)."""
+    def draw(self, rows: int, generator, device) -> ImageDraws:
+        """Per-image draws for ``rows`` images, before any cut."""
         c, grid = self.cfg, self.encoder.grid_size
         masks = multi_block_masks(
             rows,
@@ -159,17 +176,16 @@ class IJEPA(EMATeacherMethod):
         )
         subset = torch.rand(masks.context.shape, generator=generator, device=device)
         position = PositionDraws.draw(rows, grid[0] * grid[1], generator=generator, device=device)
-        return masks.context, masks.targets, subset, position.order, position.flag, position.other
+        return ImageDraws(masks.context, masks.targets, subset, position.order, position.flag, position.other)
 
     def sample(self, n: int, draws: TokenDraws, device):
         """This micro-batch's context ``TokenSample`` (keep = the cut context, sorted) and targets
         ``(n, M, T)``. Every draw is made per image of the global batch (the same however the batch is
         split); only the cut to the smallest context depends on the micro-batch, as in I-JEPA."""
-        context, targets, subset, *position = batch_draws(
-            draws, n, lambda rows, generator: self.draw(rows, generator, device)
-        )
-        keep = cut_contexts(context, subset, keep_fraction=1.0 - self.dilemma.drop_rate)  # (n, Kc)
-        return misplace_tokens(keep, PositionDraws(*position), self.dilemma.misplace_prob), targets
+        drawn = batch_draws(draws, n, lambda rows, generator: self.draw(rows, generator, device))
+        keep = cut_contexts(drawn.context, drawn.subset, keep_fraction=1.0 - self.dilemma.drop_rate)  # (n, Kc)
+        position = PositionDraws(drawn.order, drawn.flag, drawn.other)
+        return misplace_tokens(keep, position, self.dilemma.misplace_prob), drawn.targets
 
     def forward(
         self, views, progress: float = 0.0, draws: TokenDraws = None, with_metrics: bool = False

@@ -59,6 +59,7 @@ class MAE(Method):
     name = "mae"
     Config = MAEConfig
     plain = ("dilemma.misplace_prob=0",)  # the mask ratio (drop rate) is MAE itself
+    recipe = ("data.crop_min_scale=0.2",)  # configs/mae_dilemma.yaml: MAE's crops
 
     def __init__(self, encoder: ViTEncoder, dilemma: Dilemma, cfg: MAEConfig | None = None):
         cfg = cfg or MAEConfig()

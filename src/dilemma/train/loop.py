@@ -244,9 +244,9 @@ class Run:
         if not every or not is_main():
             return
         fractions = [i * every for i in range(1, int(1 / every + 1e-9) + 1) if i * every < 1 - 1e-9]
-        for fraction in fractions:
-            if fraction <= done + 1e-9 and not self.checkpoints.snapshot_path(fraction).exists():
-                self.checkpoints.save_snapshot(self.state(), fraction)
+        due = [f for f in fractions if f <= done + 1e-9 and not self.checkpoints.snapshot_path(f).exists()]
+        if due:  # several at once when a step crosses several fractions (a short run): one file
+            self.checkpoints.save_snapshots(self.state(), self.step, due)
 
     def restore(self, ckpt: dict) -> None:
         self.method.load_state_dict(ckpt["model"])

@@ -34,7 +34,7 @@ from dilemma.redact import redact
 STATE_FILE = "trackers.json"
 
 
-def _numbers(record: dict) -> dict[str, float]:
+def numbers(record: dict) -> dict[str, float]:
     """The finite numbers of a metrics record, less its step."""
     return {
         key: float(value)
@@ -336,24 +336,57 @@ class Trackers:
         self._lock = threading.Lock()  # a library's thread may switch its tracker off while the main thread logs
 
     def start(
-        self,
-        config: dict,
-        provenance: dict,
-        *,
-        saved: dict | None = None,
-        held_up_to: int = -1,
+        self, config: dict, provenance: dict, *, saved: dict | None = None, held_up_to: int = -1,
         backfill: list[dict] = (),
-        later: bool = False,
-    ) -> None:
-        """Open every tracker. A resumed run (``saved``: the checkpoint's state, used where the run
-        folder's ``trackers.json`` is missing) reopens the saved tracker runs: each holds the steps up
-        to the furthest any part of the run logged (``held_up_to``, what ``metrics.jsonl`` had before
-        this resume cut it back, or an earlier part's mark) unless the state says it stopped earlier
-        (it failed, or a part ran without it); ``backfill`` (``metrics.jsonl``'s records) gives it
-        the ones it lacks. ``later``: only the saved runs, reopened to add read-outs; nothing of the
-        run folder is written."""
+    ) -> None:  # fmt: skip
+        """Open every tracker for training. A resumed run (``saved``: the checkpoint's state, used
+        where the run folder's ``trackers.json`` is missing) reopens the saved tracker runs: each
+        holds the steps up to the furthest any part of the run logged (``held_up_to``, what
+        ``metrics.jsonl`` had before this resume cut it back, or an earlier part's mark) unless the
+        state says it stopped earlier (it failed, or a part ran without it); ``backfill``
+        (``metrics.jsonl``'s records) gives it the ones it lacks."""
         if not self.enabled:
             return
+        self._say_credentials()
+        self._catch_library_failures()
+        self.state = {**_sound_state(saved), **self._read_state()} if saved is not None else {}
+        held = max(held_up_to, self.state.get("held_up_to", -1))
+        running = {tracker.name for tracker in self.active}
+        for name in [n for n in self.state if n in TRACKERS and n not in running]:
+            entry = self.state[name]  # a saved tracker this part runs without: it stops where it is
+            self.state[name] = {**entry, "logged_up_to": min(held, entry.get("logged_up_to", held))}
+        for tracker in list(self.active):
+            before = self.state.get(tracker.name)
+            self.logged[tracker.name] = -1 if before is None else min(held, before.get("logged_up_to", held))
+            if self._open(tracker, before, config, provenance):
+                if getattr(tracker, "holds_up_to", None) is not None:
+                    self.logged[tracker.name] = min(self.logged[tracker.name], tracker.holds_up_to)
+                for record in backfill:
+                    self._send(tracker, record, numbers(record))
+        if self.active or self.state:
+            self.state["held_up_to"] = held
+            self._write_state()
+
+    def reopen(self) -> None:
+        """Only the run's saved tracker runs, reopened to add read-outs made after it
+        (``train/later_readouts.py``); nothing of the run folder is written."""
+        if not self.enabled:
+            return
+        self._catch_library_failures()
+        self.later, self.state = True, self._read_state()
+        self.active = [tracker for tracker in self.active if tracker.name in self.state]
+        for tracker in list(self.active):
+            tracker.later = True
+            self._open(tracker, self.state[tracker.name], {}, {})
+
+    def _open(self, tracker: Tracker, before: dict | None, config: dict, provenance: dict) -> bool:
+        """Start ``tracker`` (a new run, or the one ``before`` names); False if it failed."""
+        started = self._guard(tracker, "starting", tracker.start, before, config, provenance)
+        if tracker in self.active:
+            self.state[tracker.name] = started
+        return tracker in self.active
+
+    def _say_credentials(self) -> None:
         uri = next((t.settings.tracking_uri for t in self.active if t.name == "mlflow"), None)
         if uri and redact(uri) != uri:
             print(
@@ -362,36 +395,15 @@ class Trackers:
                 "and MLFLOW_TRACKING_PASSWORD instead, which a resume or a later read-out needs",
                 file=sys.stderr,
             )
-        self.later = later
+
+    def _catch_library_failures(self) -> None:
+        """A tracker library's own thread, or its log file, failing: one warning, never a traceback."""
         if self._thread_hook is None:
             self._thread_hook, threading.excepthook = threading.excepthook, self._thread_failed
             # a library's own log file on a full or read-only disk: Python's logging would print a
             # traceback per record ("--- Logging error ---", W&B's debug.log); the tracker's failure
             # still reaches us as the one warning when its calls fail
             self._logging_errors, logging.raiseExceptions = logging.raiseExceptions, False
-        self.state = {**_sound_state(saved), **self._read_state()} if saved is not None or later else {}
-        if later:
-            self.active = [tracker for tracker in self.active if tracker.name in self.state]
-        held = max(held_up_to, self.state.get("held_up_to", -1))
-        running = {tracker.name for tracker in self.active}
-        for name in [n for n in self.state if n in TRACKERS and n not in running and not later]:
-            entry = self.state[name]  # a saved tracker this part runs without: it stops where it is
-            self.state[name] = {**entry, "logged_up_to": min(held, entry.get("logged_up_to", held))}
-        for tracker in list(self.active):
-            tracker.later = later
-            before = self.state.get(tracker.name)
-            self.logged[tracker.name] = -1 if before is None else min(held, before.get("logged_up_to", held))
-            started = self._guard(tracker, "starting", tracker.start, before, config, provenance)
-            if tracker not in self.active:
-                continue
-            self.state[tracker.name] = started
-            if getattr(tracker, "holds_up_to", None) is not None:
-                self.logged[tracker.name] = min(self.logged[tracker.name], tracker.holds_up_to)
-            for record in backfill:
-                self._send(tracker, record, _numbers(record))
-        if not later and (self.active or self.state):
-            self.state["held_up_to"] = held
-            self._write_state()
 
     def _read_state(self) -> dict:
         """``trackers.json``, its damaged entries dropped (a tracker without one starts a new run)."""
@@ -425,7 +437,7 @@ class Trackers:
         self.sent = (step, self.sent[1] | keys if self.sent[0] == step else keys)
 
     def scalars(self, record: dict) -> None:
-        values = _numbers(record)  # once for every tracker
+        values = numbers(record)  # once for every tracker
         for tracker in list(self.active):
             self._send(tracker, record, values)
         self._note_sent(record["step"], set(values))
@@ -488,68 +500,3 @@ class Trackers:
         if tracker.name in self.state and not self.later:  # a resume sends it what it missed
             self.state[tracker.name] = {**self.state[tracker.name], "logged_up_to": self.logged.get(tracker.name, -1)}
             self._write_state()
-
-
-def run_folder(path: str | Path) -> Path | None:
-    """The run folder of a ``--checkpoint`` (the folder, or ``RUN/checkpoints/x.pt``) that tracks, or None."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else None
-    return folder if folder is not None and (folder / STATE_FILE).is_file() else None
-
-
-def _tracking_of(folder: Path) -> tuple[list[str], TrackingConfig]:
-    """``train.loggers`` and ``train.tracking`` of a run's ``config.yaml`` (nothing else is read)."""
-    import dataclasses
-
-    from dilemma.config import safe_yaml
-
-    train = safe_yaml((folder / "config.yaml").read_text(), str(folder / "config.yaml"))["train"]
-    known = {f.name for f in dataclasses.fields(TrackingConfig)}
-    tracking = TrackingConfig(**{k: v for k, v in (train.get("tracking") or {}).items() if k in known})
-    return list(train.get("loggers") or []), tracking
-
-
-def _step_of(path: Path, folder: Path) -> int:
-    """The step a checkpoint was taken at, from its name (``step_0000120.pt``), else the run's last."""
-    import re
-
-    from dilemma.train.metrics import MetricsLog
-
-    if not path.is_file() or path.name == "last.pt":
-        return max(MetricsLog(folder).last_step(), 0)
-    found = re.fullmatch(r"step_(\d+)\.pt", path.name)
-    if found:
-        return int(found.group(1))
-    from dilemma.rundir import load_checkpoint  # a snapshot (progress_XXXX.pt): its own step
-
-    return int(load_checkpoint(path)["step"])
-
-
-def log_to_run(path: str | Path, values: dict, pictures: list[Path] = (), prefix: str = "eval/") -> None:
-    """Read-outs and pictures made later for a run go to the same tracker runs (when it tracks):
-    numbers as ``eval/<name>`` at the evaluated checkpoint's step, pictures as images. Never fails:
-    a warning at most; skipped while the run is still training (its process is the folder's writer)."""
-    from dilemma.errors import DilemmaError
-    from dilemma.rundir import RunDir
-
-    folder = run_folder(path)
-    if folder is None:
-        return
-    run = RunDir(folder)
-    try:
-        run.lock()
-    except DilemmaError as err:  # still training (its process holds the folder), or not writable
-        print(f"note: this read-out is not sent to the trackers of {folder}: {redact(str(err))}", file=sys.stderr)
-        return
-    try:
-        trackers = Trackers(folder, *_tracking_of(folder))
-        step = _step_of(Path(path), folder)
-        trackers.start({}, {}, later=True)
-        trackers.readouts({f"{prefix}{k}": v for k, v in _numbers(values).items()}, step)
-        for picture in pictures:
-            trackers.image(picture, step)
-        trackers.finish()
-    except Exception as err:  # an old or damaged run folder: the read-out itself stands
-        print(f"warning: could not log to the trackers of {folder}: {redact(str(err))}", file=sys.stderr)
-    finally:
-        run.unlock()
