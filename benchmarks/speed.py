@@ -16,6 +16,7 @@ throttled machine only ever slows a round down, so the fastest is the least dist
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import os
@@ -31,13 +32,13 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dilemma import build
 from dilemma.build import build_method, build_views, load_splits
 from dilemma.config import load_config
 from dilemma.data import PretrainBatches
 from dilemma.methods import METHODS
 from dilemma.models import build_encoder, normalize
 from dilemma.pretext import DetectionHead, sample_tokens
-from dilemma.train import loop
 from dilemma.train.step import Stepper
 
 try:
@@ -137,9 +138,10 @@ def training_step(cfg, device, precision: str, batch: int, compile: bool = False
     model = build_method(cfg).to(device)
     if compile:
         model.compile()
-    groups = loop.param_groups(model, cfg.optim.weight_decay)
-    if hasattr(loop, "adamw"):  # the optimiser the training loop makes
-        optimizer = loop.adamw(groups, 1e-4, use_scaler=precision == "fp16")
+    maker = build if hasattr(build, "adamw") else importlib.import_module("dilemma.train.loop")  # a baseline commit's
+    groups = maker.param_groups(model, cfg.optim.weight_decay)
+    if hasattr(maker, "adamw"):  # the optimiser the training run makes
+        optimizer = maker.adamw(groups, 1e-4, use_scaler=precision == "fp16")
     else:  # a baseline commit from before it
         optimizer = torch.optim.AdamW(groups, lr=1e-4)
     # a baseline commit's Stepper took the module twice (model, method)

@@ -12,13 +12,12 @@ import shutil
 import pytest
 import torch
 
-from dilemma.build import build_method, build_views, load_splits
+from dilemma.build import adamw, build_method, build_views, load_splits, param_groups
 from dilemma.cli import main
 from dilemma.config import load_config
 from dilemma.data import PretrainBatches, pretrain_loader
 from dilemma.distributed import sync_batchnorm
 from dilemma.rundir import load_checkpoint
-from dilemma.train.loop import adamw, param_groups
 from dilemma.train.step import Stepper
 from tests.conftest import TINY, view_settings
 

@@ -8,12 +8,12 @@ to float round-off: losses, logs and gradients.
 import pytest
 import torch
 
-from dilemma.build import build_method
+from dilemma.build import adamw, build_method, param_groups
 from dilemma.config import load_config
 from dilemma.errors import DilemmaError
 from dilemma.methods.base import Detection, Method, StudentOutput
 from dilemma.pretext import Dilemma, GlobalBatchRows, TokenSample, sample_tokens
-from dilemma.train.loop import Run, adamw, param_groups
+from dilemma.train.loop import Run
 from tests.conftest import TINY
 
 

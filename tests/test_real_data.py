@@ -203,7 +203,7 @@ def test_paper_recipe_runs_on_a_folder(tmp_path, folder, recipe):
 
 
 def test_epochs_and_batch_scaled_lr():
-    from dilemma.train.loop import peak_lr
+    from dilemma.build import peak_lr
 
     cfg = load_config(None, ["optim.lr=1.5e-4", "optim.scale_lr_with_batch=true", "data.batch_size=1024"])
     assert peak_lr(cfg)[0] == pytest.approx(6e-4)

@@ -266,9 +266,8 @@ def test_max_steps_epochs_and_the_budget_are_caps_and_the_start_line_says_which_
     records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2 and records[-1]["stopped_by"] == "max_steps"
     cfg = load_config(None, ["train.epochs=0.5", "data.batch_size=64"])
-    from dilemma.build import build_views, load_splits
+    from dilemma.build import build_views, load_splits, run_length, total_steps
     from dilemma.data import PretrainBatches
-    from dilemma.train.loop import run_length, total_steps
 
     batches = PretrainBatches(load_splits(cfg).train, 64, build_views(cfg), seed=0)
     assert total_steps(cfg, batches) == 62  # half an epoch of 125 steps comes before max_steps=220

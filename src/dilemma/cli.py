@@ -51,9 +51,11 @@ def _pretrain(args) -> None:
         resume = RunDir(out).holds_checkpoint()
     elif args.resume:  # the checkpoint's config, then what the command line changes
         base = RunDir(out).resume_checkpoint()[1]["config"]
-    if args.method and base is None:  # a new run (or its restart): the method's recipe comes with it
-        overrides = [*_recipe(args.method, args.config, overrides), *overrides]
-    cfg = load_config(args.config, overrides, base=base)
+    recipe = _recipe(args.method, args.config, overrides) if args.method and base is None else []
+    cfg = load_config(args.config, [*recipe, *overrides], base=base)  # a new run (or its restart): the recipe
+    if recipe:
+        print(f"note: --method {args.method} comes with its recipe: {', '.join(recipe)} (--set a key to change it)",
+              file=sys.stderr)  # fmt: skip
     try:
         pretrain(cfg, out, resume=resume)
     finally:
@@ -65,7 +67,7 @@ def _pretrain(args) -> None:
 
 def _recipe(method: str, config: str | None, overrides: list[str]) -> list[str]:
     """The built-in ``method``'s recipe (``Method.recipe``: ``section.key=value`` settings) less the
-    keys the config file or ``overrides`` give, said in one line."""
+    keys the config file or ``overrides`` give."""
     from dilemma.config import read_yaml
     from dilemma.methods import METHODS
 
@@ -75,11 +77,7 @@ def _recipe(method: str, config: str | None, overrides: list[str]) -> list[str]:
     tree = read_yaml(config) if config else {}
     for section, values in tree.items():
         given |= {f"{section}.{key}" for key in values} if isinstance(values, dict) else set()
-    recipe = [kv for kv in METHODS[method].recipe if kv.partition("=")[0] not in given]
-    if recipe:
-        print(f"note: --method {method} comes with its recipe: {', '.join(recipe)} (--set a key to change it)",
-              file=sys.stderr)  # fmt: skip
-    return recipe
+    return [kv for kv in METHODS[method].recipe if kv.partition("=")[0] not in given]
 
 
 def _to_run(path, values: dict | None = None, pictures=()) -> None:

@@ -18,7 +18,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from dilemma.build import build_method, build_views, load_splits
+from dilemma.build import NO_STEP_LIMIT, RunPlan, resolve_run
 from dilemma.config import Config
 from dilemma.data import Batch, PretrainBatches, Splits, eval_batches, pretrain_loader
 from dilemma.distributed import (
@@ -36,7 +36,6 @@ from dilemma.eval.knn import knn_eval
 from dilemma.files import atomic_write_text
 from dilemma.methods import Method
 from dilemma.rundir import FORMAT, CheckpointDir, RunDir, provenance
-from dilemma.schedules import learning_rate, progress
 from dilemma.train.metrics import MetricsLog, as_json
 from dilemma.train.probe import OnlineProbe
 from dilemma.train.seeding import rng_state, seed_everything, set_rng_state
@@ -49,32 +48,6 @@ from dilemma.weights import pretrained_state
 # must not change them.
 FROZEN_ON_RESUME = ("model", "method", "dilemma")
 FROZEN_DATA_KEYS = ("source", "val_fraction", "split_seed")
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, positional embeddings and prefix tokens."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _torch_at_least(major: int, minor: int) -> bool:
-    return tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (major, minor)
-
-
-def adamw(groups: list[dict], lr: float, use_scaler: bool = False) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel where it has one for the parameters' device (CUDA; CPU from
-    torch 2.4, not under the fp16 gradient scaler there): one pass over all parameters instead of a
-    dozen small ops per parameter, the same update to float round-off (tested). Elsewhere the
-    multi-tensor (foreach) implementation."""
-    first = next((p for group in groups for p in group["params"]), None)
-    device = first.device.type if first is not None else "cpu"
-    fused = device == "cuda" or (device == "cpu" and _torch_at_least(2, 4) and not use_scaler)
-    return torch.optim.AdamW(groups, lr=lr, fused=True) if fused else torch.optim.AdamW(groups, lr=lr, foreach=True)
 
 
 def _frozen_keys(config: dict, section: str) -> dict:
@@ -113,61 +86,6 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-NO_STEP_LIMIT = 10**12  # only the time budget ends the run
-
-
-def step_limits(cfg: Config, batches: PretrainBatches) -> dict[str, int]:
-    """The step limits the config sets: ``train.max_steps`` and ``train.epochs`` in steps."""
-    t, limits = cfg.train, {}
-    if t.max_steps is not None:
-        limits["train.max_steps"] = t.max_steps
-    if t.epochs is not None:
-        limits["train.epochs"] = max(1, round(t.epochs * batches.steps_per_epoch))
-    return limits
-
-
-def total_steps(cfg: Config, batches: PretrainBatches) -> int:
-    """The step the run ends at: the first of ``train.max_steps`` and ``train.epochs`` (one rule:
-    every limit set is a cap), or none when only the time budget is set."""
-    return min(step_limits(cfg, batches).values(), default=NO_STEP_LIMIT)
-
-
-def run_length(cfg: Config, batches: PretrainBatches) -> str:
-    """What ends the run, for the start line: each limit set, the one that binds first named."""
-    limits, t = step_limits(cfg, batches), cfg.train
-    parts = []
-    if limits:
-        key, steps = min(limits.items(), key=lambda kv: kv[1])
-        epochs = f" = {steps / batches.steps_per_epoch:.3g} epochs" if key == "train.max_steps" else ""
-        parts.append(f"ends at step {steps} ({key}{epochs}")
-        parts[-1] += "".join(f"; {k} would be {v} steps" for k, v in limits.items() if k != key) + ")"
-    if t.time_budget:
-        parts.append(f"{'or after' if limits else 'ends after'} {t.time_budget:g} min (train.time_budget)")
-    return " ".join(parts) + (", whichever comes first" if limits and t.time_budget else "")
-
-
-def peak_lr(cfg: Config) -> tuple[float, float]:
-    """``(lr, min_lr)``, scaled by batch / 256 with ``optim.scale_lr_with_batch``."""
-    scale = cfg.data.batch_size / 256 if cfg.optim.scale_lr_with_batch else 1.0
-    return cfg.optim.lr * scale, cfg.optim.min_lr * scale
-
-
-def start_line(cfg: Config, run_dir: RunDir, splits: Splits, method: Method, device, length: str) -> str:
-    """What was understood: data (layout, classes, images, size, channels), model, schedule, device."""
-    m = cfg.model
-    classes = f"{len(splits.classes)} classes" if splits.labelled else "unlabelled"
-    notes = "".join(f"; {note}" for note in splits.notes)
-    params = sum(p.numel() for p in method.encoder.parameters()) / 1e6
-    pretrained = f", from {m.pretrained}" if m.pretrained else ""
-    return (
-        f"run folder: {run_dir.path}  ({splits.name}: {len(splits.train)} train / {len(splits.val)} val, "
-        f"{classes}{notes}; {m.img_size} px x {m.in_chans} channel(s); {cfg.method.name} on {m.name} "
-        f"({params:.2f}M-parameter encoder{pretrained}), p={cfg.dilemma.misplace_prob:g} r={cfg.dilemma.drop_rate:g}; "
-        f"{length}; batch {cfg.data.batch_size}, lr {peak_lr(cfg)[0]:.3g}; "
-        f"device {device}, {world_size()} process(es), {cfg.train.precision})"
-    )
-
-
 def bad_images(batch: Batch, skip: bool) -> list[str]:
     """The batch's unreadable files; an error unless ``data.skip_bad_images``."""
     if batch.problems and not skip:
@@ -181,15 +99,13 @@ def bad_images(batch: Batch, skip: bool) -> list[str]:
 
 @dataclass
 class Run:
-    """Everything a training run holds; ``step``, ``elapsed`` and ``skipped`` advance as it trains."""
+    """A training run: its plan (``build.resolve_run``) and what advances as it trains (``step``,
+    ``elapsed``, ``skipped``)."""
 
-    cfg: Config
+    plan: RunPlan
     dir: RunDir
-    splits: Splits
-    method: Method  # the module whose state is saved (the stepper's model may wrap it in DDP)
     stepper: Stepper  # the optimiser, precision, accumulation and the token draws
     probe: OnlineProbe | None
-    batches: PretrainBatches
     metrics: MetricsLog
     run_id: str  # made when the run starts; its checkpoints and this folder's provenance carry it
     step: int = 0
@@ -203,23 +119,34 @@ class Run:
         return self.stepper.device
 
     @property
+    def method(self) -> Method:  # the module whose state is saved (the stepper's model may wrap it in DDP)
+        return self.plan.method
+
+    @property
+    def splits(self) -> Splits:
+        return self.plan.splits
+
+    @property
+    def batches(self) -> PretrainBatches:
+        return self.plan.batches
+
+    @property
     def end(self) -> int:
-        return total_steps(self.cfg, self.batches)
+        return self.plan.schedule.end
 
     @property
     def checkpoints(self) -> CheckpointDir:
-        return CheckpointDir(self.dir.path, self.cfg.train.keep_checkpoints)
+        return CheckpointDir(self.dir.path, self.plan.checkpoints.keep)
 
     def progress(self) -> float:
         """How far training is, in [0, 1]: steps or wall-clock, whichever is further (the schedules' clock)."""
-        budget = self.cfg.train.time_budget
-        return progress(self.step, self.end, self.elapsed, budget * 60 if budget else None)
+        return self.plan.schedule.progress(self.step, self.elapsed)
 
     def state(self) -> dict:
         return {
             "format": FORMAT,
             "run_id": self.run_id,
-            "config": self.cfg.to_dict(),
+            "config": self.plan.config,
             "step": self.step,
             "epoch": self.step / self.batches.steps_per_epoch,
             "elapsed": self.elapsed,
@@ -240,10 +167,9 @@ class Run:
     def save_snapshots(self) -> None:
         """Keep a checkpoint at every ``train.snapshot_every`` fraction of training reached (once
         each, also across a resume)."""
-        every, done = self.cfg.train.snapshot_every, self.progress()
-        if not every or not is_main():
+        fractions, done = self.plan.checkpoints.snapshot_fractions(), self.progress()
+        if not fractions or not is_main():
             return
-        fractions = [i * every for i in range(1, int(1 / every + 1e-9) + 1) if i * every < 1 - 1e-9]
         due = [f for f in fractions if f <= done + 1e-9 and not self.checkpoints.snapshot_path(f).exists()]
         if due:  # several at once when a step crosses several fractions (a short run): one file
             self.checkpoints.save_snapshots(self.state(), self.step, due)
@@ -262,7 +188,7 @@ class Run:
         # rank 0's RNG states: the other ranks draw their own again
         set_rng_state(ckpt["rng"], self.stepper.token_generator)
         if rank():
-            seed_everything(self.cfg.train.seed + rank() + 1_000_003 * ckpt["step"])
+            seed_everything(self.plan.seed + rank() + 1_000_003 * ckpt["step"])
         if ckpt.get("scaler"):
             self.stepper.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.elapsed, self.skipped = ckpt["step"], ckpt["elapsed"], ckpt.get("nonfinite_skips", 0)
@@ -274,7 +200,8 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=prin
     folder is locked for the whole run: one writer per folder."""
     run_dir, run, status = RunDir(out_dir), None, "FAILED"
     try:
-        run = setup(cfg, run_dir, resume)
+        plan, ckpt = _resolve(cfg, run_dir, resume)
+        run = setup(plan, run_dir, ckpt)
         final = finish(run, train(run), log)
         status = "FINISHED"
         return final
@@ -300,27 +227,12 @@ def _checkpoint_to_resume(cfg: Config, run_dir: RunDir) -> dict:
     return ckpt
 
 
-def _model_and_data(cfg: Config, ckpt: dict | None, device: torch.device):
-    """``(splits, method on the device, batches)``; a pretrained start only for a new run."""
-    splits = load_splits(cfg)
-    pretrained = None
-    if cfg.model.pretrained and ckpt is None:
-        pretrained = pretrained_state(cfg.model.pretrained, method=cfg.method.name if ":" in cfg.method.name else None)
-    method = build_method(cfg, pretrained, log=_stderr if is_main() else None)
-    method.encoder.vit.set_grad_checkpointing(cfg.train.grad_checkpointing)
-    method.to(device)
-    if cfg.data.batch_size % world_size():
-        raise DilemmaError(f"data.batch_size {cfg.data.batch_size} is not divisible by the {world_size()} processes")
-    batches = PretrainBatches(splits.train, cfg.data.batch_size, build_views(cfg), cfg.train.seed, rank(), world_size())
-    return splits, method, batches
-
-
-def _first_batch_then_folder(cfg: Config, run_dir: RunDir, batches: PretrainBatches, resume: bool) -> None:
+def _first_batch_then_folder(plan: RunPlan, run_dir: RunDir, resume: bool) -> None:
     """Decode one batch now, so a wrong source fails before a run folder exists; then make the
     folder. Every process stops, or none does."""
     problem = None
     try:
-        bad_images(batches[0], cfg.data.skip_bad_images)
+        bad_images(plan.batches[0], plan.skip_bad_images)
         if not resume and is_main():
             run_dir.create()
     except DilemmaError as err:
@@ -328,41 +240,43 @@ def _first_batch_then_folder(cfg: Config, run_dir: RunDir, batches: PretrainBatc
     fail_together(problem)
 
 
-def _stepper(cfg: Config, method: Method, device: torch.device) -> Stepper:
-    """AdamW and the step: the method wrapped in DDP under torchrun, compiled with ``train.compile``."""
-    t = cfg.train
-    optimizer = adamw(param_groups(method, cfg.optim.weight_decay), cfg.optim.lr, use_scaler=t.precision == "fp16")
-    model = method
+def _stepper(plan: RunPlan) -> Stepper:
+    """The step: the method wrapped in DDP under torchrun, compiled with ``train.compile``."""
+    model, device = plan.method, plan.device
     if is_distributed():
         device_ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(sync_batchnorm(method, device), device_ids=device_ids)
-    if t.compile:
+        model = torch.nn.parallel.DistributedDataParallel(sync_batchnorm(model, device), device_ids=device_ids)
+    if plan.compile:
         model.compile()
     return Stepper(
-        model,
-        optimizer,
-        device=device,
-        precision=t.precision,
-        accum_steps=t.accum_steps,
-        grad_clip=cfg.optim.grad_clip,
-        seed=t.seed,
-    )
+        model, plan.optimizer, device=device, precision=plan.precision, accum_steps=plan.accum_steps,
+        grad_clip=plan.grad_clip, seed=plan.seed,
+    )  # fmt: skip
 
 
-def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
-    """config -> data -> method -> AdamW -> (DDP) -> the state of the checkpoint resumed."""
+def _resolve(cfg: Config, run_dir: RunDir, resume: bool) -> tuple[RunPlan, dict | None]:
+    """The plan of the run (``build.resolve_run``) and the checkpoint it continues: the last reads
+    of the config."""
     device = init_from_env(cfg.train.device) or resolve_device(cfg.train.device)
     ckpt = _checkpoint_to_resume(cfg, run_dir) if resume else None
-    seed_everything(cfg.train.seed + rank())
-    splits, method, batches = _model_and_data(cfg, ckpt, device)
-    _first_batch_then_folder(cfg, run_dir, batches, resume)
+    seed_everything(cfg.train.seed + rank())  # before the weights are made
+    pretrained = None
+    if cfg.model.pretrained and ckpt is None:  # a resume continues from its own weights
+        pretrained = pretrained_state(cfg.model.pretrained, method=cfg.method.name if ":" in cfg.method.name else None)
+    log = _stderr if is_main() else None
+    return resolve_run(cfg, device, pretrained=pretrained, rank=rank(), world=world_size(), log=log), ckpt
+
+
+def setup(plan: RunPlan, run_dir: RunDir, ckpt: dict | None) -> Run:
+    """The plan's run in ``run_dir``: its folder, the state of the checkpoint resumed, its trackers."""
+    _first_batch_then_folder(plan, run_dir, ckpt is not None)
     if is_main():
-        _stderr(start_line(cfg, run_dir, splits, method, device, run_length(cfg, batches)))
-    labelled = cfg.train.online_probe and splits.labelled
-    probe = OnlineProbe(method.encoder.embed_dim, len(splits.classes)).to(device) if labelled else None
+        _stderr(f"run folder: {run_dir.path}  ({plan.understood})")
+    dim, classes = plan.method.encoder.embed_dim, len(plan.splits.classes)
+    probe = OnlineProbe(dim, classes).to(plan.device) if plan.online_probe else None
+    trackers = Trackers(run_dir.path, list(plan.loggers), plan.tracking, enabled=is_main())  # rank 0 only
     run = Run(
-        cfg, run_dir, splits, method, _stepper(cfg, method, device), probe, batches,
-        metrics=MetricsLog(run_dir.path, enabled=is_main(), trackers=_trackers(cfg, run_dir)),
+        plan, run_dir, _stepper(plan), probe, MetricsLog(run_dir.path, enabled=is_main(), trackers=trackers),
         run_id=(ckpt or {}).get("run_id") or uuid.uuid4().hex,
     )  # fmt: skip
     resumed = {}  # for the trackers: what they were sent before the run stopped, and what metrics.jsonl keeps
@@ -371,16 +285,11 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> Run:
         held, kept = run.metrics.truncate_after(run.step)  # steps after the checkpoint run (and log) again
         resumed = {"saved": ckpt.get("trackers") or {}, "held_up_to": held, "backfill": kept}
     if is_main():
-        atomic_write_text(run_dir.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        record = {**provenance(device, world_size()), "run_id": run.run_id, "resumed_at_step": run.step}
+        atomic_write_text(run_dir.config, yaml.safe_dump(plan.config, sort_keys=False))
+        record = {**provenance(plan.device, world_size()), "run_id": run.run_id, "resumed_at_step": run.step}
         run_dir.record_provenance(record)
-        run.metrics.trackers.start(cfg.to_dict(), record, **resumed)
+        run.metrics.trackers.start(plan.config, record, **resumed)
     return run
-
-
-def _trackers(cfg: Config, run_dir: RunDir) -> Trackers:
-    """``train.loggers``' trackers, rank 0 only."""
-    return Trackers(run_dir.path, cfg.train.loggers, cfg.train.tracking, enabled=is_main())
 
 
 def _agree(stop: bool, clock: float, device: torch.device) -> tuple[bool, float]:
@@ -395,15 +304,15 @@ def _agree(stop: bool, clock: float, device: torch.device) -> tuple[bool, float]
 
 def _nonfinite(run: Run, loss: float) -> None:
     """A skipped step: warn, or stop (``train.on_nonfinite``, ``train.max_nonfinite_skips``)."""
-    t = run.cfg.train
+    plan = run.plan
     run.skipped += 1
-    if t.on_nonfinite == "stop" or run.skipped > t.max_nonfinite_skips:
+    if plan.on_nonfinite == "stop" or run.skipped > plan.max_nonfinite_skips:
         last = run.checkpoints.last if run.checkpoints.last.exists() else None
         kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
         why = (
             ""
-            if t.on_nonfinite == "stop"
-            else f" for the {run.skipped}th time (train.max_nonfinite_skips={t.max_nonfinite_skips})"
+            if plan.on_nonfinite == "stop"
+            else f" for the {run.skipped}th time (train.max_nonfinite_skips={plan.max_nonfinite_skips})"
         )
         raise DilemmaError(
             f"loss became {loss} at step {run.step}{why}; stopping ({kept}). "
@@ -415,7 +324,7 @@ def _nonfinite(run: Run, loss: float) -> None:
 def _read_problems(run: Run, batch: Batch) -> DilemmaError | None:
     """Warn once per unreadable file the batch replaced, or return the error that stops the run."""
     try:
-        problems = bad_images(batch, run.cfg.data.skip_bad_images)
+        problems = bad_images(batch, run.plan.skip_bad_images)
     except DilemmaError as err:
         return err
     for problem in problems:
@@ -438,15 +347,9 @@ def check_images(run: Run, batch: Batch) -> None:
         raise error or DilemmaError("another process met an unreadable image (see its error)")
 
 
-def out_of_time(run: Run) -> bool:
-    budget = run.cfg.train.time_budget
-    return bool(budget) and run.elapsed >= budget * 60
-
-
 def set_learning_rate(run: Run) -> float:
     """Warm-up + cosine at the run's progress, set on every parameter group."""
-    peak, floor = peak_lr(run.cfg)
-    lr = learning_rate(run.progress(), lr=peak, min_lr=floor, warmup=run.cfg.optim.warmup)
+    lr = run.plan.schedule.lr(run.progress())
     for group in run.stepper.optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -511,14 +414,14 @@ def take_step(run: Run, batch: Batch, with_metrics: bool, clock: Throughput):
         run.probe.step(result.probe_features, batch.labels.to(run.device, non_blocking=True))
     run.step += 1
     run.elapsed = time.perf_counter() - clock.start
-    clock.images += 0 if result.skipped else run.cfg.data.batch_size
+    clock.images += 0 if result.skipped else run.batches.batch_size
     return result
 
 
 def log_step(run: Run, result, lr: float, clock: Throughput, bar) -> None:
     """A line of ``metrics.jsonl`` every ``train.log_every`` steps; the progress bar."""
     bar.update(1)
-    if run.step % run.cfg.train.log_every:
+    if run.step % run.plan.log_every:
         return
     record = {
         "step": run.step,
@@ -539,8 +442,7 @@ def log_step(run: Run, result, lr: float, clock: Throughput, bar) -> None:
 def save_checkpoints(run: Run) -> None:
     """Every ``train.ckpt_every`` steps or ``train.checkpoint_every_minutes`` of training, whichever
     comes first (what a failure can lose), and the snapshots at fractions of training."""
-    minutes = run.cfg.train.checkpoint_every_minutes
-    if run.step % run.cfg.train.ckpt_every == 0 or (minutes and run.elapsed - run.saved_at >= minutes * 60):
+    if run.plan.checkpoints.due(run.step, run.elapsed, run.saved_at):
         run.save()
     run.save_snapshots()
 
@@ -563,10 +465,8 @@ def _resume_hint(run: Run) -> str:
 
 def train(run: Run) -> str:
     """Step until the last step or the time budget; returns what stopped it."""
-    loader = pretrain_loader(
-        run.batches, run.step, run.end, run.cfg.data.num_workers, pin_memory=run.device.type == "cuda"
-    )
-    show = run.cfg.train.show_progress and is_main()
+    loader = pretrain_loader(run.batches, run.step, run.end, run.plan.num_workers, pin_memory=run.device.type == "cuda")
+    show = run.plan.show_progress and is_main()
     total = None if run.end == NO_STEP_LIMIT else run.end
     bar = tqdm(total=total, initial=run.step, disable=not show, unit="step", dynamic_ncols=True)
     clock = Throughput(start=time.perf_counter() - run.elapsed)  # the clock continues from the checkpoint's
@@ -575,10 +475,10 @@ def train(run: Run) -> str:
         try:
             for batch in loader:
                 check_images(run, batch)
-                if out_of_time(run):
+                if run.plan.schedule.out_of_time(run.elapsed):
                     return "time_budget"
                 lr = set_learning_rate(run)
-                result = take_step(run, batch, with_metrics=(run.step + 1) % run.cfg.train.log_every == 0, clock=clock)
+                result = take_step(run, batch, with_metrics=(run.step + 1) % run.plan.log_every == 0, clock=clock)
                 if result.skipped:  # a non-finite loss, warned of: no update to log or save
                     continue
                 log_step(run, result, lr, clock, bar)
@@ -601,18 +501,18 @@ def finish(run: Run, stopped_by: str, log) -> dict:
         "elapsed_s": run.elapsed,
         "stopped_by": stopped_by,
     }
-    e = run.cfg.eval
+    settings = run.plan.knn
     if is_main():
         images = run.method.encoder.normalize(next(eval_batches(run.splits.val, 8))[0].to(run.device))
         pictures = run.method.pictures(images, run.dir.path)
         final.update({"pictures": [str(p) for p in pictures]} if pictures else {})
         for picture in pictures:
             run.metrics.picture(picture, run.step)
-        if e.knn_at_end and run.splits.labelled and run.splits.train.labels.unique().numel() < 2:
+        if settings and run.splits.labelled and run.splits.train.labels.unique().numel() < 2:
             _stderr("note: no kNN read-out: the train split holds one class")
-        elif e.knn_at_end and run.splits.labelled:
-            encoder, workers = run.method.evaluated_encoder(), run.cfg.data.num_workers
-            knn = knn_eval(encoder, run.splits, e, device=run.device, num_workers=workers)
+        elif settings and run.splits.labelled:
+            encoder, workers = run.method.evaluated_encoder(), run.plan.num_workers
+            knn = knn_eval(encoder, run.splits, settings, device=run.device, num_workers=workers)
             final.update(knn_top1=knn.top1, knn_top5=knn.top5, knn_protocol=knn.protocol)
             log(knn.line())
     run.metrics.write(final)
@@ -620,7 +520,7 @@ def finish(run: Run, stopped_by: str, log) -> dict:
     if stopped_by == "time_budget" and is_main():  # the last line: a run that ends early says so
         of = f" of {run.end}" if run.end != NO_STEP_LIMIT else ""
         _stderr(
-            f"note: stopped by the time budget (train.time_budget = {run.cfg.train.time_budget:g} min) at step "
+            f"note: stopped by the time budget (train.time_budget = {run.plan.schedule.budget_min:g} min) at step "
             f"{run.step}{of}; the lr and momentum schedules ended with it"
         )
     return final
