@@ -115,8 +115,8 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The suite's writes and its three largest writers: the whole suite must stay under 1 GB (the
-    disk of a 2-core test machine)."""
+    """What the suite wrote and its three largest writers (checkpoints, mostly): a passed test's
+    folder is removed at once (pyproject.toml), so what is on disk at any time is far less."""
     written = _bytes_written()
     if written >= 0:
         top = sorted(_WRITTEN.items(), key=lambda kv: -kv[1])[:3]
