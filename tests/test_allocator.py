@@ -6,10 +6,14 @@ import sys
 
 import pytest
 
+# In the order of the dilemma command: main() keeps freed memory, then the sub-command imports torch
+# and timm. (Their import leaves small free blocks that later small allocations take; without them
+# a small allocation can take the heap's top right after a freed large block and pin it there.)
 FAULTS = """
-import resource, sys, torch
+import resource, sys
 from dilemma.allocator import keep_freed_memory
 set_ = keep_freed_memory() if sys.argv[1] == "keep" else False
+import torch, timm
 def touch():  # 64 MB written once, then freed; the minor page faults it took
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(16 * 2**20).fill_(1.0)
