@@ -6,11 +6,18 @@ another location (misplacement). ``ViTEncoder`` does both through timm's public 
 (``patch_embed``, ``pos_embed``, ``cls_token``, ``blocks``, ``norm``) without forking the model.
 The authors' code built the indices but never passed them into the embedding step
 (``docs/method.md``, "Defects of the authors' code"); here they are the forward's own arguments.
+
+The same holds for timm's ``Eva`` class, whose models (DINOv3, EVA-02, ``vit_*_rope_*``) carry
+positions as rotary embeddings (RoPE): a token's queries and keys are rotated by its position's
+angles in every block. There, sparsity gathers the kept tokens' angles, and a misplaced token is
+rotated with the angles of the position it is told (and gets that position's row of an additive
+table too, where the model has both); prefix tokens stay unrotated, as timm leaves them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,6 +25,7 @@ from typing import Optional
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models.eva import Eva
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -101,15 +109,16 @@ class ViTEncoder(nn.Module):
     (``model.mean`` / ``model.std``).
     """
 
-    def __init__(self, vit: VisionTransformer, mean=(0.5,), std=(0.5,)):
+    def __init__(self, vit: VisionTransformer | Eva, mean=(0.5,), std=(0.5,)):
         super().__init__()
-        if not isinstance(vit, VisionTransformer):
-            raise DilemmaError(f"expected a timm VisionTransformer, got {type(vit).__name__}")
-        if vit.pos_embed is None:
-            raise DilemmaError("the ViT has no absolute positional embedding (pos_embed=None); DILEMMA needs one")
-        if getattr(vit, "dynamic_img_size", False):
-            raise DilemmaError("dynamic_img_size ViTs are not supported: create the model with a fixed img_size")
-        if not isinstance(vit.patch_drop, nn.Identity):
+        if not isinstance(vit, (VisionTransformer, Eva)):
+            raise DilemmaError(
+                f"expected a timm VisionTransformer or Eva (RoPE) model, got {type(vit).__name__}: "
+                "see the README for the timm families that work"
+            )
+        if vit.pos_embed is None and getattr(vit, "rope", None) is None:
+            raise DilemmaError("the ViT has neither a positional embedding nor rotary positions; DILEMMA needs one")
+        if vit.patch_drop is not None and not isinstance(vit.patch_drop, nn.Identity):
             raise DilemmaError("set patch_drop_rate=0: token dropping is done by dilemma, with known indices")
         vit.patch_embed.strict_img_size = False  # other sizes are checked in check_images
         self.vit = vit
@@ -133,9 +142,12 @@ class ViTEncoder(nn.Module):
         patch = self.vit.patch_embed.patch_size
         return image_size[0] // patch[0], image_size[1] // patch[1]
 
-    def _split_pos_embed(self, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(prefix PE or None, patch PE (H * W, D))`` from timm's ``pos_embed``, resampled to ``grid``."""
+    def _split_pos_embed(self, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(prefix PE or None, patch PE (H * W, D))`` from timm's ``pos_embed``, resampled to ``grid``
+        (``(None, None)`` for a model with rotary positions only)."""
         pe = self.vit.pos_embed
+        if pe is None:
+            return None, None
         prefix_pe = None if self.vit.no_embed_class else pe[0, : self.num_prefix_tokens]
         patch_pe = pe[:, pe.shape[1] - self.num_patches :]
         if grid != self.grid_size:
@@ -172,6 +184,7 @@ class ViTEncoder(nn.Module):
         self.check_images(images)
         vit = self.vit
         x = vit.patch_embed(images)  # (B, L, D), patches in row-major order, no PE yet
+        x = x.flatten(1, 2) if x.ndim == 4 else x  # a dynamic_img_size model gives (B, H, W, D)
         batch, _, dim = x.shape
         prefix_pe, patch_pe = self._split_pos_embed(self.grid_of(tuple(images.shape[-2:])))  # patch_pe: (L, D)
         if keep is not None:
@@ -187,13 +200,13 @@ class ViTEncoder(nn.Module):
                     f"got {tuple(masked.shape)}"
                 )
             x = torch.where(masked.unsqueeze(-1), mask_token.to(x.dtype), x)  # (B, K, D): content hidden
-        if positions is None:
+        if positions is not None and positions.shape != x.shape[:2]:
+            raise DilemmaError(
+                f"positions must match the kept tokens {tuple(x.shape[:2])}, got {tuple(positions.shape)}"
+            )
+        if patch_pe is not None and positions is None:
             x = x + patch_pe.unsqueeze(0)
-        else:
-            if positions.shape != x.shape[:2]:
-                raise DilemmaError(
-                    f"positions must match the kept tokens {tuple(x.shape[:2])}, got {tuple(positions.shape)}"
-                )
+        elif patch_pe is not None:
             # Misplacement: token i gets the PE row positions[b, i], which differs from keep[b, i]
             # exactly for the misplaced tokens. (L, D)[(B, K)] -> (B, K, D).
             x = x + patch_pe[positions]
@@ -207,12 +220,40 @@ class ViTEncoder(nn.Module):
             x = torch.cat([prefix, x], dim=1)  # (B, P + K, D)
         return vit.norm_pre(vit.pos_drop(x))
 
-    def _run(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if self.vit.grad_checkpointing and self.training and torch.is_grad_enabled():
-            for block in blocks:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            return x
-        return blocks(x)
+    def rotary(self, images: torch.Tensor, keep: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+        """The rotary angles (sin and cos, concatenated) of the patch tokens ``tokens`` returns, or None
+        for a ViT without rotary positions: token i of image b gets those of ``positions[b, i]`` (the
+        position it is told; ``keep`` when None), so a misplaced token is rotated as if it were
+        there. ``(L, R)`` for all tokens at their own places (timm's own call), else ``(B, 1, K, R)``;
+        per-block angles (timm's ``rope_mixed``): ``(depth, heads, L, R)`` or ``(depth, B, heads, K, R)``."""
+        rope = getattr(self.vit, "rope", None)
+        if rope is None:
+            return None
+        table = rope.get_embed(shape=list(self.grid_of(tuple(images.shape[-2:]))))  # (L, R); mixed (depth, h, L, R)
+        positions = keep if positions is None else positions
+        if positions is None:
+            return table
+        if getattr(self.vit, "rope_mixed", False):
+            return table[:, :, positions].permute(0, 2, 1, 3, 4)  # (depth, h, B, K, R) -> (depth, B, h, K, R)
+        return table[positions].unsqueeze(1)  # (L, R)[(B, K)] -> (B, 1, K, R): one set of angles for every head
+
+    def _run(self, blocks, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """``blocks`` over ``x``; Eva's blocks also take the rotary angles (per block where mixed)."""
+        checkpointed = self.vit.grad_checkpointing and self.training and torch.is_grad_enabled()
+        if rope is None:
+            if checkpointed:
+                for block in blocks:
+                    x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                return x
+            return blocks(x)
+        mixed = getattr(self.vit, "rope_mixed", False)
+        for i, block in enumerate(blocks):
+            angles = rope[i] if mixed else rope
+            if checkpointed:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope=angles, use_reentrant=False)
+            else:
+                x = block(x, rope=angles)
+        return x
 
     def forward(
         self,
@@ -222,7 +263,8 @@ class ViTEncoder(nn.Module):
         masked: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.vit.norm(self._run(self.vit.blocks, self.tokens(images, keep, positions, masked, mask_token)))
+        x = self.tokens(images, keep, positions, masked, mask_token)
+        x = self.vit.norm(self._run(self.vit.blocks, x, self.rotary(images, keep, positions)))
         return self.pool(x), x[:, self.num_prefix_tokens :]  # (B, D), (B, K, D)
 
     def embed(
@@ -250,7 +292,7 @@ class ViTEncoder(nn.Module):
             return "attention-pooled tokens"
         if vit.global_pool in ("avg", "max", "avgmax"):
             return f"{vit.global_pool}-pooled patch tokens"
-        return "final-norm class tokens" if vit.has_class_token else "avg-pooled patch tokens"
+        return "final-norm class tokens" if vit.cls_token is not None else "avg-pooled patch tokens"
 
     def _class_token_pooled(self) -> bool:
         """Whether ``pool`` reads the class token only (see there)."""
@@ -258,7 +300,7 @@ class ViTEncoder(nn.Module):
         return (
             getattr(vit, "attn_pool", None) is None
             and vit.global_pool not in ("avg", "max", "avgmax")
-            and vit.has_class_token
+            and vit.cls_token is not None
         )
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,7 +317,7 @@ class ViTEncoder(nn.Module):
         elif vit.global_pool == "avgmax":
             pooled = 0.5 * (patches.amax(dim=1) + patches.mean(dim=1))
         else:  # 'token', or no pooling: the class token, or the mean patch token without one
-            pooled = x[:, 0] if vit.has_class_token else patches.mean(dim=1)
+            pooled = x[:, 0] if vit.cls_token is not None else patches.mean(dim=1)
         return vit.fc_norm(pooled)
 
 
@@ -312,18 +354,29 @@ def create_encoder(
             img_size=img_size,
             patch_size=patch_size,
             in_chans=in_chans,
-            **{"num_classes": 0, **model_kwargs},
+            # Eva: rotary angles built for each grid asked for (DINO's local crops), not cached for one
+            **{"num_classes": 0, **({"dynamic_img_size": True} if _is_eva(name) else {}), **model_kwargs},
         )
     except TypeError as err:
         raise DilemmaError(f"timm model {name!r} rejected its arguments: {err}") from None
     encoder = ViTEncoder(vit, mean, std)
-    if pos_embed == "sincos":
+    if pos_embed == "sincos" and vit.pos_embed is not None:  # rotary positions only: nothing to fix
         with torch.no_grad():
             pe = vit.pos_embed
             pe.zero_()
             pe[0, pe.shape[1] - encoder.num_patches :] = sincos_pos_embed_2d(encoder.grid_size, encoder.embed_dim)
         pe.requires_grad_(False)
     return encoder
+
+
+def _is_eva(name: str) -> bool:
+    """Whether timm makes ``name`` with its ``Eva`` class (rotary positions: DINOv3, EVA-02, ``vit_*_rope_*``)."""
+    return timm.models.get_arch_name(name) in _eva_models()
+
+
+@functools.lru_cache(maxsize=1)
+def _eva_models() -> frozenset[str]:
+    return frozenset(timm.list_models(module="eva"))
 
 
 def timm_kwargs(model_cfg: ModelConfig) -> dict:
