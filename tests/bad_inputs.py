@@ -334,6 +334,11 @@ CASES = [
     ("negative workers", ["eval", "knn", "--checkpoint", "{ckpt}", "--workers", "-1"], "--workers must be >= 0"),
     ("compare with a seed twice", ["compare", "--variant", "a=", "--seeds", "0", "0", "--out", "{out}"], "seed twice"),
     (
+        "a hybrid CNN-ViT, which has no token per patch",
+        ["pretrain", "--set", "model.name=vit_small_r26_s32_224"],
+        "hybrid and convolutional backbones have none",
+    ),
+    (
         "compare with a read-out it does not know",
         ["compare", "--variant", "a=", "--readouts", "knn,shape", "--out", "{out}"],
         "--readouts: unknown 'shape'; choose among knn, linear, occlusion",

@@ -148,3 +148,30 @@ def test_dinov3_with_registers_exports_to_timm_with_equal_features(tmp_path):
     file = tmp_path / "backbone.safetensors"
     assert main(["export", str(run), "--out", str(file)]) == 0
     assert safetensors.safe_open(str(file), "pt").metadata()["timm_model"] == "vit_small_patch16_dinov3"
+
+
+def test_a_dinov3_start_from_the_local_cache_without_network(tmp_path, monkeypatch, capsys):
+    """``model.pretrained`` with a DINOv3 name: its weights from the Hugging Face cache (here random
+    ones put where the cache keeps them), at this run's patch size and channels, no network."""
+    import socket
+
+    from dilemma.weights import pretrained_state
+    from tests.test_real_data import _cache_timm_weights
+
+    name = "vit_small_patch16_dinov3"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _cache_timm_weights(tmp_path / "hub", name)
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("a network request was made"))
+    state, where = pretrained_state(name)
+    assert "rope.periods" not in state or state["rope.periods"].ndim == 1
+    assert state["blocks.0.attn.qkv.weight"].shape == (3 * 384, 384) and "model.safetensors" in where
+    run = tmp_path / "r"
+    argv = ["pretrain", "--out", str(run), "--max-steps", "1", *_sets(f"model.name={name}", "model.depth=null",
+            f"model.pretrained={name}", "eval.knn_at_end=false")]  # fmt: skip
+    assert main(argv) == 0
+    assert f"from {name}" in capsys.readouterr().err
+    from dilemma.weights import encoder_from_checkpoint
+
+    encoder, _ = encoder_from_checkpoint(run)  # started there: one warm-up step moves it little
+    started = state["blocks.11.mlp.fc2.weight"]
+    assert torch.allclose(encoder.vit.state_dict()["blocks.11.mlp.fc2.weight"], started, atol=1e-2)

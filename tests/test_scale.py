@@ -44,7 +44,7 @@ def _state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _ddp_worker(rank: int, port: int, method: str, out: str, nan_on_rank_1: bool = False) -> None:
+def _ddp_worker(rank: int, port: int, method: str, out: str, nan_on_rank_1: bool = False, extra=()) -> None:
     import datetime
 
     import torch.distributed as dist
@@ -54,7 +54,7 @@ def _ddp_worker(rank: int, port: int, method: str, out: str, nan_on_rank_1: bool
     # a mismatched collective fails within a minute instead of hanging the test suite
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
-        _, model, optimizer = _build(method)
+        _, model, optimizer = _build(method, *extra)
         before = _state(model)
         ddp = torch.nn.parallel.DistributedDataParallel(sync_batchnorm(model, torch.device("cpu")))
         stepper = Stepper(ddp, optimizer, device=torch.device("cpu"), grad_clip=None, seed=0)
@@ -80,13 +80,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["mocov3", "simclr", "dino", "byol", "vicreg", "ibot"])
-def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, method):
+ROPE = ("model.name=vit_small_patch16_rope_224",)  # rotary positions (timm's Eva)
+
+
+@pytest.mark.parametrize(
+    "method,extra", [(m, ()) for m in ("mocov3", "simclr", "dino", "byol", "vicreg", "ibot")] + [("mocov3", ROPE)]
+)
+def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, method, extra):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(_free_port(), method, str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(_free_port(), method, str(out), False, extra), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
 
-    _, model, optimizer = _build(method)
+    _, model, optimizer = _build(method, *extra)
     before = _state(model)
     single = Stepper(model, optimizer, device=torch.device("cpu"), grad_clip=None, seed=0)
     result = single.step(_views(method), 0.3, 5, False)

@@ -347,6 +347,7 @@ def create_encoder(
         )
     if not timm.is_model(name):
         raise DilemmaError(f"unknown timm model {name!r}; see timm.list_models('vit_*')")
+
     try:
         vit = timm.create_model(
             name,
@@ -357,8 +358,12 @@ def create_encoder(
             # Eva: rotary angles built for each grid asked for (DINO's local crops), not cached for one
             **{"num_classes": 0, **({"dynamic_img_size": True} if _is_eva(name) else {}), **model_kwargs},
         )
-    except TypeError as err:
-        raise DilemmaError(f"timm model {name!r} rejected its arguments: {err}") from None
+    except (TypeError, AssertionError, ValueError) as err:  # a model of another kind, or sizes it cannot take
+        raise DilemmaError(
+            f"timm model {name!r} could not be made with img_size={img_size}, patch_size={patch_size}, "
+            f"in_chans={in_chans} ({str(err) or type(err).__name__}): dilemma drives ViTs with one token per patch "
+            "(timm's VisionTransformer or Eva); hierarchical, hybrid and convolutional backbones have none"
+        ) from None
     encoder = ViTEncoder(vit, mean, std)
     if pos_embed == "sincos" and vit.pos_embed is not None:  # rotary positions only: nothing to fix
         with torch.no_grad():
@@ -415,10 +420,10 @@ def load_backbone(encoder: ViTEncoder, state: dict, source: str) -> str:
     into ``encoder``: positional embedding and patch kernel resampled to this model's grid, an RGB
     patch embedding adapted to 1 channel, the classifier dropped, a sin-cos PE kept fixed.
     Returns a one-line summary; weights that do not fit the model are an error."""
-    from timm.models import adapt_input_conv
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    from timm.models import adapt_input_conv, eva, vision_transformer
 
     vit, state = encoder.vit, dict(state)
+    checkpoint_filter_fn = (eva if isinstance(vit, Eva) else vision_transformer).checkpoint_filter_fn
     conv = state.get("patch_embed.proj.weight")
     if conv is not None and conv.ndim == 4 and conv.shape[1] != encoder.in_chans:
         state["patch_embed.proj.weight"] = adapt_input_conv(encoder.in_chans, conv.float())
@@ -434,7 +439,7 @@ def load_backbone(encoder: ViTEncoder, state: dict, source: str) -> str:
     except Exception as err:  # noqa: BLE001 - a layout timm cannot convert
         raise DilemmaError(f"{source}: not a ViT state dict timm can read ({err})") from None
     state = {k: v for k, v in state.items() if not k.startswith("head")}  # the classifier is not the backbone
-    fixed_pe = not vit.pos_embed.requires_grad  # sin-cos: keep ours
+    fixed_pe = vit.pos_embed is not None and not vit.pos_embed.requires_grad  # sin-cos: keep ours
     if fixed_pe:
         state.pop("pos_embed", None)
     try:

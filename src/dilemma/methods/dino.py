@@ -82,6 +82,15 @@ def teacher_temperature_at(progress: float, warmup_temp: float, temp: float, war
     return warmup_temp + (temp - warmup_temp) * progress / warmup
 
 
+@torch.no_grad()
+def teacher_entropy(teacher_out: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    """The mean entropy (nats) of the teacher's targets, centred and sharpened as the loss makes
+    them: log(out_dim) when they are uniform, 0 when one prototype takes all (DINO Sec. 5.3: the
+    two collapses the centre and the sharpening balance)."""
+    probs = torch.softmax((teacher_out.float() - center) / temp, dim=-1)
+    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
+
+
 class StepMean:
     """The mean of rows ``(B, d)`` added over one optimiser step (every micro-batch), taken once."""
 
@@ -163,9 +172,10 @@ class DINO(EMATeacherMethod):
         with torch.no_grad():  # the teacher: global crops only, dense and clean
             teacher_out = self.teacher_head(self.teacher_encoder.embed(global_views))  # (2n, out_dim)
         ssl = self.criterion(student_out, list(teacher_out.chunk(2)), self.center, temp)
+        entropy = teacher_entropy(teacher_out, self.center, temp)
         self.observe_teacher(teacher_out)
         out = self.output(ssl, detections, features=cls[:n])
-        out.logs.update(momentum=self.momentum, teacher_temp=temp)
+        out.logs.update(momentum=self.momentum, teacher_temp=temp, teacher_entropy=entropy)
         return out
 
     def local_student(self, local_crops, draws: TokenDraws, with_metrics: bool):

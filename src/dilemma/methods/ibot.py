@@ -30,7 +30,7 @@ from dilemma.heads import DINOHead
 from dilemma.losses import masked_patch_loss
 from dilemma.masks import batch_draws, block_masks
 from dilemma.methods.base import Detection, MethodOutput
-from dilemma.methods.dino import DINO, DINOConfig, StepMean, teacher_temperature_at
+from dilemma.methods.dino import DINO, DINOConfig, StepMean, teacher_entropy, teacher_temperature_at
 from dilemma.models import ViTEncoder
 from dilemma.pretext import Dilemma, TokenDraws, hide_under_mask
 
@@ -189,6 +189,7 @@ class IBOT(DINO):
         patch_loss = masked_patch_loss(
             student.patch_out, at_kept, student.masked, self.patch_center, c.student_temp, patch_temp
         )
+        entropy = teacher_entropy(teacher_cls, self.center, temp)
         self.observe_teacher(teacher_cls)
         out = self.output(
             c.cls_weight * cls_loss + c.patch_weight * patch_loss,
@@ -198,5 +199,6 @@ class IBOT(DINO):
         out.logs.update(
             cls_loss=cls_loss.detach(), patch_loss=patch_loss.detach(),
             masked_share=student.masked.float().mean().detach(), momentum=self.momentum, teacher_temp=temp,
+            teacher_entropy=entropy,
         )  # fmt: skip
         return out

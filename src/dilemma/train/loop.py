@@ -36,6 +36,7 @@ from dilemma.eval.knn import knn_eval
 from dilemma.files import atomic_write_text
 from dilemma.methods import Method
 from dilemma.rundir import FORMAT, CheckpointDir, RunDir, provenance
+from dilemma.train.health import collapse_warning, embedding_health
 from dilemma.train.metrics import MetricsLog, as_json
 from dilemma.train.probe import OnlineProbe
 from dilemma.train.seeding import rng_state, seed_everything, set_rng_state
@@ -113,6 +114,7 @@ class Run:
     skipped: int = 0  # optimiser steps skipped for a non-finite loss
     saved_at: float = 0.0  # ``elapsed`` at the last checkpoint (train.checkpoint_every_minutes)
     bad_images: set = field(default_factory=set)  # unreadable files met (and replaced), "path: reason"
+    collapse_said: bool = False  # the collapse warning is given once a run
 
     @property
     def device(self) -> torch.device:
@@ -433,8 +435,14 @@ def log_step(run: Run, result, lr: float, clock: Throughput, bar) -> None:
     }
     if run.probe is not None:
         record["probe_acc"] = run.probe.window_accuracy()
+    if result.probe_features is not None:
+        record.update(embedding_health(result.probe_features))
     if run.bad_images:
         record["bad_images"] = len(run.bad_images)
+    warning = collapse_warning(record)
+    if warning and not run.collapse_said and is_main():
+        _stderr(warning)
+        run.collapse_said = True
     run.metrics.write(record)
     bar.set_postfix({k: f"{as_json({k: record[k]})[k]:.3f}" for k in ("loss", "det_bce") if k in record})
 
