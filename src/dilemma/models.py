@@ -366,12 +366,17 @@ def create_encoder(
         ) from None
     encoder = ViTEncoder(vit, mean, std)
     if pos_embed == "sincos" and vit.pos_embed is not None:  # rotary positions only: nothing to fix
-        with torch.no_grad():
-            pe = vit.pos_embed
-            pe.zero_()
-            pe[0, pe.shape[1] - encoder.num_patches :] = sincos_pos_embed_2d(encoder.grid_size, encoder.embed_dim)
-        pe.requires_grad_(False)
+        _fix_sincos(encoder)
     return encoder
+
+
+def _fix_sincos(encoder: ViTEncoder) -> None:
+    """The additive PE as fixed 2D sin-cos on the patch rows, zero on the prefix rows, not trained."""
+    pe = encoder.vit.pos_embed
+    with torch.no_grad():
+        pe.zero_()
+        pe[0, pe.shape[1] - encoder.num_patches :] = sincos_pos_embed_2d(encoder.grid_size, encoder.embed_dim)
+    pe.requires_grad_(False)
 
 
 def _is_eva(name: str) -> bool:
