@@ -100,3 +100,20 @@ def test_rng_state_holds_only_dtypes_every_supported_torch_can_save():
     np.random.seed(6)
     set_rng_state(state, generator)
     assert np.array_equal(np.random.random_sample(4), expected)
+
+
+def test_a_run_links_a_snapshot_to_the_step_file_saved_at_that_step(tmp_path):
+    """In a real run the snapshot at a step that also saved a step file is that file (one CheckpointDir
+    for the run, which remembers what it saved)."""
+    from dilemma.cli import main
+    from tests.conftest import TINY
+
+    out = tmp_path / "r"
+    extra = ["train.ckpt_every=1", "train.snapshot_every=0.5", "eval.knn_at_end=false"]
+    assert (
+        main(["pretrain", "--out", str(out), "--max-steps", "2", *[a for kv in [*TINY, *extra] for a in ("--set", kv)]])
+        == 0
+    )
+    ckpts = out / "checkpoints"
+    assert (ckpts / "progress_0500.pt").stat().st_ino == (ckpts / "step_0000001.pt").stat().st_ino
+    assert load_checkpoint(ckpts / "progress_0500.pt")["step"] == 1

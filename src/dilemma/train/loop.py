@@ -108,6 +108,7 @@ class Run:
     stepper: Stepper  # the optimiser, precision, accumulation and the token draws
     probe: OnlineProbe | None
     metrics: MetricsLog
+    checkpoints: CheckpointDir  # one for the run: it remembers what it saved (a snapshot then links to it)
     run_id: str  # made when the run starts; its checkpoints and this folder's provenance carry it
     step: int = 0
     elapsed: float = 0.0  # seconds of training so far (across resumes): the clock of the schedules
@@ -135,10 +136,6 @@ class Run:
     @property
     def end(self) -> int:
         return self.plan.schedule.end
-
-    @property
-    def checkpoints(self) -> CheckpointDir:
-        return CheckpointDir(self.dir.path, self.plan.checkpoints.keep)
 
     def progress(self) -> float:
         """How far training is, in [0, 1]: steps or wall-clock, whichever is further (the schedules' clock)."""
@@ -279,7 +276,7 @@ def setup(plan: RunPlan, run_dir: RunDir, ckpt: dict | None) -> Run:
     trackers = Trackers(run_dir.path, list(plan.loggers), plan.tracking, enabled=is_main())  # rank 0 only
     run = Run(
         plan, run_dir, _stepper(plan), probe, MetricsLog(run_dir.path, enabled=is_main(), trackers=trackers),
-        run_id=(ckpt or {}).get("run_id") or uuid.uuid4().hex,
+        CheckpointDir(run_dir.path, plan.checkpoints.keep), run_id=(ckpt or {}).get("run_id") or uuid.uuid4().hex,
     )  # fmt: skip
     resumed = {}  # for the trackers: what they were sent before the run stopped, and what metrics.jsonl keeps
     if ckpt is not None:
