@@ -140,11 +140,14 @@ class Schedule:
     wall-clock, whichever is further."""
 
     end: int  # the last step (``NO_STEP_LIMIT``: only the budget ends the run)
-    budget_s: float | None  # seconds of training
+    budget_min: float | None  # minutes of training (train.time_budget)
     peak_lr: float
     min_lr: float
     warmup: float  # fraction of the progress
-    budget_min: float | None = None  # as configured, for what the run says
+
+    @property
+    def budget_s(self) -> float | None:
+        return self.budget_min * 60 if self.budget_min else None
 
     def progress(self, step: int, elapsed: float) -> float:
         return progress(step, self.end, elapsed, self.budget_s)
@@ -219,10 +222,7 @@ def resolve_run(
         raise DilemmaError(f"data.batch_size {cfg.data.batch_size} is not divisible by the {world} processes")
     batches = PretrainBatches(splits.train, cfg.data.batch_size, build_views(cfg), t.seed, rank, world)
     lr, min_lr = peak_lr(cfg)
-    schedule = Schedule(
-        total_steps(cfg, batches), t.time_budget * 60 if t.time_budget else None, lr, min_lr, cfg.optim.warmup,
-        t.time_budget,
-    )  # fmt: skip
+    schedule = Schedule(total_steps(cfg, batches), t.time_budget, lr, min_lr, cfg.optim.warmup)
     every_s = t.checkpoint_every_minutes * 60 if t.checkpoint_every_minutes else None
     return RunPlan(
         cfg.to_dict(), device, splits, method, batches,
