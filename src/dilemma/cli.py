@@ -68,15 +68,12 @@ def _pretrain(args) -> None:
 def _recipe(method: str, config: str | None, overrides: list[str]) -> list[str]:
     """The built-in ``method``'s recipe (``Method.recipe``: ``section.key=value`` settings) less the
     keys the config file or ``overrides`` give."""
-    from dilemma.config import read_yaml
+    from dilemma.config import keys_set_in
     from dilemma.methods import METHODS
 
     if method not in METHODS:
         return []
-    given = {kv.partition("=")[0].strip() for kv in overrides}
-    tree = read_yaml(config) if config else {}
-    for section, values in tree.items():
-        given |= {f"{section}.{key}" for key in values} if isinstance(values, dict) else set()
+    given = {kv.partition("=")[0].strip() for kv in overrides} | keys_set_in(config)
     return [kv for kv in METHODS[method].recipe if kv.partition("=")[0] not in given]
 
 
@@ -254,7 +251,7 @@ def _eval_linear(args) -> None:
 
 
 def _eval_occlusion(args) -> None:
-    from dilemma.eval.occlusion import occlusion_curve
+    from dilemma.eval.occlusion import occlusion_curve, tracker_numbers
     from dilemma.report import occlusion_lines
 
     settings, results, configs = _eval_settings(args), [], []
@@ -271,14 +268,7 @@ def _eval_occlusion(args) -> None:
                 )
         configs.append(cfg.to_dict())
         results.append({"checkpoint": path, "data": splits.name, "points": curve.points, "protocol": curve.protocol})
-        _to_run(
-            path,
-            {
-                f"occlusion/keep_{p['keep_fraction']:g}/{k}": p[k]
-                for p in curve.points
-                for k in ("knn_top1", "linear_top1")
-            },
-        )
+        _to_run(path, tracker_numbers(curve.points))
     results = _labelled(results, configs)
     _print_side_by_side(results, occlusion_lines)
     _write_json(args.json, results)

@@ -28,7 +28,7 @@ import timm
 import torch
 
 from dilemma.build import build_method, load_splits
-from dilemma.config import config_from_dict, load_config, read_yaml, safe_yaml
+from dilemma.config import config_from_dict, keys_set_in, load_config, safe_yaml
 from dilemma.data.sources import TEXTURED
 from dilemma.distributed import resolve_device
 from dilemma.errors import DilemmaError
@@ -86,12 +86,13 @@ def _trusted(cfg) -> str | None:
     return cfg.method.name if ":" in cfg.method.name else None
 
 
-def _readout(path: Path, cfg, splits, fractions: list[float] | None = None):
-    """The occlusion curve (``cfg.eval``; only its 100 % point with ``fractions=[1.0]``) of a checkpoint."""
+def _intact_point(path: Path, ckpt: dict, cfg, splits) -> dict:
+    """kNN and linear top-1 (``cfg.eval``) of the checkpoint ``ckpt`` read from ``path``: the occlusion
+    curve's 100 % point."""
     device = resolve_device(cfg.train.device)
-    encoder, _ = encoder_from_checkpoint(path, method=_trusted(cfg))
-    settings = cfg.eval if fractions is None else dataclasses.replace(cfg.eval, occlusion_fractions=fractions)
-    return occlusion_curve(encoder.to(device), splits, settings, device=device)
+    encoder, _ = encoder_from_checkpoint(path, ckpt=ckpt, method=_trusted(cfg))
+    settings = dataclasses.replace(cfg.eval, occlusion_fractions=[1.0])
+    return _accuracies(occlusion_curve(encoder.to(device), splits, settings, device=device).points[0])
 
 
 def _final_readouts(path: Path, cfg, splits, readouts: tuple[str, ...]) -> tuple[Robustness, dict | None]:
@@ -186,10 +187,10 @@ def _over_time(cfg, run_dir: Path, splits, final: dict, end: dict, say: Callable
     over_time, snapshots = [], CheckpointDir(run_dir, cfg.train.keep_checkpoints).snapshots()
     for i, path in enumerate(snapshots, 1):
         say(f"reading out snapshot {i}/{len(snapshots)}")
-        point = _accuracies(_readout(path, cfg, splits, fractions=[1.0]).points[0])
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path)  # once: its weights, step and training time
+        point = _intact_point(path, ckpt, cfg, splits)
         over_time.append({"step": ckpt["step"], "elapsed_s": ckpt["elapsed"], **point})
-        log_to_run(path, point)
+        log_to_run(path, point, step=ckpt["step"])  # a snapshot's step is in the file, not its name
     over_time.append({"step": final["step"], "elapsed_s": final["elapsed_s"], **_accuracies(end)})
     return over_time
 
@@ -494,14 +495,6 @@ def _fixed_overrides(
     return fixed
 
 
-def _sets_max_steps(config: str | None) -> bool:
-    """Whether the config file sets ``train.max_steps`` (a cap compare then keeps)."""
-    if config is None:
-        return False
-    train = read_yaml(config).get("train")
-    return isinstance(train, dict) and "max_steps" in train
-
-
 def _run_name(variant: str, seed: int) -> str:
     """The tracker run's name (W&B / MLflow) unless the user sets one: the arm and the seed."""
     return f"train.tracking.run_name={json.dumps(f'{variant} seed {seed}')}"
@@ -617,7 +610,9 @@ def compare(
     config file) is kept, and otherwise only the budget ends a run."""
     fixed = _fixed_overrides(time_budget, max_steps, probe_epochs, curve_points)
     group = f"train.tracking.group={json.dumps(out.resolve().name)}"  # the arms side by side in a tracker
-    only_the_budget = [] if _sets_max_steps(config) else ["train.max_steps=null"]  # first: --set and variants win
+    only_the_budget = (
+        [] if "train.max_steps" in keys_set_in(config) else ["train.max_steps=null"]
+    )  # first: --set and variants win
     runs = _plan(variants, seeds, config, [*only_the_budget, group, *overrides], fixed)
     _check_buildable(runs)
     _make_out(out)

@@ -372,6 +372,12 @@ def parse_override(text: str) -> dict:
     return nested
 
 
+def keys_set_in(path: str | Path | None) -> set[str]:
+    """The ``section.key`` names a YAML config file sets (none without a file)."""
+    tree = read_yaml(path) if path else {}
+    return {f"{section}.{key}" for section, values in tree.items() if isinstance(values, dict) for key in values}
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():

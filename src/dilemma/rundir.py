@@ -123,7 +123,7 @@ class RunDir:
             except DilemmaError as err:
                 problems.append(str(err))
                 continue
-            newer = [p for p in steps if _step_of(p) > ckpt["step"]] if path == self.last else []
+            newer = [p for p in steps if step_in_name(p) > ckpt["step"]] if path == self.last else []
             if newer:
                 later = self._newest_loading(newer)
                 if later is not None:
@@ -252,10 +252,10 @@ def provenance(device, processes: int) -> dict:
     return record
 
 
-def _step_of(path: Path) -> int:
+def step_in_name(path: Path) -> int:
     """The step in a ``step_0000100.pt`` name (-1 for another name)."""
     digits = path.stem.removeprefix("step_")
-    return int(digits) if digits.isdigit() else -1
+    return int(digits) if path.name.startswith("step_") and path.suffix == ".pt" and digits.isdigit() else -1
 
 
 def checkpoint_file(path: str | Path) -> Path:

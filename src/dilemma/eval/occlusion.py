@@ -35,6 +35,11 @@ def occlusion_points(readout: FrozenReadout, splits: Splits, *, show_progress: b
     return points
 
 
+def tracker_numbers(points: list[dict]) -> dict[str, float]:
+    """An occlusion curve as flat names for a tracker: ``occlusion/keep_0.25/linear_top1``, ..."""
+    return {f"occlusion/keep_{p['keep_fraction']:g}/{k}": p[k] for p in points for k in ("knn_top1", "linear_top1")}
+
+
 def occlusion_protocol(readout: FrozenReadout, splits: Splits) -> str:
     s, k = readout.settings, readout.settings.knn_k
     neighbours = str(k) if k <= len(splits.train) else f"{len(splits.train)} of {k} asked"  # the bank is smaller

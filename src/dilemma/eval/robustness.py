@@ -27,7 +27,7 @@ from dilemma.data import ImageSet, Splits, eval_batches
 from dilemma.errors import DilemmaError
 from dilemma.eval.corruptions import default_grids, patch_shuffle, position_shuffle
 from dilemma.eval.knn import require_labels
-from dilemma.eval.occlusion import occlusion_points, occlusion_protocol
+from dilemma.eval.occlusion import occlusion_points, occlusion_protocol, tracker_numbers
 from dilemma.eval.readout import FrozenReadout
 from dilemma.models import ViTEncoder
 from dilemma.pretext import DetectionHead, auroc, sample_tokens
@@ -52,14 +52,10 @@ class Robustness:
         """The panels as flat names for a tracker: ``robustness/grid_7/linear_top1``,
         ``robustness/q_0.5/knn_top1``, ``occlusion/keep_0.25/linear_top1``, ... (no name is a folder
         of another: MLflow's file store keeps each metric in a file of that path)."""
-        numbers = {**self.intact, "robustness/det_auroc_val": self.detection_auroc}
-        for panel, key, tag in (
-            ("patch_shuffle", "grid", "robustness/grid"),
-            ("position_shuffle", "fraction", "robustness/q"),
-            ("token_drop", "keep_fraction", "occlusion/keep"),
-        ):
+        numbers = {**self.intact, "robustness/det_auroc_val": self.detection_auroc, **tracker_numbers(self.token_drop)}
+        for panel, key, tag in (("patch_shuffle", "grid", "grid"), ("position_shuffle", "fraction", "q")):
             for point in getattr(self, panel):
-                numbers |= {f"{tag}_{point[key]:g}/{name}": point[name] for name in ("knn_top1", "linear_top1")}
+                numbers |= {f"robustness/{tag}_{point[key]:g}/{n}": point[n] for n in ("knn_top1", "linear_top1")}
         return numbers
 
 

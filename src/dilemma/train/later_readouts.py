@@ -4,14 +4,13 @@ the run's own tracker runs, at the evaluated checkpoint's step (``train/trackers
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from pathlib import Path
 
 from dilemma.config import TrackingConfig, safe_yaml
 from dilemma.errors import DilemmaError
 from dilemma.redact import redact
-from dilemma.rundir import RunDir, load_checkpoint
+from dilemma.rundir import RunDir, load_checkpoint, step_in_name
 from dilemma.train.metrics import MetricsLog
 from dilemma.train.trackers import STATE_FILE, Trackers, numbers
 
@@ -35,16 +34,17 @@ def _step_of(path: Path, folder: Path) -> int:
     """The step a checkpoint was taken at, from its name (``step_0000120.pt``), else the run's last."""
     if not path.is_file() or path.name == "last.pt":
         return max(MetricsLog(folder).last_step(), 0)
-    found = re.fullmatch(r"step_(\d+)\.pt", path.name)
-    if found:
-        return int(found.group(1))
-    return int(load_checkpoint(path)["step"])
+    step = step_in_name(path)
+    return step if step >= 0 else int(load_checkpoint(path)["step"])  # a snapshot (progress_XXXX.pt): read it
 
 
-def log_to_run(path: str | Path, values: dict, pictures: list[Path] = (), prefix: str = "eval/") -> None:
+def log_to_run(
+    path: str | Path, values: dict, pictures: list[Path] = (), prefix: str = "eval/", step: int | None = None
+) -> None:
     """Read-outs and pictures made later for a run go to the same tracker runs (when it tracks):
-    numbers as ``eval/<name>`` at the evaluated checkpoint's step, pictures as images. Never fails:
-    a warning at most; skipped while the run is still training (its process is the folder's writer)."""
+    numbers as ``eval/<name>`` at the evaluated checkpoint's step (``step``, where the caller has
+    read it already), pictures as images. Never fails: a warning at most; skipped while the run is
+    still training (its process is the folder's writer)."""
     folder = run_folder(path)
     if folder is None:
         return
@@ -56,7 +56,7 @@ def log_to_run(path: str | Path, values: dict, pictures: list[Path] = (), prefix
         return
     try:
         trackers = Trackers(folder, *_tracking_of(folder))
-        step = _step_of(Path(path), folder)
+        step = _step_of(Path(path), folder) if step is None else step
         trackers.reopen()
         trackers.readouts({f"{prefix}{k}": v for k, v in numbers(values).items()}, step)
         for picture in pictures:
