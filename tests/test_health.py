@@ -36,6 +36,7 @@ def _run(tmp_path, monkeypatch=None):
 def test_a_run_logs_the_monitors_and_warns_once_when_forced_to_collapse(tmp_path, monkeypatch, capsys):
     healthy = _run(tmp_path / "a")
     assert [r["step"] for r in healthy] == [1, 2, 3, 4] and all(r["emb_std"] > 0.2 and r["rankme"] > 3 for r in healthy)
+    assert all(-1 <= r["teacher_agreement"] <= 1 for r in healthy)  # MoCo v3: the momentum teacher's
     assert "collapsed" not in capsys.readouterr().err
     real_step = step_module.Stepper.step
 
@@ -62,3 +63,13 @@ def test_teacher_entropy_spans_one_prototype_to_uniform():
     one[:, 3] = 10.0
     assert teacher_entropy(one, center, 0.04).item() < 1e-6  # one prototype takes all
     assert teacher_entropy(one, one[:1], 0.04).item() == pytest.approx(math.log(16), rel=1e-5)  # centred away
+
+
+def test_teacher_agreement_is_the_mean_cosine_of_the_positive_pairs():
+    from dilemma.losses import agreement
+
+    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    assert agreement((z, 3 * z)).item() == pytest.approx(1.0)  # the student predicts the teacher
+    assert agreement((z, -z), (z, z)).item() == pytest.approx(0.0, abs=1e-6)  # the mean over the pairs
+    eye = torch.eye(8)
+    assert agreement((eye, eye.roll(1, dims=0))).item() == pytest.approx(0.0)  # unrelated directions

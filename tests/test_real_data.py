@@ -314,7 +314,9 @@ def test_pretrained_errors_and_no_network(tmp_path, spec, match, capsys, monkeyp
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     _cache_timm_weights(tmp_path / "hub", "vit_small_patch16_224")
     monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("a network request was made"))
-    argv = ["pretrain", "--out", str(tmp_path / "r"), "--max-steps", "1", "--set", f"model.pretrained={spec}"]
+    argv = ["pretrain", "--out", str(tmp_path / "r"), "--max-steps", "1", "--set", f"model.pretrained={spec}",
+            "--set", "model.name=vit_tiny_patch16_224", "--set", "model.img_size=32"]  # fmt: skip
+
     assert main(argv) == 2
     assert match in capsys.readouterr().err
 
@@ -331,6 +333,7 @@ def test_timm_weights_on_this_machine_load_without_network(tmp_path, capsys, mon
     assert state["pos_embed"].shape == (1, 197, 192) and "model.safetensors" in where
     argv = ["pretrain", "--out", str(tmp_path / "r"), "--max-steps", "1", "--set", "model.depth=null",
             "--set", "model.pretrained=vit_tiny_patch16_224", "--set", "train.show_progress=false",
+            "--set", "model.img_size=32", "--set", "data.batch_size=16",
             "--set", "eval.knn_at_end=false"]  # fmt: skip
     assert main(argv) == 0 and "from vit_tiny_patch16_224" in capsys.readouterr().err
 

@@ -242,9 +242,11 @@ def _understood(cfg: Config, splits: Splits, method: Method, length: str, where:
     notes = "".join(f"; {note}" for note in splits.notes)
     params = sum(p.numel() for p in method.encoder.parameters()) / 1e6
     pretrained = f", from {m.pretrained}" if m.pretrained else ""
+    values = ", ".join(f"{v:g}" for v in m.mean), ", ".join(f"{v:g}" for v in m.std)
     return (
         f"{splits.name}: {len(splits.train)} train / {len(splits.val)} val, {classes}{notes}; {m.img_size} px x "
-        f"{m.in_chans} channel(s); {cfg.method.name} on {m.name} ({params:.2f}M-parameter encoder{pretrained}), "
+        f"{m.in_chans} channel(s), patch {m.patch_size}, mean ({values[0]}) std ({values[1]}); "
+        f"{cfg.method.name} on {m.name} ({params:.2f}M-parameter encoder{pretrained}), "
         f"p={cfg.dilemma.misplace_prob:g} r={cfg.dilemma.drop_rate:g}; {length}; batch {cfg.data.batch_size}, "
         f"lr {peak_lr(cfg)[0]:.3g}; {where}, {cfg.train.precision}"
     )

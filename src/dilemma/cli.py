@@ -52,10 +52,14 @@ def _pretrain(args) -> None:
     elif args.resume:  # the checkpoint's config, then what the command line changes
         base = RunDir(out).resume_checkpoint()[1]["config"]
     recipe = _recipe(args.method, args.config, overrides) if args.method and base is None else []
-    cfg = load_config(args.config, [*recipe, *overrides], base=base)  # a new run (or its restart): the recipe
+    inputs = _pretrained_inputs(args.config, overrides) if base is None else []
+    cfg = load_config(args.config, [*recipe, *inputs, *overrides], base=base)  # a new run (or its restart)
     if recipe:
         print(f"note: --method {args.method} comes with its recipe: {', '.join(recipe)} (--set a key to change it)",
               file=sys.stderr)  # fmt: skip
+    if inputs:
+        print(f"note: model.pretrained {cfg.model.pretrained} brings the model and input its weights were trained "
+              f"with: {', '.join(inputs)} (--set a key to change it)", file=sys.stderr)  # fmt: skip
     try:
         pretrain(cfg, out, resume=resume)
     finally:
@@ -65,16 +69,34 @@ def _pretrain(args) -> None:
             torch.distributed.destroy_process_group()
 
 
-def _recipe(method: str, config: str | None, overrides: list[str]) -> list[str]:
-    """The built-in ``method``'s recipe (``Method.recipe``: ``section.key=value`` settings) less the
-    keys the config file or ``overrides`` give."""
+def _not_given(settings: list[str], config: str | None, overrides: list[str]) -> list[str]:
+    """``section.key=value`` settings less the keys the config file or ``overrides`` give."""
     from dilemma.config import keys_set_in
+
+    given = {kv.partition("=")[0].strip() for kv in overrides} | keys_set_in(config)
+    return [kv for kv in settings if kv.partition("=")[0] not in given]
+
+
+def _recipe(method: str, config: str | None, overrides: list[str]) -> list[str]:
+    """The built-in ``method``'s recipe (``Method.recipe``) where not given."""
     from dilemma.methods import METHODS
 
-    if method not in METHODS:
+    return _not_given(list(METHODS[method].recipe), config, overrides) if method in METHODS else []
+
+
+def _pretrained_inputs(config: str | None, overrides: list[str]) -> list[str]:
+    """The model and input contract of the weights ``model.pretrained`` names
+    (``weights.pretrained_inputs``) where not given, read before the config is checked: its image
+    and patch size may be what make it valid."""
+    from dilemma.config import given_value
+    from dilemma.weights import pretrained_inputs
+
+    spec = given_value("model.pretrained", config, overrides)
+    spec = getattr(spec, "text", spec)  # a name YAML would read as a number
+    if not isinstance(spec, str) or not spec:
         return []
-    given = {kv.partition("=")[0].strip() for kv in overrides} | keys_set_in(config)
-    return [kv for kv in METHODS[method].recipe if kv.partition("=")[0] not in given]
+    settings = [f"{key}={json.dumps(value)}" for key, value in pretrained_inputs(spec).items()]
+    return _not_given(settings, config, overrides)
 
 
 def _to_run(path, values: dict | None = None, pictures=()) -> None:

@@ -378,6 +378,18 @@ def keys_set_in(path: str | Path | None) -> set[str]:
     return {f"{section}.{key}" for section, values in tree.items() if isinstance(values, dict) for key in values}
 
 
+def given_value(key: str, path: str | Path | None, overrides: typing.Sequence[str]):
+    """The value the last of the config file and ``--set`` overrides gives ``section.key``, unchecked
+    (None where none gives it)."""
+    section, _, leaf = key.partition(".")
+    value = None
+    for layer in [read_yaml(path) if path else {}, *(parse_override(text) for text in overrides)]:
+        values = layer.get(section) if isinstance(layer, dict) else None
+        if isinstance(values, dict) and leaf in values:
+            value = values[leaf]
+    return value
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():

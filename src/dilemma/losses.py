@@ -89,6 +89,15 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * (p * z).sum(dim=1)).mean()
 
 
+@torch.no_grad()
+def agreement(*pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The mean cosine similarity of student predictions to their teacher targets over positive
+    ``(prediction, target)`` pairs of ``(n, d)``: near 1 when the student predicts the teacher,
+    near 0 for unrelated directions. A collapsed pair (every output one vector) also agrees: read it
+    beside ``rankme`` and ``emb_std`` (train/health.py)."""
+    return torch.stack([F.cosine_similarity(p.float(), z.float(), dim=1).mean() for p, z in pairs]).mean()
+
+
 def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
     """The d (d - 1) off-diagonal entries of a square ``(d, d)`` matrix, flattened."""
     d = m.shape[0]

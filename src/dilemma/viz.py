@@ -93,10 +93,13 @@ def _plot_detection(ax, records: list[dict], label: str, colour: str) -> None:
 
 def _plot_run(axes, records: list[dict], label: str, index: int) -> None:
     """One run's lines in every panel; ``index`` places its final kNN bar."""
-    (ax_loss, ax_det, ax_lr, ax_health), (ax_probe, ax_knn, ax_speed, ax_rank) = axes
+    (ax_loss, ax_det, ax_lr), (ax_health, ax_rank, ax_teacher), (ax_probe, ax_knn, ax_speed) = axes
     colour = _plot_losses(ax_loss, records, label)
     ax_health.plot(*_series(records, "emb_std"), color=colour, label=label)
     ax_rank.plot(*_series(records, "rankme"), color=colour, label=label)
+    for key, style in (("teacher_agreement", "-"), ("teacher_entropy", "--")):  # MoCo v3 / BYOL; DINO / iBOT
+        if _series(records, key)[0]:
+            ax_teacher.plot(*_series(records, key), style, color=colour, label=f"{label}: {key.split('_')[1]}")
     _plot_detection(ax_det, records, label, colour)
     if _series(records, "probe_acc")[0]:
         ax_probe.plot(*_series(records, "probe_acc"), "o-", ms=2, color=colour, label=label)
@@ -109,10 +112,11 @@ def _plot_run(axes, records: list[dict], label: str, index: int) -> None:
 
 def _label_run_panels(axes) -> None:
     """Titles and axis labels, a legend, or "not logged" on a panel no run drew in."""
-    (ax_loss, ax_det, ax_lr, ax_health), (ax_probe, ax_knn, ax_speed, ax_rank) = axes
+    (ax_loss, ax_det, ax_lr), (ax_health, ax_rank, ax_teacher), (ax_probe, ax_knn, ax_speed) = axes
     for ax, title, ylabel in (
         (ax_health, "embedding spread (collapse -> 0)", "std of L2-normed embeddings x sqrt(D)"),
         (ax_rank, "effective rank of the batch's embeddings (RankMe)", "rank"),
+        (ax_teacher, "teacher: agreement (cos) / target entropy", "cos(prediction, target) / nats"),
         (ax_loss, "training loss", "loss"),
         (ax_det, "misplaced-token detection (training batches)", "BCE (nats) / AUROC"),
         (ax_lr, "learning rate", "lr"),
@@ -133,10 +137,11 @@ def _label_run_panels(axes) -> None:
 def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     """One PNG, one line (colour) per run: losses, detection BCE against H(p) and its AUROC, learning
     rate, the online probe on the (sparse) training views, the final kNN on dense val images,
-    throughput, and the embeddings' spread and effective rank (``train/health.py``). A run that
+    throughput, the embeddings' spread and effective rank (``train/health.py``) and the teacher's
+    agreement or target entropy (teacher-student methods). A run that
     logged fewer than two steps is drawn as points, with a warning."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 4, figsize=(20, 7.5))
+    fig, axes = plt.subplots(3, 3, figsize=(16, 11))
     for index, (run_dir, label) in enumerate(zip(run_dirs, _run_labels(run_dirs), strict=True)):
         records = read_metrics(run_dir)
         logged = [r for r in records if "stopped_by" not in r]

@@ -118,6 +118,57 @@ def local_timm_weights(name: str) -> Path | None:
     return None
 
 
+def pretrained_inputs(spec: str) -> dict[str, object]:
+    """The model and input contract the weights ``model.pretrained`` names were trained with, as
+    ``model.*`` settings: architecture (full depth), image size, patch size, channels, mean, std and
+    crop from a timm name's pretrained config (and its learned positional embedding kept, not replaced
+    by sin-cos), or from the ``config.json`` of a folder ``dilemma export`` (or timm, or the Hugging
+    Face Hub) wrote. Empty for a run, a checkpoint or a bare weights file: their model is the config's.
+    Reads no weights and makes no network request."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and _exported_folder_weights(path) is not None and (path / "config.json").is_file():
+        return _folder_inputs(path)
+    if path.exists() or os.sep in spec or path.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors"):
+        return {}
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    name = spec.split(".")[0]
+    cfg = get_pretrained_cfg(spec) if timm.is_model(name) else None
+    if cfg is None:
+        return {}  # pretrained_state says what is wrong with the name
+    with torch.device("meta"):  # the architecture's own patch size, class token and PE; no memory
+        vit = timm.create_model(name, pretrained=False, num_classes=0)
+    settings = {"name": name, "depth": None, "patch_size": vit.patch_embed.patch_size[0]}
+    settings |= _input_settings(cfg.input_size, cfg.mean, cfg.std, cfg.crop_pct)
+    if getattr(vit, "pos_embed", None) is not None:
+        settings["pos_embed"] = "learned"
+    return {f"model.{key}": value for key, value in settings.items()}
+
+
+def _folder_inputs(path: Path) -> dict[str, object]:
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        args, cfg = config.get("model_args", {}), config["pretrained_cfg"]
+        settings = {"name": str(config["architecture"]), "depth": args.get("depth")}
+        if "patch_size" in args:
+            settings["patch_size"] = int(args["patch_size"])
+        settings |= {key: args[key] for key in ("class_token", "global_pool") if key in args}
+        settings |= _input_settings(cfg["input_size"], cfg["mean"], cfg["std"], cfg.get("crop_pct", 1.0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DilemmaError(f"model.pretrained: {str(path)!r} has no readable config.json ({err!r})") from None
+    return {f"model.{key}": value for key, value in settings.items()}
+
+
+def _input_settings(input_size, mean, std, crop_pct) -> dict[str, object]:
+    """timm's ``pretrained_cfg`` input fields as ``model`` settings."""
+    channels, _, size = (int(v) for v in input_size)
+    return {"img_size": size, "in_chans": channels, "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std], "crop_pct": float(crop_pct)}  # fmt: skip
+
+
 def pretrained_state(spec: str, method: str | None = None) -> tuple[dict, str]:
     """``model.pretrained`` -> ``(ViT state dict, where from)``: a run folder or dilemma checkpoint
     (its evaluated backbone; ``method`` as in ``encoder_from_checkpoint``), a folder ``dilemma

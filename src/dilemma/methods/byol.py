@@ -15,7 +15,7 @@ import torch
 
 from dilemma.errors import require
 from dilemma.heads import mlp
-from dilemma.losses import BYOLLoss
+from dilemma.losses import BYOLLoss, agreement
 from dilemma.methods.base import EMATeacherMethod, MethodOutput
 from dilemma.models import ViTEncoder
 from dilemma.pretext import Dilemma, TokenDraws
@@ -67,4 +67,5 @@ class BYOL(EMATeacherMethod):
         ssl = self.criterion(p1, z2) + self.criterion(p2, z1)
         out = self.output(ssl, [online.detection], features=cls[:n])
         out.logs["momentum"] = self.momentum
+        out.logs["teacher_agreement"] = agreement((p1, z2), (p2, z1))  # cos(prediction, teacher target)
         return out

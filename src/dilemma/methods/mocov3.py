@@ -15,7 +15,7 @@ import torch
 
 from dilemma.errors import require
 from dilemma.heads import mlp
-from dilemma.losses import InfoNCELoss
+from dilemma.losses import InfoNCELoss, agreement
 from dilemma.methods.base import EMATeacherMethod, MethodOutput
 from dilemma.models import ViTEncoder
 from dilemma.pretext import Dilemma, TokenDraws
@@ -69,4 +69,5 @@ class MoCoV3(EMATeacherMethod):
         ssl = self.criterion(q1, k2) + self.criterion(q2, k1)
         out = self.output(ssl, [student.detection], features=cls[:n])
         out.logs["momentum"] = self.momentum
+        out.logs["teacher_agreement"] = agreement((q1, k2), (q2, k1))  # cos(prediction, teacher target)
         return out

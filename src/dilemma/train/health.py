@@ -10,7 +10,9 @@ the online probe sees, before any projector), and one warning when they say so.
   when they all point one way.
 
 DINO and iBOT also log ``teacher_entropy``: the mean entropy of the teacher's centred and sharpened
-targets (``methods/dino.py``), log(out_dim) for uniform targets, 0 for one prototype taking all.
+targets (``methods/dino.py``), log(out_dim) for uniform targets, 0 for one prototype taking all;
+MoCo v3 and BYOL ``teacher_agreement``: the mean cosine of the student's predictions to the
+momentum teacher's targets (``losses.agreement``).
 
 A run is called collapsed when both say so: ``emb_std`` < 0.05 and ``rankme`` < 1.5 (a constant
 embedding gives 0 and 1). Measured on the tests' tiny ViT (batch 32): MoCo v3, BYOL and I-JEPA stay
