@@ -65,6 +65,10 @@ def build_method(cfg: Config, pretrained: tuple[dict, str] | None = None, log=No
         misplace_prob=switches.misplace_prob,
         drop_rate=switches.drop_rate,
         weight=switches.weight,
+        task=switches.task,
+        position_drop_prob=switches.position_drop_prob,
+        position_smoothing=switches.position_smoothing,
+        grid=encoder.grid_size,
     )
     return method_class(cfg.method.name)(encoder, dilemma, _method_section(cfg))
 
@@ -235,6 +239,15 @@ def resolve_run(
     )  # fmt: skip
 
 
+def _pretext_words(d) -> str:
+    """The student's pretext as the start line says it (``pretext.Dilemma``'s rules)."""
+    if d.weight and d.task == "predict" and d.position_drop_prob:
+        return f"position prediction q={d.position_drop_prob:g} sigma={d.position_smoothing:g} r={d.drop_rate:g}"
+    if d.task == "none" or not d.weight:
+        return f"no position task, r={d.drop_rate:g}"
+    return f"p={d.misplace_prob:g} r={d.drop_rate:g}"
+
+
 def _understood(cfg: Config, splits: Splits, method: Method, length: str, where: str) -> str:
     """What was understood: data (layout, classes, images, size, channels), model, schedule, device."""
     m = cfg.model
@@ -247,6 +260,6 @@ def _understood(cfg: Config, splits: Splits, method: Method, length: str, where:
         f"{splits.name}: {len(splits.train)} train / {len(splits.val)} val, {classes}{notes}; {m.img_size} px x "
         f"{m.in_chans} channel(s), patch {m.patch_size}, mean ({values[0]}) std ({values[1]}); "
         f"{cfg.method.name} on {m.name} ({params:.2f}M-parameter encoder{pretrained}), "
-        f"p={cfg.dilemma.misplace_prob:g} r={cfg.dilemma.drop_rate:g}; {length}; batch {cfg.data.batch_size}, "
+        f"{_pretext_words(cfg.dilemma)}; {length}; batch {cfg.data.batch_size}, "
         f"lr {peak_lr(cfg)[0]:.3g}; {where}, {cfg.train.precision}"
     )

@@ -548,9 +548,11 @@ def _inspect(args) -> None:
 
     # the encoder the head was trained on
     encoder, cfg = encoder_from_checkpoint(args.checkpoint, student=True, method=args.method)
-    head = detection_head_from_checkpoint(args.checkpoint, method=args.method)
     splits = load_splits(cfg, source=args.data)
     images = encoder.normalize(splits.val.load(spread_over_classes(splits.val.labels, args.num_images)))
+    if cfg.dilemma.task == "predict" and cfg.dilemma.weight > 0 and cfg.dilemma.position_drop_prob > 0:
+        return _inspect_positions(args, cfg, splits.name, images)
+    head = detection_head_from_checkpoint(args.checkpoint, method=args.method)
     p = cfg.dilemma.misplace_prob if args.misplace_prob is None else args.misplace_prob
     r = cfg.dilemma.drop_rate if args.drop_rate is None else args.drop_rate
     sample = sample_tokens(
@@ -560,6 +562,26 @@ def _inspect(args) -> None:
     out = args.out or str((ckpt if ckpt.is_dir() else ckpt.parent) / "detection.png")
     title = f"{cfg.method.name} + DILEMMA: detection on {splits.name} val, p={p}, r={r}"
     print(f"wrote {inspect_detection(encoder, head, images, sample, out, cfg.model.patch_size, title)}  (p={p}, r={r})")
+    _to_run(ckpt, pictures=[out])
+
+
+def _inspect_positions(args, cfg, data_name: str, images) -> None:
+    """``dilemma inspect`` of a run that predicts positions: predicted against true positions."""
+    import torch
+
+    from dilemma.pretext import sample_tokens
+    from dilemma.viz import inspect_positions
+    from dilemma.weights import method_from_checkpoint
+
+    method, _ = method_from_checkpoint(args.checkpoint, method=args.method)
+    q = cfg.dilemma.position_drop_prob if args.misplace_prob is None else args.misplace_prob
+    r = cfg.dilemma.drop_rate if args.drop_rate is None else args.drop_rate
+    generator = torch.Generator().manual_seed(args.seed)
+    sample = sample_tokens(images.shape[0], method.encoder.num_patches, r, 0.0, unplace_prob=q, generator=generator)
+    ckpt = Path(args.checkpoint)
+    out = args.out or str((ckpt if ckpt.is_dir() else ckpt.parent) / "positions.png")
+    title = f"{cfg.method.name}: position prediction on {data_name} val, q={q}, r={r}"
+    print(f"wrote {inspect_positions(method, images, sample, out, cfg.model.patch_size, title)}  (q={q}, r={r})")
     _to_run(ckpt, pictures=[out])
 
 
@@ -623,7 +645,7 @@ def _resume_mode(text: str) -> str:
 
 # The built-in methods' names, for --help without importing torch (a test holds them equal to
 # dilemma.methods.METHODS).
-METHOD_NAMES = ("mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot", "ijepa")
+METHOD_NAMES = ("mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot", "ijepa", "droppos")
 
 
 def build_parser() -> argparse.ArgumentParser:

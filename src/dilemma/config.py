@@ -68,7 +68,10 @@ def method_section(*extra: type[Method]):
 class DilemmaConfig:
     misplace_prob: float = 0.2  # p: chance that a kept token gets a wrong position
     drop_rate: float = 0.75  # r: fraction of patch tokens dropped from the student's views
-    weight: float = 1.0  # lambda: weight of the detection loss
+    weight: float = 1.0  # lambda: weight of the position task's loss (detection BCE or position cross-entropy)
+    task: str = "detect"  # detect (DILEMMA), predict (positions: DropPos / MP3), none (sparsity only)
+    position_drop_prob: float = 0.75  # task predict: share of the kept tokens without a position (DropPos 0.75; MP3 1)
+    position_smoothing: float = 0.0  # task predict: label width sigma (patches) at the start, linear to 0 (DropPos 1)
 
 
 @dataclass
@@ -481,7 +484,8 @@ def check_precision(precision: str) -> None:
 def validate(cfg: Config) -> Config:
     """Range checks that need no model or data, section by section (each method section checks
     itself); raises DilemmaError. Each key is checked in one place."""
-    check_switches(cfg.dilemma.misplace_prob, cfg.dilemma.drop_rate, cfg.dilemma.weight)
+    d = cfg.dilemma
+    check_switches(d.misplace_prob, d.drop_rate, d.weight, d.task, d.position_drop_prob, d.position_smoothing)
     validate_model(cfg.model)
     validate_data(cfg.data)
     for f in dataclasses.fields(cfg.method):

@@ -177,10 +177,12 @@ class ViTEncoder(nn.Module):
         positions: torch.Tensor | None = None,
         masked: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
+        no_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The blocks' input ``(B, P + K, D)``: prefix tokens, then the kept patch tokens with their PE.
         ``masked`` ``(B, K)`` bool: kept tokens whose patch content is replaced by ``mask_token`` ``(D,)``
-        before the PE is added (iBOT's masked image modelling)."""
+        before the PE is added (iBOT's masked image modelling). ``positions`` -1: a token without a
+        position, given ``no_position`` ``(D,)`` in place of its PE (position prediction)."""
         self.check_images(images)
         vit = self.vit
         x = vit.patch_embed(images)  # (B, L, D), patches in row-major order, no PE yet
@@ -206,10 +208,13 @@ class ViTEncoder(nn.Module):
             )
         if patch_pe is not None and positions is None:
             x = x + patch_pe.unsqueeze(0)
-        elif patch_pe is not None:
+        elif positions is not None and (patch_pe is not None or no_position is not None):
             # Misplacement: token i gets the PE row positions[b, i], which differs from keep[b, i]
-            # exactly for the misplaced tokens. (L, D)[(B, K)] -> (B, K, D).
-            x = x + patch_pe[positions]
+            # exactly for the misplaced tokens. (L, D)[(B, K)] -> (B, K, D). A token without a position
+            # (-1, position prediction) gets ``no_position`` (D,) instead (zero when not given).
+            pe = 0.0 if patch_pe is None else patch_pe[positions.clamp(min=0)]
+            unplaced = (positions < 0).unsqueeze(-1)  # (B, K, 1)
+            x = x + torch.where(unplaced, 0.0 if no_position is None else no_position.to(x.dtype), pe)
 
         # Prefix tokens (class, registers) are never dropped or corrupted; they get their own PE rows.
         prefix = [t.expand(batch, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
@@ -233,9 +238,14 @@ class ViTEncoder(nn.Module):
         positions = keep if positions is None else positions
         if positions is None:
             return table
+        unplaced = (positions < 0).unsqueeze(-1)  # (B, K, 1): no position (-1) -> not rotated
+        half = table.shape[-1] // 2
+        unrotated = torch.cat([table.new_zeros(half), table.new_ones(half)])  # (R,): sin 0, cos 1 (timm's layout)
         if getattr(self.vit, "rope_mixed", False):
-            return table[:, :, positions].permute(0, 2, 1, 3, 4)  # (depth, h, B, K, R) -> (depth, B, h, K, R)
-        return table[positions].unsqueeze(1)  # (L, R)[(B, K)] -> (B, 1, K, R): one set of angles for every head
+            angles = torch.where(unplaced, unrotated, table[:, :, positions.clamp(min=0)])  # (depth, h, B, K, R)
+            return angles.permute(0, 2, 1, 3, 4)  # (depth, B, h, K, R)
+        angles = torch.where(unplaced, unrotated, table[positions.clamp(min=0)])  # (L, R)[(B, K)] -> (B, K, R)
+        return angles.unsqueeze(1)  # (B, 1, K, R): one set of angles for every head
 
     def _run(self, blocks, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         """``blocks`` over ``x``; Eva's blocks also take the rotary angles (per block where mixed)."""
@@ -262,8 +272,9 @@ class ViTEncoder(nn.Module):
         positions: torch.Tensor | None = None,
         masked: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
+        no_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.tokens(images, keep, positions, masked, mask_token)
+        x = self.tokens(images, keep, positions, masked, mask_token, no_position)
         x = self.vit.norm(self._run(self.vit.blocks, x, self.rotary(images, keep, positions)))
         return self.pool(x), x[:, self.num_prefix_tokens :]  # (B, D), (B, K, D)
 

@@ -7,6 +7,11 @@ without replacement from the image's *dropped* positions when there are at least
 dropped positions as flagged tokens, otherwise uniformly from the other ``L - 1`` positions (so
 then its PE may equal another kept token's). A linear head on each patch token predicts the
 flag; binary cross-entropy, whose constant-predictor value is ``H(p)``, is the loss.
+
+``task`` switches the position task (``dilemma.task``): ``detect`` (the above), ``predict`` (the
+position pretexts DILEMMA is compared with, ``position_task.py``: a share of the kept tokens gets no
+position, drawn with the same flags, and a head classifies their true positions), or ``none``
+(sparsity only).
 """
 
 from __future__ import annotations
@@ -19,24 +24,46 @@ import torch.nn.functional as F
 from torch import nn
 
 from dilemma.errors import DilemmaError
+from dilemma.position_task import NoPosition, PositionHead, position_loss, position_metrics
+
+TASKS = ("detect", "predict", "none")
 
 
 @dataclass(frozen=True)
 class TokenSample:
     """Which patches enter the encoder and with which positional embedding; all ``(B, K)``.
 
-    ``keep``: patch indices (sorted per image); ``positions``: the PE index each token gets;
-    ``misplaced``: the labels, True exactly where ``positions != keep``.
+    ``keep``: patch indices (sorted per image); ``positions``: the PE index each token gets, -1 for
+    none (position prediction); ``misplaced``: the labels, True exactly where ``positions`` is another
+    patch's.
     """
 
     keep: torch.Tensor
     positions: torch.Tensor
     misplaced: torch.Tensor
 
+    @property
+    def unplaced(self) -> torch.Tensor:
+        """``(B, K)`` bool: the tokens that enter without a position (their true one is ``keep``)."""
+        return self.positions < 0
 
-def check_switches(misplace_prob: float = 0.0, drop_rate: float = 0.0, weight: float = 1.0) -> None:
-    """The ranges of the three switches (the one place they are checked; the config's
-    ``dilemma`` section is checked here too)."""
+
+def check_switches(
+    misplace_prob: float = 0.0,
+    drop_rate: float = 0.0,
+    weight: float = 1.0,
+    task: str = "detect",
+    position_drop_prob: float = 0.0,
+    position_smoothing: float = 0.0,
+) -> None:
+    """The ranges of the switches (the one place they are checked; the config's ``dilemma`` section
+    is checked here too)."""
+    if task not in TASKS:
+        raise DilemmaError(f"dilemma.task must be one of {', '.join(TASKS)}, got {task!r}")
+    if not 0.0 <= position_drop_prob <= 1.0:
+        raise DilemmaError(f"dilemma.position_drop_prob must be in [0, 1], got {position_drop_prob}")
+    if not 0.0 <= position_smoothing <= 100.0:
+        raise DilemmaError(f"dilemma.position_smoothing must be in [0, 100] patches, got {position_smoothing}")
     if not 0.0 <= drop_rate < 1.0:
         raise DilemmaError(f"dilemma.drop_rate must be in [0, 1), got {drop_rate}")
     if not 0.0 <= misplace_prob <= 1.0:
@@ -63,11 +90,14 @@ def sample_tokens(
     drop_rate: float,
     misplace_prob: float,
     *,
+    unplace_prob: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> TokenSample:
-    """Draw keep sets, misplacement flags and wrong positions for a batch (rules in the module doc)."""
-    check_switches(misplace_prob, drop_rate)
+    """Draw keep sets, misplacement flags and wrong positions for a batch (rules in the module doc);
+    with ``unplace_prob`` (position prediction; ``misplace_prob`` 0) a kept token whose flag draw is
+    below it gets no position (-1) instead: the same draws, so detect and predict see the same keep sets."""
+    check_switches(misplace_prob, drop_rate, position_drop_prob=unplace_prob)
     if batch_size < 1 or num_patches < 1:
         raise DilemmaError(f"need batch_size >= 1 and num_patches >= 1, got {batch_size} and {num_patches}")
     if misplace_prob > 0 and num_patches < 2:
@@ -80,9 +110,9 @@ def sample_tokens(
     keep = order[:, :kept].sort(dim=1).values  # (B, K)
     dropped = order[:, kept:]  # (B, L - K), random order: taking them in turn is sampling without replacement
     shape = (batch_size, kept)
-    misplaced = torch.rand(shape, generator=generator, device=device) < misplace_prob  # (B, K) labels
+    flags = torch.rand(shape, generator=generator, device=device)  # (B, K)
     other = torch.randint(0, max(num_patches - 1, 1), shape, generator=generator, device=device)
-    return _misplace(keep, dropped, misplaced, other)
+    return _unplace(_misplace(keep, dropped, flags < misplace_prob, other), flags < unplace_prob)
 
 
 @dataclass(frozen=True)
@@ -105,17 +135,26 @@ class PositionDraws:
         )
 
 
-def misplace_tokens(keep: torch.Tensor, draws: PositionDraws, misplace_prob: float) -> TokenSample:
+def misplace_tokens(
+    keep: torch.Tensor, draws: PositionDraws, misplace_prob: float, unplace_prob: float = 0.0
+) -> TokenSample:
     """Misplacement (the rules of the module doc) for a keep set chosen elsewhere: ``keep`` ``(B, K)``
-    sorted patch indices (I-JEPA's context); every other position counts as dropped."""
-    check_switches(misplace_prob)
+    sorted patch indices (I-JEPA's context); every other position counts as dropped. ``unplace_prob``:
+    as in ``sample_tokens``."""
+    check_switches(misplace_prob, position_drop_prob=unplace_prob)
     num_patches = draws.order.shape[1]
     if misplace_prob > 0 and num_patches < 2:
         raise DilemmaError("cannot misplace tokens with a single patch per image: use a smaller patch size")
     # the positions not kept, in the drawn order: kept ones sort last (score 2 > any uniform)
     dropped = draws.order.scatter(1, keep, 2.0).argsort(dim=1)[:, : num_patches - keep.shape[1]]  # (B, L - K)
-    misplaced = draws.flag.gather(1, keep) < misplace_prob  # (B, K) labels
-    return _misplace(keep, dropped, misplaced, draws.other.gather(1, keep))
+    flags = draws.flag.gather(1, keep)  # (B, K)
+    return _unplace(_misplace(keep, dropped, flags < misplace_prob, draws.other.gather(1, keep)), flags < unplace_prob)
+
+
+def _unplace(sample: TokenSample, unplaced: torch.Tensor) -> TokenSample:
+    """``sample`` with the tokens ``unplaced`` ``(B, K)`` given no position (-1); never misplaced ones."""
+    unplaced = unplaced & ~sample.misplaced
+    return TokenSample(sample.keep, torch.where(unplaced, -1, sample.positions), sample.misplaced)
 
 
 def _misplace(keep: torch.Tensor, dropped: torch.Tensor, misplaced: torch.Tensor, other: torch.Tensor) -> TokenSample:
@@ -225,28 +264,51 @@ class Dilemma(nn.Module):
     """The pretext as one module for any SSL method: ``sample`` the student's tokens, then
     ``loss`` on its patch embeddings. The switches are orthogonal: ``misplace_prob = 0`` or
     ``weight = 0`` turns detection off (no head, no misplaced tokens), ``drop_rate = 0`` gives
-    dense inputs; detection off and dense is the plain base method.
+    dense inputs; detection off and dense is the plain base method. ``task`` picks the position
+    task (module doc): with ``predict``, ``position_drop_prob`` is the share of kept tokens without a
+    position and ``position_smoothing`` the labels' Gaussian width in patches at the start of
+    training, decaying linearly to 0 (``set_progress``); ``grid`` is the patch grid (rows, columns).
     """
 
     def __init__(
-        self, embed_dim: int, num_patches: int, misplace_prob: float = 0.2, drop_rate: float = 0.75, weight: float = 1.0
-    ):
+        self, embed_dim: int, num_patches: int, misplace_prob: float = 0.2, drop_rate: float = 0.75, weight: float = 1.0,
+        task: str = "detect", position_drop_prob: float = 0.0, position_smoothing: float = 0.0,
+        grid: tuple[int, int] | None = None,
+    ):  # fmt: skip
         super().__init__()
-        check_switches(misplace_prob, drop_rate, weight)
+        check_switches(misplace_prob, drop_rate, weight, task, position_drop_prob, position_smoothing)
         self.num_patches = num_patches
         self.num_kept = num_kept(num_patches, drop_rate)
-        # lambda = 0 turns detection off: no head and no misplaced tokens (a wrong position that
-        # nothing learns to detect would only be noise); the inputs stay sparse as r says.
-        self.misplace_prob = misplace_prob if weight > 0 else 0.0
+        self.task = task
+        # lambda = 0 turns the task off: no head and no misplaced (or unplaced) tokens (a wrong position
+        # that nothing learns to detect would only be noise); the inputs stay sparse as r says.
+        self.misplace_prob = misplace_prob if weight > 0 and task == "detect" else 0.0
+        self.unplace_prob = position_drop_prob if weight > 0 and task == "predict" else 0.0
         self.drop_rate = drop_rate
         self.weight = weight
         self.entropy = binary_entropy(self.misplace_prob)
         self.head = DetectionHead(embed_dim) if self.misplace_prob > 0 else None
+        side = math.isqrt(num_patches)
+        self.grid = grid if grid is not None else (side, num_patches // max(side, 1))
+        self.smoothing_start = position_smoothing
+        self.smoothing = position_smoothing  # sigma now (set_progress)
+        predicts = self.unplace_prob > 0
+        self.position_head = PositionHead(embed_dim, num_patches) if predicts else None
+        self.no_position = NoPosition(embed_dim) if predicts else None
 
     @property
     def identity(self) -> bool:
         """True when the student sees dense, clean inputs (the plain base method)."""
-        return self.misplace_prob == 0 and self.drop_rate == 0
+        return self.misplace_prob == 0 and self.unplace_prob == 0 and self.drop_rate == 0
+
+    @property
+    def no_position_embedding(self) -> torch.Tensor | None:
+        """What a token without a position gets in place of its PE (``ViTEncoder.tokens``), or None."""
+        return None if self.no_position is None else self.no_position.embedding
+
+    def set_progress(self, progress: float) -> None:
+        """Once per step: the position labels' width, linear from ``position_smoothing`` to 0 (DropPos)."""
+        self.smoothing = self.smoothing_start * max(0.0, 1.0 - progress)
 
     def sample(
         self,
@@ -271,9 +333,17 @@ class Dilemma(nn.Module):
                 "pass views= (the number of views stacked with torch.cat) to Method.student / Dilemma.sample"
             )
         num_patches = self.num_patches if num_patches is None else num_patches
+        if self.unplace_prob > 0 and num_patches != self.num_patches:
+            raise DilemmaError(
+                f"position prediction classifies among the {self.num_patches} positions of the main grid, not "
+                f"views of {num_patches} patches (DINO's local crops: keep method.dino.local_dilemma=false)"
+            )
 
         def draw(rows: int, gen: torch.Generator | None) -> TokenSample:
-            return sample_tokens(rows, num_patches, self.drop_rate, self.misplace_prob, generator=gen, device=device)
+            return sample_tokens(
+                rows, num_patches, self.drop_rate, self.misplace_prob, unplace_prob=self.unplace_prob,
+                generator=gen, device=device,
+            )  # fmt: skip
 
         per_view = []
         for _ in range(views):
@@ -293,8 +363,8 @@ class Dilemma(nn.Module):
         )
 
     def detects(self, sample: TokenSample | None) -> bool:
-        """Whether ``loss`` has anything to detect in ``sample``'s tokens (a head, and a corrupted view)."""
-        return self.head is not None and sample is not None
+        """Whether ``loss`` has anything to learn from ``sample``'s tokens (a head, and a corrupted view)."""
+        return (self.head is not None or self.position_head is not None) and sample is not None
 
     def loss(
         self,
@@ -304,19 +374,22 @@ class Dilemma(nn.Module):
         views: int = 1,
         counted: torch.Tensor | None = None,
     ):
-        """``(BCE, metrics)`` for the student's patch tokens, or ``(None, {})`` when there is nothing to
-        detect. With ``views`` stacked views (``sample``'s) the BCE is the mean over all their tokens,
-        which is the mean over views (each has n x K tokens), and each metric the mean of the views'.
-        ``counted`` ``(B, K)`` bool: only these tokens are detected (iBOT: not the mask tokens).
-        Metrics (accuracy, AUROC) cost a device sync, so they are computed only when asked for."""
+        """``(loss, metrics)`` for the student's patch tokens, or ``(None, {})`` when there is nothing to
+        learn: the detection BCE, or the position cross-entropy (task predict). With ``views`` stacked
+        views (``sample``'s) it is the mean over all their tokens, which is the mean over views (each
+        has n x K tokens), and each metric the mean of the views'. ``counted`` ``(B, K)`` bool: only
+        these tokens count (iBOT: not the mask tokens). Metrics (accuracy, AUROC, position top-1)
+        cost a device sync, so they are computed only when asked for."""
         if not self.detects(sample):
             return None, {}
+        if counted is None:
+            counted = torch.ones_like(sample.misplaced)
+        if self.position_head is not None:
+            return self._position_loss(patch_tokens, sample, with_metrics, views, counted)
         logits = self.head(patch_tokens)  # (views * n, K)
         bce = detection_loss(logits, sample.misplaced, counted)
         if not with_metrics:
             return bce, {}
-        if counted is None:
-            counted = torch.ones_like(sample.misplaced)
         per_view = [
             detection_metrics(view_logits[view_counted], view_labels[view_counted])
             for view_logits, view_labels, view_counted in zip(
@@ -324,3 +397,18 @@ class Dilemma(nn.Module):
             )
         ]
         return bce, {key: sum(m[key] for m in per_view) / views for key in per_view[0]}
+
+    def _position_loss(self, patch_tokens, sample: TokenSample, with_metrics: bool, views: int, counted):
+        """Task predict: the cross-entropy of each unplaced token's true position (``position_task``)."""
+        asked = sample.unplaced & counted  # (B, K)
+        logits = self.position_head(patch_tokens)  # (B, K, N)
+        loss = position_loss(logits, sample.keep, asked, self.grid, self.smoothing)
+        if not with_metrics:
+            return loss, {}
+        per_view = [
+            position_metrics(view_logits[view_asked], view_labels[view_asked], self.grid)
+            for view_logits, view_labels, view_asked in zip(
+                logits.chunk(views), sample.keep.chunk(views), asked.chunk(views), strict=True
+            )
+        ]
+        return loss, {key: sum(m[key] for m in per_view) / views for key in per_view[0]}

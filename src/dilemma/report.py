@@ -8,15 +8,20 @@ from collections.abc import Sequence
 
 METHOD_TITLES = {  # how the papers write them; a method of one's own keeps its name
     "mocov3": "MoCo v3", "dino": "DINO", "simclr": "SimCLR", "mae": "MAE", "byol": "BYOL", "vicreg": "VICReg",
-    "ibot": "iBOT", "ijepa": "I-JEPA",
+    "ibot": "iBOT", "ijepa": "I-JEPA", "droppos": "DropPos",
 }  # fmt: skip
 
 
 def arm(dilemma: dict) -> str:
-    """The arm a run's ``dilemma`` section makes: with DILEMMA, sparse only, or plain."""
-    p, r = dilemma.get("misplace_prob", 0), dilemma.get("drop_rate", 0)
-    if p:
+    """The arm a run's ``dilemma`` section makes: with DILEMMA, with position prediction, sparse
+    only, or plain (the rules of ``pretext.Dilemma``)."""
+    p, r, weight = dilemma.get("misplace_prob", 0), dilemma.get("drop_rate", 0), dilemma.get("weight", 1)
+    task, q = dilemma.get("task", "detect"), dilemma.get("position_drop_prob", 0)
+    if weight and task == "detect" and p:
         return f"+ DILEMMA (p={p:g}, r={r:g})"
+    if weight and task == "predict" and q:
+        sigma = dilemma.get("position_smoothing", 0)
+        return f"+ predict (q={q:g}, r={r:g}{f', sigma={sigma:g}' if sigma else ''})"
     return f"sparse (r={r:g})" if r else "plain"
 
 

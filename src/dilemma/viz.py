@@ -272,6 +272,49 @@ def inspect_detection(
     return out
 
 
+@torch.no_grad()
+def inspect_positions(method, images: torch.Tensor, sample, out: str | Path, patch_size: int, title: str = "") -> Path:
+    """Rows: the image with the tokens asked about outlined (dropped ones dimmed); on the patch grid,
+    for each asked token an arrow from its true position to the predicted one (green dot: right)."""
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
+    method.eval()
+    encoder = method.encoder
+    no_position = method.dilemma.no_position_embedding
+    cls, patches = encoder(images, keep=sample.keep, positions=sample.positions, no_position=no_position)
+    predicted = method.position_logits(cls, patches).argmax(-1)  # (B, K)
+    grid_h, grid_w = encoder.grid_size
+    n = images.shape[0]
+    fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 4), squeeze=False)
+    for i in range(n):
+        image = encoder.denormalize(images[i].float()).permute(1, 2, 0).cpu().numpy()
+        visible = torch.zeros(grid_h * grid_w)
+        visible[sample.keep[i].cpu()] = 1.0
+        dim = visible.reshape(grid_h, grid_w).repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
+        axes[0, i].imshow(image * (0.35 + 0.65 * dim[..., None].numpy()), cmap="gray", vmin=0, vmax=1)
+        axes[1, i].set(xlim=(-0.5, grid_w - 0.5), ylim=(grid_h - 0.5, -0.5), aspect="equal")
+        for j in torch.nonzero(sample.unplaced[i]).flatten().tolist():
+            (r, c), (pr, pc) = divmod(int(sample.keep[i, j]), grid_w), divmod(int(predicted[i, j]), grid_w)
+            axes[0, i].add_patch(Rectangle((c * patch_size - 0.5, r * patch_size - 0.5), patch_size, patch_size,
+                                           fill=False, edgecolor="orange", lw=1.2))  # fmt: skip
+            if (r, c) == (pr, pc):
+                axes[1, i].plot(c, r, "o", color="green", ms=3)
+            else:
+                axes[1, i].annotate("", (pc, pr), (c, r), arrowprops={"arrowstyle": "->", "color": "red", "lw": 0.8})
+        for ax in axes[:, i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("input (bright: kept,\norange: no position)", fontsize=8)
+    axes[1, 0].set_ylabel("true -> predicted\n(green: right)", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    out = Path(out)
+    _save(fig, out, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
 def _band(ax, x, series: list[list[float]], label: str, style: str = "o-"):
     """Mean over seeds as a line, mean ± std as a band (no band for one seed)."""
     import numpy as np

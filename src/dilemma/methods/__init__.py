@@ -19,12 +19,13 @@ from dilemma.methods.byol import BYOL
 from dilemma.methods.dino import DINO
 from dilemma.methods.ibot import IBOT
 from dilemma.methods.ijepa import IJEPA
+from dilemma.methods.droppos import DropPos
 from dilemma.methods.mae import MAE
 from dilemma.methods.mocov3 import MoCoV3
 from dilemma.methods.simclr import SimCLR
 from dilemma.methods.vicreg import VICReg
 
-BUILTIN: tuple[type[Method], ...] = (MoCoV3, DINO, SimCLR, MAE, BYOL, VICReg, IBOT, IJEPA)
+BUILTIN: tuple[type[Method], ...] = (MoCoV3, DINO, SimCLR, MAE, BYOL, VICReg, IBOT, IJEPA, DropPos)
 METHODS: dict[str, type[Method]] = {m.name: m for m in BUILTIN}
 
 
@@ -73,6 +74,7 @@ __all__ = [
     "BUILTIN",
     "BYOL",
     "DINO",
+    "DropPos",
     "EMATeacherMethod",
     "IBOT",
     "IJEPA",

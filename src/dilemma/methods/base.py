@@ -123,7 +123,7 @@ class Method(nn.Module):
         keep, positions = (None, None) if sample is None else (sample.keep, sample.positions)
         if not patches and not self.dilemma.detects(sample):  # only the embedding is read
             return StudentOutput(self.encoder.embed(images, keep, positions), None, None)
-        embedding, patch_tokens = self.encoder(images, keep, positions)
+        embedding, patch_tokens = self.encoder(images, keep, positions, no_position=self.dilemma.no_position_embedding)
         bce, logs = self.dilemma.loss(patch_tokens, sample, with_metrics=with_metrics, views=views)
         return StudentOutput(embedding, patch_tokens, None if bce is None else Detection(bce, logs, views))
 
@@ -148,8 +148,9 @@ class Method(nn.Module):
         features: torch.Tensor,
         ssl_name: str = "ssl_loss",
     ) -> MethodOutput:
-        """Total = SSL loss + lambda * mean detection BCE over the corrupted views (``docs/method.md``,
-        step 7): each ``Detection`` counts as its ``views`` views; None (nothing detected) as none."""
+        """Total = SSL loss + lambda * mean detection BCE (or position cross-entropy, task predict) over
+        the corrupted views (``docs/method.md``, step 7): each ``Detection`` counts as its ``views``
+        views; None (nothing detected) as none."""
         logs: dict[str, Any] = {ssl_name: ssl_loss.detach()}
         detections = [d for d in detections if d is not None]
         loss = ssl_loss
@@ -157,12 +158,20 @@ class Method(nn.Module):
             views = sum(d.views for d in detections)
             det = sum(d.bce * d.views for d in detections) / views
             loss = loss + self.dilemma.weight * det
-            logs["det_bce"] = det.detach()
-            logs["det_entropy"] = self.dilemma.entropy
+            if self.dilemma.position_head is not None:  # task predict: the position cross-entropy
+                logs["pos_ce"], logs["pos_sigma"] = det.detach(), self.dilemma.smoothing
+            else:
+                logs["det_bce"], logs["det_entropy"] = det.detach(), self.dilemma.entropy
             for key in detections[0].logs:
                 logs[key] = sum(d.logs[key] * d.views for d in detections) / views
         logs["loss"] = loss.detach()
         return MethodOutput(loss, logs, features.detach())
+
+    def position_logits(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor | None:
+        """Task predict: logits ``(B, K, N)`` over the grid's positions for the student's outputs
+        (``dilemma inspect`` draws them); None where the run predicts no positions."""
+        head = self.dilemma.position_head
+        return None if head is None else head(patches)
 
     def evaluated_encoder(self) -> ViTEncoder:
         """The backbone that kNN, the linear probe, fine-tuning and export read."""

@@ -150,7 +150,9 @@ class IBOT(DINO):
         sample, masked = hide_under_mask(sample, mask)  # masked: (2n, K) kept tokens shown as the mask token
         keep = None if sample is None else sample.keep
         positions = None if sample is None else sample.positions
-        cls, patches = self.encoder(global_views, keep, positions, masked=masked, mask_token=self.mask_token)
+        cls, patches = self.encoder(
+            global_views, keep, positions, masked, self.mask_token, self.dilemma.no_position_embedding
+        )
         bce, logs = self.dilemma.loss(patches, sample, with_metrics, views=2, counted=~masked)
         # Patch outputs for all kept tokens; only the masked ones enter the loss (the head is per
         # token, so computing it for all K is what iBOT does and needs no data-dependent shapes).

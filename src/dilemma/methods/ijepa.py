@@ -185,7 +185,7 @@ class IJEPA(EMATeacherMethod):
         drawn = batch_draws(draws, n, lambda rows, generator: self.draw(rows, generator, device))
         keep = cut_contexts(drawn.context, drawn.subset, keep_fraction=1.0 - self.dilemma.drop_rate)  # (n, Kc)
         position = PositionDraws(drawn.order, drawn.flag, drawn.other)
-        return misplace_tokens(keep, position, self.dilemma.misplace_prob), drawn.targets
+        return misplace_tokens(keep, position, self.dilemma.misplace_prob, self.dilemma.unplace_prob), drawn.targets
 
     def forward(
         self, views, progress: float = 0.0, draws: TokenDraws = None, with_metrics: bool = False
@@ -199,7 +199,9 @@ class IJEPA(EMATeacherMethod):
         )
         sample, targets = self.sample(n, draws, images.device)
         context = sample.keep  # (n, Kc) true positions of the context tokens
-        embedding, tokens = self.encoder(images, keep=context, positions=sample.positions)  # (n, D), (n, Kc, D)
+        embedding, tokens = self.encoder(  # (n, D), (n, Kc, D)
+            images, keep=context, positions=sample.positions, no_position=self.dilemma.no_position_embedding
+        )
         # the detection head reads the encoder's outputs, as in every method (and in the read-outs)
         bce, det_logs = self.dilemma.loss(tokens, sample, with_metrics=with_metrics)
         # I-JEPA's encoder ends in a norm over every token; timm's average-pooling ViTs apply theirs after

@@ -123,7 +123,9 @@ class MAE(Method):
     ) -> MethodOutput:
         images = views[0]
         sample = self.dilemma.sample(images.shape[0], generator=draws, device=images.device)
-        cls, patches = self.encoder(images, keep=sample.keep, positions=sample.positions)
+        cls, patches = self.encoder(
+            images, sample.keep, sample.positions, no_position=self.dilemma.no_position_embedding
+        )
         bce, det_logs = self.dilemma.loss(patches, sample, with_metrics=with_metrics)
         pred = self.decode(cls, patches, sample.keep)
         loss = self.reconstruction_loss(pred, images, sample)
@@ -140,7 +142,8 @@ class MAE(Method):
         sample = self.dilemma.sample(
             images.shape[0], generator=torch.Generator(images.device).manual_seed(0), device=images.device
         )
-        pred = self.decode(*self.encoder(images, keep=sample.keep, positions=sample.positions), sample.keep)
+        encoded = self.encoder(images, sample.keep, sample.positions, no_position=self.dilemma.no_position_embedding)
+        pred = self.decode(*encoded, sample.keep)
         target = patchify(images, self.patch_size)
         if self.cfg.norm_pix_loss:
             pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)

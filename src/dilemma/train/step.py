@@ -71,6 +71,7 @@ class Stepper:
                 f"the per-process batch {local_batch} is not divisible by train.accum_steps={self.accum_steps}"
             )
         self.method.before_step(progress)
+        self.method.dilemma.set_progress(progress)  # the position labels' width (task predict)
         self.token_generator.manual_seed(self.seed * 1_000_003 + step)
         step_state = self.token_generator.get_state()
         global_batch = local_batch * world_size()
