@@ -271,8 +271,8 @@ class Dilemma(nn.Module):
     """
 
     def __init__(
-        self, embed_dim: int, num_patches: int, misplace_prob: float = 0.2, drop_rate: float = 0.75, weight: float = 1.0,
-        task: str = "detect", position_drop_prob: float = 0.0, position_smoothing: float = 0.0,
+        self, embed_dim: int, num_patches: int, misplace_prob: float = 0.2, drop_rate: float = 0.75,
+        weight: float = 1.0, task: str = "detect", position_drop_prob: float = 0.0, position_smoothing: float = 0.0,
         grid: tuple[int, int] | None = None,
     ):  # fmt: skip
         super().__init__()

@@ -17,9 +17,9 @@ from dilemma.errors import DilemmaError
 from dilemma.methods.base import EMATeacherMethod, Method, MethodOutput
 from dilemma.methods.byol import BYOL
 from dilemma.methods.dino import DINO
+from dilemma.methods.droppos import DropPos
 from dilemma.methods.ibot import IBOT
 from dilemma.methods.ijepa import IJEPA
-from dilemma.methods.droppos import DropPos
 from dilemma.methods.mae import MAE
 from dilemma.methods.mocov3 import MoCoV3
 from dilemma.methods.simclr import SimCLR
