@@ -43,8 +43,10 @@ def tiny_method(name: str, *overrides: str):
     """``(method, config)``: the built-in method ``name`` at TINY sizes, weights seeded."""
     from dilemma.build import build_method
     from dilemma.config import load_config
+    from dilemma.methods import METHODS
 
-    cfg = load_config(None, [*TINY, f"method.name={name}", *overrides])
+    recipe = METHODS[name].recipe if name == "droppos" else ()  # DropPos's task is in its recipe
+    cfg = load_config(None, [*TINY, f"method.name={name}", *recipe, *overrides])
     torch.manual_seed(0)
     return build_method(cfg), cfg
 

@@ -53,11 +53,11 @@ def test_every_trainable_parameter_takes_part(name, arm):
 
 
 def test_registry_and_views_per_method():
-    assert set(METHODS) == {"mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot", "ijepa"}
+    assert set(METHODS) == {"mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot", "ijepa", "droppos"}
     shapes = {name: [tuple(v.shape) for v in embedded_views(_method(name)[1], 4)] for name in METHODS}
     assert shapes["mocov3"] == shapes["simclr"] == shapes["byol"] == shapes["vicreg"] == [(4, 1, 28, 28)] * 2
     assert shapes["dino"] == shapes["ibot"] == [(4, 1, 28, 28)] * 2 + [(4, 1, 16, 16)] * 2  # 2 global + 2 local
-    assert shapes["mae"] == shapes["ijepa"] == [(4, 1, 28, 28)]
+    assert shapes["mae"] == shapes["ijepa"] == shapes["droppos"] == [(4, 1, 28, 28)]
 
 
 def test_dino_student_teacher_inputs_and_no_teacher_gradient():

@@ -89,8 +89,13 @@ ROPE = [("mocov3", ("model.name=vit_small_patch16_dinov3",)),
         ("simclr", ("model.name=vit_small_patch16_rope_224", "model.global_pool=avg"))]  # fmt: skip
 
 
+# position prediction (dilemma.task=predict) with its label smoothing, and DropPos (its recipe)
+PREDICT = [("mocov3", ("dilemma.task=predict", "dilemma.position_smoothing=1")),
+           ("droppos", ("dilemma.task=predict", "dilemma.position_smoothing=1"))]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "method,extra", [*((m, ()) for m in ("mocov3", "simclr", "dino", "byol", "vicreg", "ibot")), *ROPE]
+    "method,extra", [*((m, ()) for m in ("mocov3", "simclr", "dino", "byol", "vicreg", "ibot")), *ROPE, *PREDICT]
 )
 def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, method, extra):
     out = tmp_path / "ddp.pt"

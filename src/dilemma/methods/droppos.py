@@ -76,7 +76,7 @@ class DropPosDecoder(nn.Module):
 class DropPos(Method):
     name = "droppos"
     Config = DropPosConfig
-    plain = ("dilemma.task=none",)  # sparse inputs and nothing to learn: not a method; kept for compare
+    plain = ()  # DropPos as published: it has no arm without its task
     # DropPos's masking, drop ratio and smoothing (scripts/pretrain_base.sh), its crops (MAE's)
     recipe = ("dilemma.task=predict", "dilemma.drop_rate=0.75", "dilemma.position_drop_prob=0.75",
               "dilemma.position_smoothing=1.0", "data.crop_min_scale=0.2")  # fmt: skip
