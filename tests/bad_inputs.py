@@ -277,6 +277,13 @@ CASES = [
         "misplace_prob must be in [0, 1]",
     ),
     ("K = 0 tokens kept", ["pretrain", "--set", "dilemma.drop_rate=0.99"], "keeps K = 0"),
+    ("an unknown position task", ["pretrain", "--set", "dilemma.task=guess"], "dilemma.task must be one of detect"),
+    (
+        "a share of unplaced tokens over 1",
+        ["pretrain", "--set", "dilemma.task=predict", "--set", "dilemma.position_drop_prob=1.5"],
+        "position_drop_prob must be in [0, 1]",
+    ),
+    ("DropPos without its task", ["pretrain", "--set", "method.name=droppos"], "DropPos predicts positions"),
     ("unknown config key", ["pretrain", "--set", "optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),
     ("mistyped config key", ["pretrain", "--set", "dilema.drop_rate=0.5"], "did you mean 'dilemma.drop_rate'"),
     ("wrong value type", ["pretrain", "--set", "optim.lr=fast"], "needs a value of type float"),

@@ -30,6 +30,7 @@ def test_shipped_configs_load():
     assert [names[f"{name}_dilemma"] for name in recipes] == list(recipes)
     assert names["paper_byol_vits16"] == "byol" and names["paper_vicreg_vits16"] == "vicreg"
     assert names["paper_ibot_vits16"] == "ibot" and names["paper_ijepa_vits16"] == "ijepa"
+    assert names["droppos"] == names["paper_droppos_vits16"] == "droppos"
 
 
 def test_moved_method_keys_point_to_their_section():

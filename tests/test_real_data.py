@@ -35,6 +35,7 @@ HEADS = {
     "dino": ["out_dim=256", "hidden_dim=64", "local_crop_size=16"],
     "ibot": ["out_dim=256", "hidden_dim=64", "patch_out_dim=256", "local_crop_size=16"],
     "mae": ["decoder_dim=64", "decoder_depth=1"],
+    "droppos": ["decoder_dim=64", "decoder_depth=1"],
     "ijepa": ["predictor_dim=64", "predictor_heads=2", "predictor_depth=1", "targets=2"],
 }
 
