@@ -52,6 +52,7 @@ RECIPES = {
     "vicreg": ["--config", "configs/paper_vicreg_vits16.yaml"],
     "ibot": ["--config", "configs/paper_ibot_vits16.yaml"],
     "ijepa": ["--config", "configs/paper_ijepa_vits16.yaml"],
+    "droppos": ["--config", "configs/paper_droppos_vits16.yaml"],
 }
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, no sparsity), by name fragment.
 BF16_PEAKS = [
@@ -185,7 +186,13 @@ def main() -> None:
         report["jpeg_size"] = (40, 80) if args.smoke else (300, 640)
         folder = jpeg_folder(Path(tmp), 60 if args.smoke else 500, report["jpeg_size"])
         compiled_too = (False,) if args.smoke else (False, True)
-        plan = [(c, m, v) for c in compiled_too for m in METHODS for v in ("plain", "dilemma")]
+        # DropPos has no DILEMMA arm (``plain`` empty): it runs once, as published
+        plan = [
+            (c, m, v)
+            for c in compiled_too
+            for m in METHODS
+            for v in ("plain", "dilemma")[: 2 if METHODS[m].plain else 1]
+        ]
         for compiled, name, variant in plan:
             # what the next item may cost: the longest one of its kind so far (compiling: at least a minute)
             alike = [r["wall_s"] for r in rows if r["compiled"] == compiled]

@@ -18,7 +18,7 @@ def test_gpu_check_smoke_run_writes_every_method(tmp_path):
         (m, v)
         for m in ("mocov3", "dino", "simclr", "mae", "byol", "vicreg", "ibot", "ijepa")
         for v in ("plain", "dilemma")
-    ]
+    ] + [("droppos", "plain")]  # DropPos as published: no DILEMMA arm
     for row in rows:
         assert "error" not in row, row
         assert row["img_per_s"] > 0 and row["flops_per_step"] > 0 and row["loader_img_per_s"] > 0

@@ -129,6 +129,8 @@ def test_every_method_trains_a_step_on_a_rope_vit(tmp_path, method):
     extra = ["model.name=vit_small_patch16_rope_224", f"method.name={method}", "eval.knn_at_end=false"]
     if method == "ijepa":
         extra += ["model.global_pool=avg", "model.class_token=false", "dilemma.drop_rate=0"]
+    if method == "droppos":  # its task is in its recipe
+        extra += list(METHODS[method].recipe)
     assert main(["pretrain", "--out", str(tmp_path / "r"), "--max-steps", "1", *_sets(*extra)]) == 0
 
 

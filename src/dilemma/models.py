@@ -92,6 +92,20 @@ def sincos_pos_embed_2d(grid_size: tuple[int, int], dim: int, temperature: float
     return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1).float()
 
 
+def _with_positions(x, patch_pe: torch.Tensor | None, positions: torch.Tensor | None, no_position=None):
+    """Kept tokens ``x`` ``(B, K, D)`` plus their PE rows ``patch_pe`` ``(L, D)`` (none for rotary-only
+    models): token i gets row ``positions[b, i]``, which differs from keep[b, i] exactly for the
+    misplaced tokens; all rows in order when ``positions`` is None (dense). A token without a position
+    (-1, position prediction) gets ``no_position`` ``(D,)`` instead (zero when not given)."""
+    if positions is None:
+        return x if patch_pe is None else x + patch_pe.unsqueeze(0)
+    if patch_pe is None and no_position is None:
+        return x
+    pe = 0.0 if patch_pe is None else patch_pe[positions.clamp(min=0)]  # (L, D)[(B, K)] -> (B, K, D)
+    unplaced = (positions < 0).unsqueeze(-1)  # (B, K, 1)
+    return x + torch.where(unplaced, 0.0 if no_position is None else no_position.to(x.dtype), pe)
+
+
 class ViTEncoder(nn.Module):
     """Wraps a timm ``VisionTransformer``; ``forward(images, keep, positions)`` returns
     ``(class_embedding (B, D), patch_embeddings (B, K, D))`` after the final norm.
@@ -206,15 +220,7 @@ class ViTEncoder(nn.Module):
             raise DilemmaError(
                 f"positions must match the kept tokens {tuple(x.shape[:2])}, got {tuple(positions.shape)}"
             )
-        if patch_pe is not None and positions is None:
-            x = x + patch_pe.unsqueeze(0)
-        elif positions is not None and (patch_pe is not None or no_position is not None):
-            # Misplacement: token i gets the PE row positions[b, i], which differs from keep[b, i]
-            # exactly for the misplaced tokens. (L, D)[(B, K)] -> (B, K, D). A token without a position
-            # (-1, position prediction) gets ``no_position`` (D,) instead (zero when not given).
-            pe = 0.0 if patch_pe is None else patch_pe[positions.clamp(min=0)]
-            unplaced = (positions < 0).unsqueeze(-1)  # (B, K, 1)
-            x = x + torch.where(unplaced, 0.0 if no_position is None else no_position.to(x.dtype), pe)
+        x = _with_positions(x, patch_pe, positions, no_position)
 
         # Prefix tokens (class, registers) are never dropped or corrupted; they get their own PE rows.
         prefix = [t.expand(batch, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]

@@ -332,18 +332,11 @@ class Dilemma(nn.Module):
                 f"a batch of {batch_size} is not {views} stacked view(s) of the micro-batch's images: "
                 "pass views= (the number of views stacked with torch.cat) to Method.student / Dilemma.sample"
             )
-        num_patches = self.num_patches if num_patches is None else num_patches
-        if self.unplace_prob > 0 and num_patches != self.num_patches:
-            raise DilemmaError(
-                f"position prediction classifies among the {self.num_patches} positions of the main grid, not "
-                f"views of {num_patches} patches (DINO's local crops: keep method.dino.local_dilemma=false)"
-            )
+        num_patches = self._checked_grid(num_patches)
 
         def draw(rows: int, gen: torch.Generator | None) -> TokenSample:
-            return sample_tokens(
-                rows, num_patches, self.drop_rate, self.misplace_prob, unplace_prob=self.unplace_prob,
-                generator=gen, device=device,
-            )  # fmt: skip
+            return sample_tokens(rows, num_patches, self.drop_rate, self.misplace_prob,
+                                 unplace_prob=self.unplace_prob, generator=gen, device=device)  # fmt: skip
 
         per_view = []
         for _ in range(views):
@@ -361,6 +354,15 @@ class Dilemma(nn.Module):
             positions=torch.cat([s.positions for s in per_view]),
             misplaced=torch.cat([s.misplaced for s in per_view]),
         )
+
+    def _checked_grid(self, num_patches: int | None) -> int:
+        """The views' patch count (the main grid's when None); position prediction needs the main grid."""
+        if num_patches is not None and num_patches != self.num_patches and self.unplace_prob > 0:
+            raise DilemmaError(
+                f"position prediction classifies among the {self.num_patches} positions of the main grid, not "
+                f"views of {num_patches} patches (DINO's local crops: keep method.dino.local_dilemma=false)"
+            )
+        return self.num_patches if num_patches is None else num_patches
 
     def detects(self, sample: TokenSample | None) -> bool:
         """Whether ``loss`` has anything to learn from ``sample``'s tokens (a head, and a corrupted view)."""
