@@ -88,6 +88,14 @@ def test_a_given_key_wins_and_a_run_start_takes_nothing(tmp_path, offline_cache)
     assert _pretrained_inputs(None, ["model.pretrained=run/last.pt"]) == []
 
 
+def test_names_that_bring_no_contract_are_left_to_the_weights_loader():
+    from dilemma.weights import pretrained_inputs
+
+    # an unknown tag, a name timm makes without patches, a trailing dot: nothing taken, no traceback
+    assert pretrained_inputs("vit_small_patch16_224.no_such_tag") == {}
+    assert pretrained_inputs("resnet18.a1_in1k") == {} and pretrained_inputs("vit_small_patch16_224.") == {}
+
+
 def test_an_exported_folder_brings_its_contract(tmp_path):
     from dilemma.weights import pretrained_inputs
 
@@ -99,6 +107,7 @@ def test_an_exported_folder_brings_its_contract(tmp_path):
     inputs = pretrained_inputs(str(tmp_path / "x"))
     assert (inputs["model.patch_size"], inputs["model.img_size"], inputs["model.in_chans"]) == (7, 28, 1)
     assert inputs["model.mean"] == [0.25] and inputs["model.depth"] == 6
+    assert inputs["model.pos_embed"] == "sincos"  # the run's own PE, which the export wrote down
     (tmp_path / "x" / "config.json").write_text("{")  # torn: one clear line
     with pytest.raises(Exception, match="has no readable config.json"):
         pretrained_inputs(str(tmp_path / "x"))

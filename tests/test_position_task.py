@@ -227,3 +227,18 @@ def test_only_the_tokens_without_a_position_are_asked():
     assert torch.equal(dilemma.loss(other, sample)[0], loss)
     other[sample.unplaced] += 5.0
     assert not torch.equal(dilemma.loss(other, sample)[0], loss)
+
+
+def test_detection_keeps_its_plain_mean_bit_for_bit():
+    """Task detect is the BCE it always was: the plain mean (no per-image weighting) when nothing is
+    left out, so runs made before the position task existed compute the same loss."""
+    dilemma = Dilemma(8, 16, misplace_prob=0.3, drop_rate=0.5)
+    sample = dilemma.sample(4, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randn(4, 8, 8)
+    direct = F.binary_cross_entropy_with_logits(dilemma.head(tokens).float(), sample.misplaced.float())
+    assert torch.equal(dilemma.loss(tokens, sample)[0], direct)
+
+
+def test_a_vanishing_width_is_one_hot_not_nan():
+    target = position_targets(torch.tensor([3, 7]), (3, 4), 1e-30)
+    assert torch.equal(target, F.one_hot(torch.tensor([3, 7]), 12).float())

@@ -64,6 +64,7 @@ def timm_config(model_cfg, vit, label_names: list[str] | None = None) -> dict:
         "global_pool": vit.global_pool,
         "model_args": model_args,
         "pretrained_cfg": pretrained_cfg(model_cfg, vit.num_classes),
+        "dilemma_pos_embed": model_cfg.pos_embed,  # a start from this folder keeps it (timm ignores the key)
     }
     if label_names:
         config["label_names"] = list(label_names)
@@ -90,11 +91,18 @@ def save_timm_folder(vit, model_cfg, out: str | Path, readme: str, label_names: 
 
 
 def model_card(cfg, source: str, what: str = "Backbone only (`num_classes=0`).") -> str:
-    switches = cfg.dilemma
+    d = cfg.dilemma
+    task = (
+        f"position prediction, q = {d.position_drop_prob}, sigma = {d.position_smoothing}"
+        if d.task == "predict" and d.weight and d.position_drop_prob
+        else f"DILEMMA: misplaced-token detection, p = {d.misplace_prob}"
+        if d.task == "detect" and d.weight and d.misplace_prob
+        else "no position task"
+    )
     return (
         f"# {cfg.model.name}, pretrained with dilemma\n\n"
-        f"Self-supervised: {cfg.method.name} with DILEMMA (misplaced-token detection, p = {switches.misplace_prob}, "
-        f"token drop rate r = {switches.drop_rate}, weight {switches.weight}) on `{cfg.data.source}`.\n"
+        f"Self-supervised: {cfg.method.name} with {task} (token drop rate r = {d.drop_rate}, weight {d.weight}) "
+        f"on `{cfg.data.source}`.\n"
         f"Exported from `{source}`. {what}\n\n"
         "```python\nimport timm\n"
         'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True)\n'

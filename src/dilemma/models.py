@@ -103,7 +103,7 @@ def _with_positions(x, patch_pe: torch.Tensor | None, positions: torch.Tensor | 
         return x
     pe = 0.0 if patch_pe is None else patch_pe[positions.clamp(min=0)]  # (L, D)[(B, K)] -> (B, K, D)
     unplaced = (positions < 0).unsqueeze(-1)  # (B, K, 1)
-    return x + torch.where(unplaced, 0.0 if no_position is None else no_position.to(x.dtype), pe)
+    return x + torch.where(unplaced, 0.0 if no_position is None else no_position, pe)  # promoted as the PE rows
 
 
 class ViTEncoder(nn.Module):

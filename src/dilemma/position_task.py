@@ -10,7 +10,7 @@ the grid's N.
 
 The labels' Gaussian follows DropPos's ``exp(-d^2 / sigma^2)`` (d in patches), normalised per token
 (DropPos divides by the column sums and builds the map on a 16-wide grid for 224 px / 14 px tokens:
-both fixed here). sigma = 0 is the one-hot target.
+both fixed here). sigma = 0 (below 1e-3) is the one-hot target.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def position_targets(labels: torch.Tensor, grid: tuple[int, int], sigma: float) 
     the grid, d the distance in patches to the true position, normalised to sum to 1 (one-hot at
     sigma = 0)."""
     num = grid[0] * grid[1]
-    if sigma <= 0:
+    if sigma < 1e-3:  # one-hot to float precision (exp(-1 / sigma^2) underflows), and no 0 / 0
         return F.one_hot(labels, num).float()
     coords = grid_coordinates(grid, labels.device)  # (N, 2)
     squared = (coords[labels].unsqueeze(-2) - coords).pow(2).sum(-1)  # (..., N): d^2 to every position

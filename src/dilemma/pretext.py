@@ -272,7 +272,7 @@ class Dilemma(nn.Module):
 
     def __init__(
         self, embed_dim: int, num_patches: int, misplace_prob: float = 0.2, drop_rate: float = 0.75,
-        weight: float = 1.0, task: str = "detect", position_drop_prob: float = 0.0, position_smoothing: float = 0.0,
+        weight: float = 1.0, task: str = "detect", position_drop_prob: float = 0.75, position_smoothing: float = 0.0,
         grid: tuple[int, int] | None = None,
     ):  # fmt: skip
         super().__init__()
@@ -378,20 +378,21 @@ class Dilemma(nn.Module):
     ):
         """``(loss, metrics)`` for the student's patch tokens, or ``(None, {})`` when there is nothing to
         learn: the detection BCE, or the position cross-entropy (task predict). With ``views`` stacked
-        views (``sample``'s) it is the mean over all their tokens, which is the mean over views (each
-        has n x K tokens), and each metric the mean of the views'. ``counted`` ``(B, K)`` bool: only
+        views (``sample``'s) it is the mean over all their tokens (detection; the position loss: per
+        image over its asked tokens, then over images), which is the mean over views (each has n x K
+        tokens), and each metric the mean of the views'. ``counted`` ``(B, K)`` bool: only
         these tokens count (iBOT: not the mask tokens). Metrics (accuracy, AUROC, position top-1)
         cost a device sync, so they are computed only when asked for."""
         if not self.detects(sample):
             return None, {}
-        if counted is None:
-            counted = torch.ones_like(sample.misplaced)
         if self.position_head is not None:
             return self._position_loss(patch_tokens, sample, with_metrics, views, counted)
         logits = self.head(patch_tokens)  # (views * n, K)
-        bce = detection_loss(logits, sample.misplaced, counted)
+        bce = detection_loss(logits, sample.misplaced, counted)  # None: the plain mean, as it always was
         if not with_metrics:
             return bce, {}
+        if counted is None:
+            counted = torch.ones_like(sample.misplaced)
         per_view = [
             detection_metrics(view_logits[view_counted], view_labels[view_counted])
             for view_logits, view_labels, view_counted in zip(
@@ -402,7 +403,7 @@ class Dilemma(nn.Module):
 
     def _position_loss(self, patch_tokens, sample: TokenSample, with_metrics: bool, views: int, counted):
         """Task predict: the cross-entropy of each unplaced token's true position (``position_task``)."""
-        asked = sample.unplaced & counted  # (B, K)
+        asked = sample.unplaced if counted is None else sample.unplaced & counted  # (B, K)
         logits = self.position_head(patch_tokens)  # (B, K, N)
         loss = position_loss(logits, sample.keep, asked, self.grid, self.smoothing)
         if not with_metrics:

@@ -82,7 +82,11 @@ def _plot_losses(ax, records: list[dict], label: str) -> str:
 
 
 def _plot_detection(ax, records: list[dict], label: str, colour: str) -> None:
-    """Detection BCE, the entropy H(p) a constant guess scores, and the AUROC (when the run detects)."""
+    """Detection BCE, the entropy H(p) a constant guess scores, and the AUROC (when the run detects);
+    position prediction's top-1 as a fraction, beside chance 1 / N (when the run predicts)."""
+    steps, top1 = _series(records, "pos_top1")
+    if steps:
+        ax.plot(steps, [v / 100 for v in top1], "o-", ms=2, color=colour, label=f"{label}: position top-1")
     steps, bce = _series(records, "det_bce")
     if steps:
         ax.plot(steps, bce, "o-", ms=2, color=colour, label=f"{label}: BCE")
@@ -118,7 +122,7 @@ def _label_run_panels(axes) -> None:
         (ax_rank, "effective rank of the batch's embeddings (RankMe)", "rank"),
         (ax_teacher, "teacher: agreement (cos) / target entropy", "cos(prediction, target) / nats"),
         (ax_loss, "training loss", "loss"),
-        (ax_det, "misplaced-token detection (training batches)", "BCE (nats) / AUROC"),
+        (ax_det, "position task (training batches)", "BCE (nats) / AUROC / top-1"),
         (ax_lr, "learning rate", "lr"),
         (ax_probe, "online linear probe (sparse training views)", "top-1 (%)"),
         (ax_knn, "final kNN (dense val images)", "top-1 (%)"),

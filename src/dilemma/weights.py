@@ -134,12 +134,14 @@ def pretrained_inputs(spec: str) -> dict[str, object]:
     from timm.models import get_pretrained_cfg
 
     name = spec.split(".")[0]
-    cfg = get_pretrained_cfg(spec) if timm.is_model(name) else None
-    if cfg is None:
-        return {}  # pretrained_state says what is wrong with the name
-    with torch.device("meta"):  # the architecture's own patch size, class token and PE; no memory
-        vit = timm.create_model(name, pretrained=False, num_classes=0)
-    settings = {"name": name, "depth": None, "patch_size": vit.patch_embed.patch_size[0]}
+    try:
+        cfg = get_pretrained_cfg(spec) if timm.is_model(name) else None
+        with torch.device("meta"):  # the architecture's own patch size, class token and PE; no memory
+            vit = timm.create_model(name, pretrained=False, num_classes=0) if cfg is not None else None
+        patch = vit.patch_embed.patch_size[0]
+    except Exception:  # noqa: BLE001 - an unknown tag, not a ViT: pretrained_state / load_backbone say what
+        return {}
+    settings = {"name": name, "depth": None, "patch_size": patch}
     settings |= _input_settings(cfg.input_size, cfg.mean, cfg.std, cfg.crop_pct)
     if getattr(vit, "pos_embed", None) is not None:
         settings["pos_embed"] = "learned"
@@ -157,7 +159,9 @@ def _folder_inputs(path: Path) -> dict[str, object]:
             settings["patch_size"] = int(args["patch_size"])
         settings |= {key: args[key] for key in ("class_token", "global_pool") if key in args}
         settings |= _input_settings(cfg["input_size"], cfg["mean"], cfg["std"], cfg.get("crop_pct", 1.0))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        # its PE kept: the one this run was trained with (dilemma's export says), else learned weights
+        settings["pos_embed"] = str(config.get("dilemma_pos_embed", "learned"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as err:
         raise DilemmaError(f"model.pretrained: {str(path)!r} has no readable config.json ({err!r})") from None
     return {f"model.{key}": value for key, value in settings.items()}
 
