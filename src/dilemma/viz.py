@@ -83,7 +83,7 @@ def _plot_losses(ax, records: list[dict], label: str) -> str:
 
 def _plot_detection(ax, records: list[dict], label: str, colour: str) -> None:
     """Detection BCE, the entropy H(p) a constant guess scores, and the AUROC (when the run detects);
-    position prediction's top-1 as a fraction, beside chance 1 / N (when the run predicts)."""
+    position prediction's top-1 as a fraction (when the run predicts)."""
     steps, top1 = _series(records, "pos_top1")
     if steps:
         ax.plot(steps, [v / 100 for v in top1], "o-", ms=2, color=colour, label=f"{label}: position top-1")

@@ -106,8 +106,9 @@ class DropPos(Method):
 
     @torch.no_grad()
     def attention_weights(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``(B, K)``: softmax over all patches of cos(class token, patch token) / temperature from the
-        encoder on the whole image (dense, true positions), at the kept patches, renormalised to sum to 1."""
+        """``(B, K)``: softmax over all patches of cos(image embedding, patch token) / temperature from
+        the encoder on the whole image (dense, true positions; in training mode, as DropPos), at the kept
+        patches, renormalised to sum to 1. The embedding is the class token for timm's ViTs (DropPos's)."""
         cls, patches = self.encoder(images)  # (B, D), (B, L, D)
         similarity = F.cosine_similarity(cls.unsqueeze(1).float(), patches.float(), dim=-1)  # (B, L)
         weights = (similarity / self.cfg.attentive_temperature).softmax(dim=-1).gather(1, keep)  # (B, K)
