@@ -47,7 +47,8 @@ def main(root: Path, first: str = "detect", second: str = "predict") -> None:
                 continue
             half = T975.get(len(diffs) - 1, 2.0) * statistics.stdev(diffs) / len(diffs) ** 0.5
             each = ", ".join(f"{d:+.2f}" for d in diffs)
-            print(f"| {results.parent.name} | {key} | {len(diffs)} | {statistics.fmean(diffs):+.2f} ± {half:.2f} | {each} |")
+            mean = statistics.fmean(diffs)
+            print(f"| {results.parent.name} | {key} | {len(diffs)} | {mean:+.2f} ± {half:.2f} | {each} |")
 
 
 if __name__ == "__main__":
