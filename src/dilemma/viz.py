@@ -231,48 +231,54 @@ def inspect_detection(
 ) -> Path:
     """Rows: the image with misplaced tokens outlined (dropped ones dimmed); P(misplaced) per kept token
     as a heatmap at the token's true location, with the truth outlined."""
-    plt = _pyplot()
+    _pyplot()  # matplotlib present, or one error line
     from matplotlib.patches import Rectangle
 
     encoder.eval()
     _, patches = encoder(images, keep=sample.keep, positions=sample.positions)
     probs = torch.sigmoid(head(patches))
     grid_h, grid_w = encoder.grid_size
+    fig, axes = _inspection_figure(encoder, images, sample.keep, patch_size)
+    for i in range(images.shape[0]):
+        heat = torch.full((grid_h * grid_w,), float("nan"))
+        heat[sample.keep[i].cpu()] = probs[i].float().cpu()
+        shown = axes[1, i].imshow(heat.reshape(grid_h, grid_w).numpy(), cmap="magma", vmin=0, vmax=1)
+        for j in torch.nonzero(sample.misplaced[i]).flatten().tolist():
+            r, c = divmod(int(sample.keep[i, j]), grid_w)
+            axes[0, i].add_patch(Rectangle((c * patch_size - 0.5, r * patch_size - 0.5), patch_size, patch_size,
+                                           fill=False, edgecolor="red", lw=1.5))  # fmt: skip
+            axes[1, i].add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.5))
+    axes[0, 0].set_ylabel("input (bright: kept,\nred: misplaced)", fontsize=8)
+    axes[1, 0].set_ylabel("P(misplaced)\n(cyan: truth)", fontsize=8)
+    fig.colorbar(shown, ax=axes[1, :].tolist(), fraction=0.02)
+    return _save_inspection(fig, out, title)
+
+
+def _inspection_figure(encoder, images: torch.Tensor, keep: torch.Tensor, patch_size: int):
+    """Two rows of panels, one column per image, no ticks; the top row shows each image with its
+    dropped patches dimmed (the bottom row is the caller's)."""
+    plt = _pyplot()
+    grid_h, grid_w = encoder.grid_size
     n = images.shape[0]
     fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 4), squeeze=False)
     for i in range(n):
         image = encoder.denormalize(images[i].float()).permute(1, 2, 0).cpu().numpy()
         visible = torch.zeros(grid_h * grid_w)
-        visible[sample.keep[i].cpu()] = 1.0
+        visible[keep[i].cpu()] = 1.0
         dim = visible.reshape(grid_h, grid_w).repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
-        heat = torch.full((grid_h * grid_w,), float("nan"))
-        heat[sample.keep[i].cpu()] = probs[i].float().cpu()
         axes[0, i].imshow(image * (0.35 + 0.65 * dim[..., None].numpy()), cmap="gray", vmin=0, vmax=1)
-        shown = axes[1, i].imshow(heat.reshape(grid_h, grid_w).numpy(), cmap="magma", vmin=0, vmax=1)
-        for j in torch.nonzero(sample.misplaced[i]).flatten().tolist():
-            r, c = divmod(int(sample.keep[i, j]), grid_w)
-            axes[0, i].add_patch(
-                Rectangle(
-                    (c * patch_size - 0.5, r * patch_size - 0.5),
-                    patch_size,
-                    patch_size,
-                    fill=False,
-                    edgecolor="red",
-                    lw=1.5,
-                )
-            )
-            axes[1, i].add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.5))
         for ax in axes[:, i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0, 0].set_ylabel("input (bright: kept,\nred: misplaced)", fontsize=8)
-    axes[1, 0].set_ylabel("P(misplaced)\n(cyan: truth)", fontsize=8)
-    fig.colorbar(shown, ax=axes[1, :].tolist(), fraction=0.02)
+    return fig, axes
+
+
+def _save_inspection(fig, out: str | Path, title: str) -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     out = Path(out)
     _save(fig, out, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return out
 
 
@@ -280,7 +286,7 @@ def inspect_detection(
 def inspect_positions(method, images: torch.Tensor, sample, out: str | Path, patch_size: int, title: str = "") -> Path:
     """Rows: the image with the tokens asked about outlined (dropped ones dimmed); on the patch grid,
     for each asked token an arrow from its true position to the predicted one (green dot: right)."""
-    plt = _pyplot()
+    _pyplot()  # matplotlib present, or one error line
     from matplotlib.patches import Rectangle
 
     method.eval()
@@ -289,14 +295,8 @@ def inspect_positions(method, images: torch.Tensor, sample, out: str | Path, pat
     cls, patches = encoder(images, keep=sample.keep, positions=sample.positions, no_position=no_position)
     predicted = method.position_logits(cls, patches).argmax(-1)  # (B, K)
     grid_h, grid_w = encoder.grid_size
-    n = images.shape[0]
-    fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 4), squeeze=False)
-    for i in range(n):
-        image = encoder.denormalize(images[i].float()).permute(1, 2, 0).cpu().numpy()
-        visible = torch.zeros(grid_h * grid_w)
-        visible[sample.keep[i].cpu()] = 1.0
-        dim = visible.reshape(grid_h, grid_w).repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
-        axes[0, i].imshow(image * (0.35 + 0.65 * dim[..., None].numpy()), cmap="gray", vmin=0, vmax=1)
+    fig, axes = _inspection_figure(encoder, images, sample.keep, patch_size)
+    for i in range(images.shape[0]):
         axes[1, i].set(xlim=(-0.5, grid_w - 0.5), ylim=(grid_h - 0.5, -0.5), aspect="equal")
         for j in torch.nonzero(sample.unplaced[i]).flatten().tolist():
             (r, c), (pr, pc) = divmod(int(sample.keep[i, j]), grid_w), divmod(int(predicted[i, j]), grid_w)
@@ -306,17 +306,9 @@ def inspect_positions(method, images: torch.Tensor, sample, out: str | Path, pat
                 axes[1, i].plot(c, r, "o", color="green", ms=3)
             else:
                 axes[1, i].annotate("", (pc, pr), (c, r), arrowprops={"arrowstyle": "->", "color": "red", "lw": 0.8})
-        for ax in axes[:, i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
     axes[0, 0].set_ylabel("input (bright: kept,\norange: no position)", fontsize=8)
     axes[1, 0].set_ylabel("true -> predicted\n(green: right)", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    out = Path(out)
-    _save(fig, out, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return _save_inspection(fig, out, title)
 
 
 def _band(ax, x, series: list[list[float]], label: str, style: str = "o-"):
