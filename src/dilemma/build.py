@@ -16,7 +16,7 @@ from dilemma.data import PretrainBatches, Splits, Views, ViewSettings, load_sour
 from dilemma.errors import DilemmaError
 from dilemma.methods import Method, method_class
 from dilemma.models import build_encoder, load_backbone
-from dilemma.pretext import Dilemma
+from dilemma.pretext import Dilemma, active_task
 from dilemma.schedules import learning_rate, progress
 
 NO_STEP_LIMIT = 10**12  # only the time budget ends the run
@@ -241,7 +241,7 @@ def resolve_run(
 
 def _pretext_words(d) -> str:
     """The student's pretext as the start line says it (``pretext.Dilemma``'s rules)."""
-    if d.weight and d.task == "predict" and d.position_drop_prob:
+    if active_task(d.task, d.weight, d.misplace_prob, d.position_drop_prob) == "predict":
         return f"position prediction q={d.position_drop_prob:g} sigma={d.position_smoothing:g} r={d.drop_rate:g}"
     if d.task == "none" or not d.weight:
         return f"no position task, r={d.drop_rate:g}"

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from dilemma.errors import DilemmaError
 from dilemma.files import written_whole
 from dilemma.models import timm_kwargs
+from dilemma.pretext import active_task
 from dilemma.weights import encoder_from_checkpoint
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -92,13 +93,11 @@ def save_timm_folder(vit, model_cfg, out: str | Path, readme: str, label_names: 
 
 def model_card(cfg, source: str, what: str = "Backbone only (`num_classes=0`).") -> str:
     d = cfg.dilemma
-    task = (
-        f"position prediction, q = {d.position_drop_prob}, sigma = {d.position_smoothing}"
-        if d.task == "predict" and d.weight and d.position_drop_prob
-        else f"DILEMMA: misplaced-token detection, p = {d.misplace_prob}"
-        if d.task == "detect" and d.weight and d.misplace_prob
-        else "no position task"
-    )
+    task = {
+        "predict": f"position prediction, q = {d.position_drop_prob}, sigma = {d.position_smoothing}",
+        "detect": f"DILEMMA: misplaced-token detection, p = {d.misplace_prob}",
+        "none": "no position task",
+    }[active_task(d.task, d.weight, d.misplace_prob, d.position_drop_prob)]
     return (
         f"# {cfg.model.name}, pretrained with dilemma\n\n"
         f"Self-supervised: {cfg.method.name} with {task} (token drop rate r = {d.drop_rate}, weight {d.weight}) "

@@ -72,6 +72,16 @@ def check_switches(
         raise DilemmaError(f"dilemma.weight must be >= 0, got {weight}")
 
 
+def active_task(task: str, weight: float, misplace_prob: float, position_drop_prob: float) -> str:
+    """The position task that runs (``detect``, ``predict`` or ``none``): a task needs lambda > 0 and
+    its share (p, or q) > 0; otherwise the student is sparse only (or plain, at r = 0)."""
+    if weight > 0 and task == "detect" and misplace_prob > 0:
+        return "detect"
+    if weight > 0 and task == "predict" and position_drop_prob > 0:
+        return "predict"
+    return "none"
+
+
 def num_kept(num_patches: int, drop_rate: float) -> int:
     """``K = floor(L * (1 - r))`` (with a tolerance for float round-off), checked to be >= 1."""
     check_switches(drop_rate=drop_rate)
@@ -282,8 +292,9 @@ class Dilemma(nn.Module):
         self.task = task
         # lambda = 0 turns the task off: no head and no misplaced (or unplaced) tokens (a wrong position
         # that nothing learns to detect would only be noise); the inputs stay sparse as r says.
-        self.misplace_prob = misplace_prob if weight > 0 and task == "detect" else 0.0
-        self.unplace_prob = position_drop_prob if weight > 0 and task == "predict" else 0.0
+        running = active_task(task, weight, misplace_prob, position_drop_prob)
+        self.misplace_prob = misplace_prob if running == "detect" else 0.0
+        self.unplace_prob = position_drop_prob if running == "predict" else 0.0
         self.drop_rate = drop_rate
         self.weight = weight
         self.entropy = binary_entropy(self.misplace_prob)

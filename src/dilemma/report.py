@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dilemma.pretext import active_task
+
 METHOD_TITLES = {  # how the papers write them; a method of one's own keeps its name
     "mocov3": "MoCo v3", "dino": "DINO", "simclr": "SimCLR", "mae": "MAE", "byol": "BYOL", "vicreg": "VICReg",
     "ibot": "iBOT", "ijepa": "I-JEPA", "droppos": "DropPos",
@@ -15,11 +17,11 @@ METHOD_TITLES = {  # how the papers write them; a method of one's own keeps its 
 def arm(dilemma: dict) -> str:
     """The arm a run's ``dilemma`` section makes: with DILEMMA, with position prediction, sparse
     only, or plain (the rules of ``pretext.Dilemma``)."""
-    p, r, weight = dilemma.get("misplace_prob", 0), dilemma.get("drop_rate", 0), dilemma.get("weight", 1)
-    task, q = dilemma.get("task", "detect"), dilemma.get("position_drop_prob", 0)
-    if weight and task == "detect" and p:
+    p, r, q = dilemma.get("misplace_prob", 0), dilemma.get("drop_rate", 0), dilemma.get("position_drop_prob", 0)
+    running = active_task(dilemma.get("task", "detect"), dilemma.get("weight", 1), p, q)
+    if running == "detect":
         return f"+ DILEMMA (p={p:g}, r={r:g})"
-    if weight and task == "predict" and q:
+    if running == "predict":
         sigma = dilemma.get("position_smoothing", 0)
         return f"+ predict (q={q:g}, r={r:g}{f', sigma={sigma:g}' if sigma else ''})"
     return f"sparse (r={r:g})" if r else "plain"
