@@ -542,7 +542,7 @@ def _inspect(args) -> None:
 
     from dilemma.build import load_splits
     from dilemma.data import spread_over_classes
-    from dilemma.pretext import sample_tokens
+    from dilemma.pretext import active_task, sample_tokens
     from dilemma.viz import inspect_detection
     from dilemma.weights import detection_head_from_checkpoint, encoder_from_checkpoint
 
@@ -550,7 +550,8 @@ def _inspect(args) -> None:
     encoder, cfg = encoder_from_checkpoint(args.checkpoint, student=True, method=args.method)
     splits = load_splits(cfg, source=args.data)
     images = encoder.normalize(splits.val.load(spread_over_classes(splits.val.labels, args.num_images)))
-    if cfg.dilemma.task == "predict" and cfg.dilemma.weight > 0 and cfg.dilemma.position_drop_prob > 0:
+    d = cfg.dilemma
+    if active_task(d.task, d.weight, d.misplace_prob, d.position_drop_prob) == "predict":
         return _inspect_positions(args, cfg, splits.name, images)
     head = detection_head_from_checkpoint(args.checkpoint, method=args.method)
     p = cfg.dilemma.misplace_prob if args.misplace_prob is None else args.misplace_prob
