@@ -9,7 +9,7 @@
 #   bash benchmarks/position_study.sh            # two queues side by side (cores 0 and 1)
 #   bash benchmarks/position_study.sh tables     # every table, once all runs have finished (trains nothing then)
 set -u
-study() {  # study NAME: one comparison into runs/positions/NAME
+study() {  # study NAME [ARM]: one comparison into runs/positions/NAME (droppos_mae: ARM alone if given)
     local arms=(--variant "sparse=dilemma.misplace_prob=0" --variant "detect="
                 --variant "predict=dilemma.task=predict,dilemma.position_drop_prob=0.75,dilemma.position_smoothing=1")
     local args
@@ -18,8 +18,14 @@ study() {  # study NAME: one comparison into runs/positions/NAME
         mocov3_texture) args=("${arms[@]}" --set data.source=animal-texture) ;;
         ijepa_animal) args=(--config configs/ijepa_dilemma.yaml "${arms[@]}") ;;
         ijepa_texture) args=(--config configs/ijepa_dilemma.yaml "${arms[@]}" --set data.source=animal-texture) ;;
-        droppos_mae) args=(--config configs/mae_dilemma.yaml --variant "mae_dilemma="
-            --variant "droppos=method.name=droppos,dilemma.task=predict,dilemma.position_drop_prob=0.75,dilemma.position_smoothing=1,method.droppos.decoder_dim=128,method.droppos.decoder_heads=4") ;;
+        droppos_mae)
+            local mae=(--variant "mae_dilemma=")
+            local droppos=(--variant "droppos=method.name=droppos,dilemma.task=predict,dilemma.position_drop_prob=0.75,dilemma.position_smoothing=1,method.droppos.decoder_dim=128,method.droppos.decoder_heads=4")
+            case ${2:-both} in
+                mae_dilemma) args=(--config configs/mae_dilemma.yaml "${mae[@]}") ;;
+                droppos) args=(--config configs/mae_dilemma.yaml "${droppos[@]}") ;;
+                both) args=(--config configs/mae_dilemma.yaml "${mae[@]}" "${droppos[@]}") ;;
+            esac ;;
     esac
     dilemma compare "${args[@]}" --seeds 0 1 2 --time-budget 10 --curve-points 1 --readouts all \
         --out "runs/positions/$1"
@@ -30,6 +36,8 @@ if [ "${1:-}" = tables ]; then
 fi
 export OMP_NUM_THREADS=1
 export -f study
-taskset -c 0 bash -c "study mocov3_animal; study ijepa_texture; study droppos_mae" &
-taskset -c 1 bash -c "study ijepa_animal; study mocov3_texture" &
+# Twelve runs per core: each DropPos arm runs on its own core beside the other, each into its own
+# run folders (runs/positions/droppos_mae/ARM/seed_N); `tables` then summarises both arms.
+taskset -c 0 bash -c "study mocov3_animal; study ijepa_texture; study droppos_mae mae_dilemma" &
+taskset -c 1 bash -c "study ijepa_animal; study mocov3_texture; study droppos_mae droppos" &
 wait
