@@ -30,11 +30,11 @@ study() {  # study NAME [ARM]: one comparison into runs/positions/NAME (droppos_
     dilemma compare "${args[@]}" --seeds 0 1 2 --time-budget 10 --curve-points 1 --readouts all \
         --out "runs/positions/$1"
 }
+export OMP_NUM_THREADS=1  # one thread per run (and the summaries' header says so when `tables` rewrites them)
 if [ "${1:-}" = tables ]; then
     for name in mocov3_animal ijepa_animal mocov3_texture ijepa_texture droppos_mae; do study $name; done
     exit 0
 fi
-export OMP_NUM_THREADS=1
 export -f study
 # Twelve runs per core: each DropPos arm runs on its own core beside the other, each into its own
 # run folders (runs/positions/droppos_mae/ARM/seed_N); `tables` then summarises both arms.
