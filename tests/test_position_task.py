@@ -169,6 +169,23 @@ def test_a_run_logs_the_position_metrics_and_the_decaying_width(tmp_path, capsys
     assert (out / "positions.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        ((), "p=0.2 r=0.75"),  # DILEMMA, the default
+        (("dilemma.misplace_prob=0",), "p=0 r=0.75"),  # sparsity alone, said as DILEMMA's switches
+        (("dilemma.task=predict", "dilemma.position_drop_prob=0"), "no position task, r=0.75"),  # q = 0: nothing runs
+        (("dilemma.task=none",), "no position task, r=0.75"),
+        (("dilemma.weight=0",), "no position task, r=0.75"),
+    ],
+)
+def test_the_start_line_says_the_task_that_runs(sets, words):
+    from dilemma.build import _pretext_words
+    from dilemma.config import load_config
+
+    assert _pretext_words(load_config(None, list(sets)).dilemma) == words
+
+
 def test_resume_is_exact_with_the_width_schedule(tmp_path):
     import shutil
 

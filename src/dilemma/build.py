@@ -240,12 +240,13 @@ def resolve_run(
 
 
 def _pretext_words(d) -> str:
-    """The student's pretext as the start line says it (``pretext.Dilemma``'s rules)."""
+    """The student's pretext as the start line says it (``pretext.active_task``'s rule; sparsity alone
+    under the detection task is said as DILEMMA's switches, ``p=0 r=..``)."""
     if active_task(d.task, d.weight, d.misplace_prob, d.position_drop_prob) == "predict":
         return f"position prediction q={d.position_drop_prob:g} sigma={d.position_smoothing:g} r={d.drop_rate:g}"
-    if d.task == "none" or not d.weight:
-        return f"no position task, r={d.drop_rate:g}"
-    return f"p={d.misplace_prob:g} r={d.drop_rate:g}"
+    if d.task == "detect" and d.weight:
+        return f"p={d.misplace_prob:g} r={d.drop_rate:g}"
+    return f"no position task, r={d.drop_rate:g}"
 
 
 def _understood(cfg: Config, splits: Splits, method: Method, length: str, where: str) -> str:
